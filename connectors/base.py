@@ -1,0 +1,155 @@
+"""The connector contract: what a broker module implements so the engine can drive it.
+
+A source polls records, reports its assignment and checkpoints what the engine says has settled;
+a destination durably stores dead letters; an event shape turns records into the Lambda event a
+handler expects. Connectors never decide policy (retry, bisect, dead-letter): the engine does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from workers.records import Record
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a source can do, declared as data so the engine can plan around it."""
+
+    # Records of one source unit (partition, stream) must reach the handler in order, and a
+    # partial batch response retries from the lowest failed record (Lambda's ordered semantics).
+    ordered: bool
+    # "offset": the engine commits, per source unit, the next position to read once every record
+    # before it has settled. "ack": the engine acknowledges each settled record by itself.
+    checkpoint: Literal["offset", "ack"]
+    # The source can stop fetching some units while others keep flowing.
+    pausable: bool = False
+    # The broker counts deliveries, so attempt counts survive restarts (Record.attempts).
+    delivery_counts: bool = False
+
+
+class EventShape(Protocol):
+    """Builds Lambda's event for a batch and reads `batchItemFailures` identifiers back."""
+
+    # Name of the batch-info section of the dead-letter record, e.g. "KafkaBatchInfo".
+    batch_info_name: str
+
+    def event(self, records: Sequence[Record]) -> dict[str, Any]:
+        """The handler's event for these records, exactly as Lambda shapes it."""
+        ...
+
+    def item_key(self, record: Record) -> Hashable:
+        """A hashable form of the record's `itemIdentifier`."""
+        ...
+
+    def item_identifier(self, record: Record) -> dict[str, Any]:
+        """The record's `itemIdentifier` as a handler would return it."""
+        ...
+
+    def parse_item(self, identifier: Any) -> Hashable | None:
+        """`item_key` of the record an identifier names, or None when it is malformed."""
+        ...
+
+    def batch_info(self, records: Sequence[Record]) -> dict[str, Any]:
+        """The `<Broker>BatchInfo` section of a dead-letter record for these records."""
+        ...
+
+    def filter_view(self, record: Record) -> dict[str, Any]:
+        """The document filter patterns are matched against (value decoded from JSON if it is)."""
+        ...
+
+
+class AssignmentListener(Protocol):
+    """Told by a source when its assignment changes (consumer-group rebalances)."""
+
+    def on_assigned(self, units: Collection[str]) -> None: ...
+
+    def on_revoked(self, units: Collection[str]) -> None:
+        """Called before `units` are released; returns once their in-flight work is settled."""
+        ...
+
+
+class Source(Protocol):
+    """One poller's connection to a topic, queue or set of streams."""
+
+    capabilities: Capabilities
+    shape: EventShape
+    # Driver errors after which reconnecting and trying again makes sense.
+    retryable_errors: tuple[type[BaseException], ...]
+
+    def open(self, listener: AssignmentListener) -> None:
+        """Connect and join; raises a retryable error when the broker cannot be reached."""
+        ...
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        """Up to `max_records` records, waiting at most `timeout_s` for the first one.
+
+        `max_records == 0` keeps the connection serviced (heartbeats, rebalances) and returns [].
+        """
+        ...
+
+    def commit(self, positions: Mapping[str, int]) -> None:
+        """Offset checkpoint: `positions[unit]` is the next position to read after a restart."""
+        ...
+
+    def ack(self, records: Sequence[Record]) -> None:
+        """Ack checkpoint: these records have settled and must not be delivered again."""
+        ...
+
+    def pause(self, units: Collection[str]) -> None: ...
+
+    def resume(self, units: Collection[str]) -> None: ...
+
+    def assignment(self) -> frozenset[str]:
+        """The source units this poller currently owns."""
+        ...
+
+    def caught_up(self) -> bool:
+        """Joined, assigned and nothing more to read right now (for `--until-idle`)."""
+        ...
+
+    def lag(self) -> Mapping[str, int]:
+        """Records not yet read per unit, where the broker can tell."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Destination(Protocol):
+    """An on-failure destination: stores a dead-letter record durably."""
+
+    def deliver(self, letter: dict[str, Any], records: Sequence[Record]) -> None:
+        """Returns once the letter is durable (confirmed); raises if it could not be stored."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SourceBase:
+    """Defaults for the optional parts of `Source`; required parts fail loudly."""
+
+    capabilities: Capabilities
+    shape: EventShape
+    retryable_errors: tuple[type[BaseException], ...] = ()
+
+    def commit(self, positions: Mapping[str, int]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not checkpoint by offset")
+
+    def ack(self, records: Sequence[Record]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not checkpoint by ack")
+
+    def pause(self, units: Collection[str]) -> None:
+        if units:
+            raise NotImplementedError(f"{type(self).__name__} cannot pause")
+
+    def resume(self, units: Collection[str]) -> None:
+        if units:
+            raise NotImplementedError(f"{type(self).__name__} cannot pause")
+
+    def lag(self) -> Mapping[str, int]:
+        return {}
+
+    def close(self) -> None:
+        pass
