@@ -1,0 +1,302 @@
+"""Lambda's event shapes for Kafka, RabbitMQ and Redis Streams, built from engine records.
+
+Pure functions of `Record`s: the broker modules fill `Record.meta` with the metadata below and
+hand the matching shape to the engine. Kept apart from the drivers so the memory connector can
+speak every shape and tests need no broker client.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from workers.deadletter import iso_ms
+from workers.records import Record
+
+_b64 = base64.b64encode
+
+# Bytes of JSON punctuation and coordinates each record adds to an event, besides its payload.
+RECORD_OVERHEAD_BYTES = 160
+
+
+def encoded_size(value: bytes, key: bytes | None = None, extra: int = 0) -> int:
+    """Approximate bytes a record adds to an event: base64 grows its payload by 4/3."""
+    raw = len(value) + (len(key) if key else 0)
+    return (raw + 2) // 3 * 4 + RECORD_OVERHEAD_BYTES + extra
+
+
+def _decoded(data: bytes) -> Any:
+    """What filter patterns see of a payload: its JSON if it is JSON, else its text."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data.decode("utf-8", "replace")
+
+
+def _int_or_none(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+# --- Kafka -------------------------------------------------------------------------------------
+
+TIMESTAMP_TYPES = {0: "NO_TIMESTAMP_TYPE", 1: "CREATE_TIME", 2: "LOG_APPEND_TIME"}
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaMeta:
+    topic: str
+    partition: int
+    timestamp_type: str = "CREATE_TIME"
+
+
+class KafkaShape:
+    """Lambda's self-managed Kafka event (`"eventSource": "SelfManagedKafka"`).
+
+    https://docs.aws.amazon.com/lambda/latest/dg/with-kafka.html
+    """
+
+    batch_info_name = "KafkaBatchInfo"
+
+    def __init__(self, bootstrap_servers: str) -> None:
+        self.bootstrap_servers = bootstrap_servers
+
+    def event(self, records: Sequence[Record]) -> dict[str, Any]:
+        by_partition: dict[str, list[dict[str, Any]]] = {}
+        for r in records:
+            meta: KafkaMeta = r.meta
+            item: dict[str, Any] = {
+                "topic": meta.topic,
+                "partition": meta.partition,
+                "offset": r.position,
+                "timestamp": r.timestamp_ms,
+                "timestampType": meta.timestamp_type,
+            }
+            if r.key is not None:
+                item["key"] = _b64(r.key).decode()
+            item["value"] = _b64(r.value).decode()
+            item["headers"] = [{name: list(value)} for name, value in r.headers]
+            by_partition.setdefault(r.source, []).append(item)
+        return {
+            "eventSource": "SelfManagedKafka",
+            "bootstrapServers": self.bootstrap_servers,
+            "records": by_partition,
+        }
+
+    def item_key(self, record: Record) -> Hashable:
+        return record.ident
+
+    def item_identifier(self, record: Record) -> dict[str, Any]:
+        return {"partition": record.source, "offset": record.position}
+
+    def parse_item(self, identifier: Any) -> Hashable | None:
+        if not isinstance(identifier, dict):
+            return None
+        partition = identifier.get("partition")
+        offset = _int_or_none(identifier.get("offset"))
+        if not isinstance(partition, str) or not partition or offset is None:
+            return None
+        return (partition, offset)
+
+    def batch_info(self, records: Sequence[Record]) -> dict[str, Any]:
+        info: dict[str, dict[str, str]] = {}
+        for r in records:
+            entry = info.get(r.source)
+            if entry is None:
+                info[r.source] = {
+                    "firstRecordOffset": str(r.position),
+                    "lastRecordOffset": str(r.position),
+                    "firstRecordTimestamp": iso_ms(r.timestamp_ms),
+                    "lastRecordTimestamp": iso_ms(r.timestamp_ms),
+                }
+            else:
+                entry["lastRecordOffset"] = str(r.position)
+                entry["lastRecordTimestamp"] = iso_ms(r.timestamp_ms)
+        return {"bootstrapServers": self.bootstrap_servers, "recordsInfo": info}
+
+    def filter_view(self, record: Record) -> dict[str, Any]:
+        meta: KafkaMeta = record.meta
+        return {
+            "topic": meta.topic,
+            "partition": meta.partition,
+            "offset": record.position,
+            "timestamp": record.timestamp_ms,
+            "timestampType": meta.timestamp_type,
+            "key": None if record.key is None else record.key.decode("utf-8", "replace"),
+            "value": _decoded(record.value),
+            "headers": [{name: _decoded(value)} for name, value in record.headers],
+        }
+
+
+# --- RabbitMQ ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RabbitMeta:
+    queue: str
+    vhost: str
+    delivery_tag: int
+    # Lambda's `basicProperties` object, already in its JSON form.
+    properties: dict[str, Any] = field(default_factory=dict)
+
+
+class RabbitShape:
+    """Lambda's Amazon MQ for RabbitMQ event (`"eventSource": "aws:rmq"`).
+
+    https://docs.aws.amazon.com/lambda/latest/dg/with-mq.html
+    """
+
+    batch_info_name = "RabbitMQBatchInfo"
+
+    def __init__(self, broker: str) -> None:
+        self.broker = broker  # host:port, never credentials
+        self.source_arn = f"arn:aws:mq:local:000000000000:broker:{broker}"
+
+    def event(self, records: Sequence[Record]) -> dict[str, Any]:
+        by_queue: dict[str, list[dict[str, Any]]] = {}
+        for r in records:
+            meta: RabbitMeta = r.meta
+            by_queue.setdefault(f"{meta.queue}::{meta.vhost}", []).append(
+                {
+                    "basicProperties": meta.properties,
+                    "redelivered": r.redelivered,
+                    "data": _b64(r.value).decode(),
+                    "deliveryTag": meta.delivery_tag,
+                }
+            )
+        return {
+            "eventSource": "aws:rmq",
+            "eventSourceArn": self.source_arn,
+            "rmqMessagesByQueue": by_queue,
+        }
+
+    def item_key(self, record: Record) -> Hashable:
+        meta: RabbitMeta = record.meta
+        return (meta.queue, meta.delivery_tag)
+
+    def item_identifier(self, record: Record) -> dict[str, Any]:
+        meta: RabbitMeta = record.meta
+        return {"queue": meta.queue, "deliveryTag": meta.delivery_tag}
+
+    def parse_item(self, identifier: Any) -> Hashable | None:
+        if not isinstance(identifier, dict):
+            return None
+        queue = identifier.get("queue")
+        tag = _int_or_none(identifier.get("deliveryTag"))
+        if not isinstance(queue, str) or not queue or tag is None:
+            return None
+        return (queue, tag)
+
+    def batch_info(self, records: Sequence[Record]) -> dict[str, Any]:
+        queues: dict[str, dict[str, Any]] = {}
+        for r in records:
+            meta: RabbitMeta = r.meta
+            entry = queues.setdefault(
+                f"{meta.queue}::{meta.vhost}",
+                {"deliveryTags": [], "firstRecordTimestamp": iso_ms(r.timestamp_ms)},
+            )
+            entry["deliveryTags"].append(meta.delivery_tag)
+            entry["lastRecordTimestamp"] = iso_ms(r.timestamp_ms)
+        return {"broker": self.broker, "queues": queues}
+
+    def filter_view(self, record: Record) -> dict[str, Any]:
+        meta: RabbitMeta = record.meta
+        return {
+            "basicProperties": meta.properties,
+            "redelivered": record.redelivered,
+            "data": _decoded(record.value),
+        }
+
+
+# --- Redis Streams -----------------------------------------------------------------------------
+
+
+def parse_stream_id(entry_id: str) -> int:
+    """A stream id "ms-seq" as one sortable integer."""
+    ms, _, seq = entry_id.partition("-")
+    return (int(ms) << 64) | int(seq or 0)
+
+
+def format_stream_id(position: int) -> str:
+    return f"{position >> 64}-{position & ((1 << 64) - 1)}"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisMeta:
+    stream: str
+    entry_id: str
+    fields: dict[str, bytes]
+
+
+class RedisShape:
+    """The `redis:streams` event of DESIGN.md, in the spirit of Lambda's stream events."""
+
+    batch_info_name = "RedisStreamBatchInfo"
+
+    def __init__(self, server: str) -> None:
+        self.server = server  # host:port/db, never credentials
+
+    def event(self, records: Sequence[Record]) -> dict[str, Any]:
+        by_stream: dict[str, list[dict[str, Any]]] = {}
+        for r in records:
+            meta: RedisMeta = r.meta
+            by_stream.setdefault(meta.stream, []).append(
+                {
+                    "stream": meta.stream,
+                    "id": meta.entry_id,
+                    "timestamp": r.timestamp_ms,
+                    "fields": {k: _b64(v).decode() for k, v in meta.fields.items()},
+                }
+            )
+        return {"eventSource": "redis:streams", "records": by_stream}
+
+    def item_key(self, record: Record) -> Hashable:
+        meta: RedisMeta = record.meta
+        return (meta.stream, meta.entry_id)
+
+    def item_identifier(self, record: Record) -> dict[str, Any]:
+        meta: RedisMeta = record.meta
+        return {"stream": meta.stream, "id": meta.entry_id}
+
+    def parse_item(self, identifier: Any) -> Hashable | None:
+        if not isinstance(identifier, dict):
+            return None
+        stream, entry_id = identifier.get("stream"), identifier.get("id")
+        if not isinstance(stream, str) or not isinstance(entry_id, str) or not stream:
+            return None
+        return (stream, entry_id)
+
+    def batch_info(self, records: Sequence[Record]) -> dict[str, Any]:
+        streams: dict[str, dict[str, str]] = {}
+        for r in records:
+            meta: RedisMeta = r.meta
+            entry = streams.get(meta.stream)
+            if entry is None:
+                streams[meta.stream] = {
+                    "firstId": meta.entry_id,
+                    "lastId": meta.entry_id,
+                    "firstRecordTimestamp": iso_ms(r.timestamp_ms),
+                    "lastRecordTimestamp": iso_ms(r.timestamp_ms),
+                }
+            else:
+                entry["lastId"] = meta.entry_id
+                entry["lastRecordTimestamp"] = iso_ms(r.timestamp_ms)
+        return {"server": self.server, "streams": streams}
+
+    def filter_view(self, record: Record) -> dict[str, Any]:
+        meta: RedisMeta = record.meta
+        return {
+            "stream": meta.stream,
+            "id": meta.entry_id,
+            "timestamp": record.timestamp_ms,
+            "fields": {k: _decoded(v) for k, v in meta.fields.items()},
+        }

@@ -1,0 +1,167 @@
+"""The on-failure record (a superset of Lambda's) and its delivery to a destination."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from connectors.base import Destination, EventShape
+from workers.backoff import Backoff
+from workers.clock import Clock
+from workers.outcomes import ErrorInfo
+from workers.records import Record
+from workers.stats import MappingStats
+
+log = logging.getLogger("workers.deadletter")
+
+LETTER_VERSION = "1.0"
+
+
+class Condition(StrEnum):
+    RETRY_ATTEMPTS_EXHAUSTED = "RetryAttemptsExhausted"
+    RECORD_AGE_EXCEEDED = "RecordAgeExceeded"
+    MAXIMUM_PAYLOAD_SIZE_EXCEEDED = "MaximumPayloadSizeExceeded"
+
+
+def function_arn(function: str) -> str:
+    return f"arn:aws:lambda:local:000000000000:function:{function}"
+
+
+def iso_ms(epoch_ms: int) -> str:
+    dt = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+
+
+def build_letter(
+    *,
+    mapping: str,
+    function: str,
+    condition: Condition,
+    invoke_count: int,
+    error: ErrorInfo | None,
+    records: Sequence[Record],
+    shape: EventShape,
+    now_ms: int,
+    replay_count: int = 0,
+) -> dict[str, Any]:
+    """One failure record for `records`, carrying their event so the batch can be replayed."""
+    letter: dict[str, Any] = {
+        "version": LETTER_VERSION,
+        "timestamp": iso_ms(now_ms),
+        "requestContext": {
+            "requestId": str(uuid.uuid4()),
+            "functionArn": function_arn(function),
+            "condition": str(condition),
+            "approximateInvokeCount": invoke_count,
+        },
+    }
+    if invoke_count > 0:
+        letter["responseContext"] = {
+            "statusCode": 200,
+            "executedVersion": "$LATEST",
+            "functionError": "Unhandled",
+        }
+    info = {"batchSize": len(records), **shape.batch_info(records)}
+    letter[shape.batch_info_name] = info
+    letter["mapping"] = mapping
+    if error is not None:
+        letter["error"] = error.as_json()
+    letter["replayCount"] = replay_count
+    letter["payload"] = shape.event(records)
+    return letter
+
+
+class DeadLetters:
+    """Sends exhausted records to the on-failure destination, or drops them when there is none.
+
+    Delivery is retried with backoff until it is confirmed or the caller is stopping: a record is
+    checkpointed only after its letter is durable, so a destination outage stalls, never loses.
+    """
+
+    def __init__(
+        self,
+        *,
+        mapping: str,
+        function: str,
+        destination: Destination | None,
+        shape: EventShape,
+        clock: Clock,
+        stats: MappingStats,
+        backoff_cap_s: float = 30.0,
+    ) -> None:
+        self.mapping = mapping
+        self.function = function
+        self.destination = destination
+        self.shape = shape
+        self.clock = clock
+        self.stats = stats
+        self.backoff_cap_s = backoff_cap_s
+
+    def send(
+        self,
+        records: Sequence[Record],
+        condition: Condition,
+        error: ErrorInfo | None,
+        invoke_count: int,
+        stop: threading.Event,
+    ) -> bool:
+        """True once the records may be checkpointed; False if stopping before delivery."""
+        if not records:
+            return True
+        if self.destination is None:
+            log.warning(
+                "mapping %s: dropping %d record(s) (%s) with no on-failure destination: %s",
+                self.mapping,
+                len(records),
+                condition,
+                ", ".join(f"{r.source}@{r.position}" for r in records[:10]),
+            )
+            self.stats.add(dropped=len(records))
+            return True
+        letter = build_letter(
+            mapping=self.mapping,
+            function=self.function,
+            condition=condition,
+            invoke_count=invoke_count,
+            error=error,
+            records=records,
+            shape=self.shape,
+            now_ms=self.clock.wall_ms(),
+            replay_count=max((_replay_count(r) for r in records), default=0),
+        )
+        backoff = Backoff(base_s=0.2, cap_s=self.backoff_cap_s)
+        while True:
+            try:
+                self.destination.deliver(letter, records)
+            except Exception as exc:
+                delay = backoff.next_delay()
+                log.error(
+                    "mapping %s: on-failure destination refused %d record(s): %s; retrying in %.1fs",
+                    self.mapping,
+                    len(records),
+                    exc,
+                    delay,
+                )
+                if self.clock.wait(stop, delay):
+                    return False
+                continue
+            self.stats.add(dead_lettered=len(records))
+            return True
+
+
+REPLAY_HEADER = "esm-replay-count"
+
+
+def _replay_count(record: Record) -> int:
+    for name, value in record.headers:
+        if name == REPLAY_HEADER:
+            try:
+                return int(value)
+            except ValueError:
+                return 0
+    return 0

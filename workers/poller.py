@@ -1,0 +1,383 @@
+"""One mapping's poller: source -> filter -> lanes -> batch runner -> checkpoint.
+
+A lane is the unit of ordering: records of one partition or stream whose keys hash to the same
+slot (`parallelization_factor` slots per unit). A lane runs one batch at a time, in arrival order,
+so a record never reaches the handler before an earlier record with the same key has settled.
+The loop thread owns the source; batches run on worker threads and checkpoint as they settle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import zlib
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from connectors.base import Destination, Source
+from workers.backoff import Backoff
+from workers.batcher import BatchLimits, LaneBuffer
+from workers.checkpoint import CheckpointTracker
+from workers.clock import SYSTEM_CLOCK, Clock
+from workers.deadletter import DeadLetters
+from workers.invoker import Invoker
+from workers.policy import BatchRunner, Policy
+from workers.records import Record
+from workers.stats import MappingStats
+
+log = logging.getLogger("workers.poller")
+
+RecordFilter = Callable[[Mapping[str, Any]], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class PollerSettings:
+    mapping: str
+    function: str
+    limits: BatchLimits = BatchLimits()
+    parallelization_factor: int = 1
+    # How long a revoke or shutdown waits for in-flight batches (the function timeout, plus).
+    drain_timeout_s: float = 35.0
+    # Records buffered per source unit before it is paused (or polling stops).
+    max_buffered_per_unit: int = 0  # 0: derived from batch size and parallelization
+    poll_timeout_s: float = 0.2
+    max_threads: int = 256
+
+    def buffer_cap(self) -> int:
+        if self.max_buffered_per_unit > 0:
+            return self.max_buffered_per_unit
+        return max(1000, 2 * self.limits.batch_size * self.parallelization_factor)
+
+
+class _Lane:
+    __slots__ = ("buffer", "busy", "stop", "unit")
+
+    def __init__(self, unit: str, stop: threading.Event) -> None:
+        self.unit = unit
+        self.buffer = LaneBuffer()
+        self.busy = False
+        self.stop = stop
+
+
+class Poller:
+    """Drives one source for one mapping until stopped or, with `until_idle_s`, caught up."""
+
+    def __init__(
+        self,
+        settings: PollerSettings,
+        *,
+        source: Source,
+        invoker: Invoker,
+        policy: Policy,
+        destination: Destination | None,
+        record_filter: RecordFilter | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        stats: MappingStats | None = None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.clock = clock
+        self.stats = stats or MappingStats()
+        self.record_filter = record_filter
+        self.stop_event = threading.Event()
+        self._offsets = source.capabilities.checkpoint == "offset"
+        self._ordered = source.capabilities.ordered
+        self._pf = settings.parallelization_factor
+        self._rr = itertools.count()
+        self._lock = threading.Lock()  # guards lanes, tracker and the settle path
+        self._idle = threading.Condition(self._lock)
+        self._lanes: dict[tuple[str, int], _Lane] = {}
+        self._unit_stops: dict[str, threading.Event] = {}
+        self._buffered: dict[str, int] = {}
+        self._paused: set[str] = set()
+        self._tracker = CheckpointTracker()
+        self._in_flight = 0
+        self._failure: BaseException | None = None
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.max_threads, thread_name_prefix=f"batch-{settings.mapping}"
+        )
+        dead_letters = DeadLetters(
+            mapping=settings.mapping,
+            function=settings.function,
+            destination=destination,
+            shape=source.shape,
+            clock=clock,
+            stats=self.stats,
+        )
+        self.runner = BatchRunner(
+            mapping=settings.mapping,
+            function=settings.function,
+            policy=policy,
+            invoker=invoker,
+            shape=source.shape,
+            ordered=self._ordered,
+            dead_letters=dead_letters,
+            settle=self._settle,
+            clock=clock,
+            stats=self.stats,
+        )
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def run(self, until_idle_s: float | None = None) -> None:
+        """Poll until `stop()` or, with `until_idle_s`, until caught up and idle that long."""
+        errors = Backoff(base_s=0.5, cap_s=30.0)
+        opened = False
+        idle_since: float | None = None
+        try:
+            while not self.stop_event.is_set():
+                if self._failure is not None:
+                    raise self._failure
+                try:
+                    if not opened:
+                        self.source.open(self)
+                        opened = True
+                    got = self._poll_once()
+                    errors.reset()
+                except self.source.retryable_errors as exc:
+                    delay = errors.next_delay()
+                    log.warning(
+                        "mapping %s: broker error: %s; retrying in %.1fs",
+                        self.settings.mapping,
+                        exc,
+                        delay,
+                    )
+                    self.clock.wait(self.stop_event, delay)
+                    continue
+                if until_idle_s is not None:
+                    if got or not self._quiet():
+                        idle_since = None
+                    elif idle_since is None:
+                        idle_since = self.clock.monotonic()
+                    elif self.clock.monotonic() - idle_since >= until_idle_s:
+                        break
+        finally:
+            self._shutdown(opened)
+
+    def stop(self) -> None:
+        """Stop polling; in-flight invocations finish, nothing new starts."""
+        self.stop_event.set()
+        with self._lock:
+            for event in self._unit_stops.values():
+                event.set()
+
+    def _poll_once(self) -> int:
+        now = self.clock.monotonic()
+        timeout = self._dispatch_ready(now)
+        room = self._room()
+        records = self.source.poll(room, timeout)
+        if records:
+            self._accept(records)
+            self._dispatch_ready(self.clock.monotonic())
+        self._apply_backpressure()
+        return len(records)
+
+    def _room(self) -> int:
+        cap = self.settings.buffer_cap()
+        if self.source.capabilities.pausable:
+            return max(self.settings.limits.batch_size, 500)
+        with self._lock:
+            buffered = sum(self._buffered.values())
+        units = max(1, len(self._buffered))
+        return max(0, min(cap * units - buffered, max(self.settings.limits.batch_size, 500)))
+
+    def _quiet(self) -> bool:
+        with self._lock:
+            quiet = self._in_flight == 0 and not any(self._buffered.values())
+        return quiet and self.source.caught_up()
+
+    # --- records in ------------------------------------------------------------------------------
+
+    def _accept(self, records: Sequence[Record]) -> None:
+        now = self.clock.monotonic()
+        passed: list[Record] = []
+        filtered: list[Record] = []
+        matches = self.record_filter
+        view = self.source.shape.filter_view
+        with self._lock:
+            for r in records:
+                if self._offsets and not self._tracker.track(r.source, r.position):
+                    continue  # a redelivery of a record this poller already holds
+                if matches is not None and not matches(view(r)):
+                    filtered.append(r)
+                else:
+                    passed.append(r)
+            for r in passed:
+                self._lane_for(r).buffer.add(r, now)
+                self._buffered[r.source] = self._buffered.get(r.source, 0) + 1
+        self.stats.add(polled=len(records), filtered_out=len(filtered))
+        if filtered:
+            self._settle(filtered)
+
+    def _lane_for(self, record: Record) -> _Lane:
+        pf = self._pf
+        if pf == 1:
+            slot = 0
+        elif not self._ordered:
+            slot = next(self._rr) % pf
+        elif record.key is None:
+            slot = record.position % pf
+        else:
+            slot = zlib.crc32(record.key) % pf
+        lane = self._lanes.get((record.source, slot))
+        if lane is None:
+            stop = self._unit_stops.get(record.source)
+            if stop is None:
+                stop = self._unit_stops[record.source] = threading.Event()
+                if self.stop_event.is_set():
+                    stop.set()
+            lane = self._lanes[(record.source, slot)] = _Lane(record.source, stop)
+        return lane
+
+    # --- dispatch --------------------------------------------------------------------------------
+
+    def _dispatch_ready(self, now: float) -> float:
+        """Start every lane whose batch is ready; returns how long the next poll may wait."""
+        limits = self.settings.limits
+        wait = self.settings.poll_timeout_s
+        with self._lock:
+            for lane in self._lanes.values():
+                if lane.busy or lane.stop.is_set():
+                    continue
+                due = lane.buffer.ready_in(limits, now)
+                if due is None:
+                    continue
+                if due > 0:
+                    wait = min(wait, due)
+                    continue
+                batch = self._take(lane)
+                lane.busy = True
+                self._in_flight += 1
+                self._executor.submit(self._run_lane, lane, batch)
+            if self._in_flight:
+                # Settled batches free lanes that the loop must refill promptly.
+                wait = min(wait, 0.05)
+        return wait
+
+    def _take(self, lane: _Lane) -> list[Record]:
+        batch = lane.buffer.take(self.settings.limits)
+        self._buffered[lane.unit] -= len(batch)
+        return batch
+
+    def _run_lane(self, lane: _Lane, batch: list[Record]) -> None:
+        """Run batches of one lane back to back while more are ready, then free the lane."""
+        try:
+            while batch:
+                if not self.runner.run(batch, lane.stop):
+                    break
+                now = self.clock.monotonic()
+                with self._lock:
+                    due = lane.buffer.ready_in(self.settings.limits, now)
+                    batch = self._take(lane) if due == 0.0 and not lane.stop.is_set() else []
+        except BaseException as exc:
+            log.exception("mapping %s: batch runner failed", self.settings.mapping)
+            self._failure = exc
+            self.stop()
+        finally:
+            with self._lock:
+                lane.busy = False
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    # --- settling --------------------------------------------------------------------------------
+
+    def _settle(self, records: Sequence[Record]) -> None:
+        """Checkpoint records that succeeded, were filtered out or were dead-lettered."""
+        if not records:
+            return
+        if self._offsets:
+            by_unit: dict[str, list[int]] = {}
+            for r in records:
+                by_unit.setdefault(r.source, []).append(r.position)
+            with self._lock:
+                for unit, positions in by_unit.items():
+                    if self._tracker.knows(unit):
+                        self._tracker.settle(unit, positions)
+                moved = self._tracker.advance()
+                if moved:
+                    # Under the lock: two threads must not commit one partition out of order.
+                    self.source.commit(moved)
+                    self.stats.checkpoints.update(moved)
+        else:
+            self.source.ack(records)
+            last = records[-1]
+            self.stats.checkpoints[last.source] = self.source.shape.item_identifier(last)
+
+    # --- assignment (AssignmentListener) ---------------------------------------------------------
+
+    def on_assigned(self, units: Collection[str]) -> None:
+        log.info("mapping %s: assigned %s", self.settings.mapping, sorted(units))
+        with self._lock:
+            for unit in units:
+                self._unit_stops[unit] = threading.Event()
+                if self.stop_event.is_set():
+                    self._unit_stops[unit].set()
+
+    def on_revoked(self, units: Collection[str]) -> None:
+        """Let in-flight batches of `units` finish (within the drain budget), then forget them."""
+        units = set(units)
+        log.info("mapping %s: revoking %s", self.settings.mapping, sorted(units))
+        with self._lock:
+            for unit in units:
+                self._unit_stops.get(unit, threading.Event()).set()
+            self._wait_idle(
+                lambda: not any(lane.busy for lane in self._lanes.values() if lane.unit in units)
+            )
+            for key in [k for k in self._lanes if k[0] in units]:
+                self._lanes.pop(key).buffer.clear()
+            for unit in units:
+                self._buffered.pop(unit, None)
+                self._unit_stops.pop(unit, None)
+            self._paused -= units
+            self._tracker.forget(units)
+
+    def _wait_idle(self, done: Callable[[], bool]) -> None:
+        """Wait (lock held) until `done()`, at most the drain budget."""
+        deadline = self.clock.monotonic() + self.settings.drain_timeout_s
+        while not done():
+            left = deadline - self.clock.monotonic()
+            if left <= 0:
+                log.warning(
+                    "mapping %s: in-flight batches did not finish within %.0fs; leaving them to "
+                    "be delivered again",
+                    self.settings.mapping,
+                    self.settings.drain_timeout_s,
+                )
+                return
+            self._idle.wait(min(left, 0.5))
+
+    # --- backpressure ----------------------------------------------------------------------------
+
+    def _apply_backpressure(self) -> None:
+        if not self.source.capabilities.pausable:
+            return
+        cap = self.settings.buffer_cap()
+        with self._lock:
+            full = {u for u, n in self._buffered.items() if n >= cap}
+            drained = {u for u in self._paused if self._buffered.get(u, 0) <= cap // 2}
+            to_pause = full - self._paused
+            self._paused |= to_pause
+            self._paused -= drained
+        if to_pause:
+            self.source.pause(to_pause)
+        if drained:
+            self.source.resume(drained)
+
+    # --- shutdown --------------------------------------------------------------------------------
+
+    def _shutdown(self, opened: bool) -> None:
+        self.stop()
+        with self._lock:
+            self._wait_idle(lambda: self._in_flight == 0)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if opened:
+            try:
+                self.source.close()
+            except Exception:
+                log.exception("mapping %s: closing the source failed", self.settings.mapping)
+        log.info(
+            "mapping %s: stopped; checkpoints %s", self.settings.mapping, self.stats.checkpoints
+        )
