@@ -14,8 +14,8 @@ from workers.clock import Clock, FakeClock
 from workers.invoker import InvocationRequest
 from workers.outcomes import ErrorInfo, FunctionError, InvokeResult, RetryableError, RetryLater
 from workers.outcomes import Success as Ok
-from workers.poller import Poller, PollerSettings
 from workers.policy import Policy
+from workers.poller import Poller, PollerSettings
 
 Handler = Callable[[dict[str, Any], InvocationRequest], Any]
 

@@ -141,7 +141,7 @@ class DeadLetters:
             except Exception as exc:
                 delay = backoff.next_delay()
                 log.error(
-                    "mapping %s: on-failure destination refused %d record(s): %s; retrying in %.1fs",
+                    "mapping %s: on-failure destination refused %d record(s): %s; retry in %.1fs",
                     self.mapping,
                     len(records),
                     exc,

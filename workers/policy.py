@@ -133,7 +133,7 @@ class BatchRunner:
         self.stats = stats
 
     def run(self, records: list[Record], stop: threading.Event) -> bool:
-        """Invoke until every record settled; False if `stop` interrupted (records left unsettled)."""
+        """Invoke until every record settled; False if `stop` cut it short (some left unsettled)."""
         prior = max((r.attempts for r in records), default=0)
         queue: deque[_Work] = deque([_Work(records, retries=prior, invocations=prior)])
         while queue:

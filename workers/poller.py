@@ -14,7 +14,7 @@ import threading
 import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from connectors.base import Destination, Source
@@ -37,7 +37,7 @@ RecordFilter = Callable[[Mapping[str, Any]], bool]
 class PollerSettings:
     mapping: str
     function: str
-    limits: BatchLimits = BatchLimits()
+    limits: BatchLimits = field(default_factory=BatchLimits)
     parallelization_factor: int = 1
     # How long a revoke or shutdown waits for in-flight batches (the function timeout, plus).
     drain_timeout_s: float = 35.0
