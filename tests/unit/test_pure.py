@@ -1,0 +1,245 @@
+"""Pure engine pieces: batcher, checkpoint tracker, backoff, event shapes, dead-letter record."""
+
+from __future__ import annotations
+
+import base64
+import random
+
+import pytest
+
+from connectors.shapes import (
+    KafkaMeta,
+    KafkaShape,
+    RabbitMeta,
+    RabbitShape,
+    RedisMeta,
+    RedisShape,
+    encoded_size,
+    format_stream_id,
+    parse_stream_id,
+)
+from workers.backoff import Backoff
+from workers.batcher import BatchLimits, LaneBuffer
+from workers.checkpoint import CheckpointTracker
+from workers.deadletter import Condition, build_letter
+from workers.outcomes import ErrorInfo, InvalidResponse, PartialFailure, Success
+from workers.policy import Policy, interpret
+from workers.records import Record
+
+
+def rec(pos: int, size: int = 10, source: str = "t-0", key: bytes | None = None) -> Record:
+    return Record(source, pos, b"v", key=key, size=size, meta=KafkaMeta("t", 0))
+
+
+class TestLaneBuffer:
+    def test_ready_by_count_bytes_or_window(self) -> None:
+        limits = BatchLimits(batch_size=3, maximum_batch_bytes=100, maximum_batching_window_s=2)
+        buf = LaneBuffer()
+        assert buf.ready_in(limits, 0.0) is None
+        buf.add(rec(0), now=10.0)
+        assert buf.ready_in(limits, 10.5) == pytest.approx(1.5)
+        assert buf.ready_in(limits, 12.0) == 0.0
+        buf.add(rec(1), 10.1)
+        buf.add(rec(2), 10.2)
+        assert buf.ready_in(limits, 10.2) == 0.0  # full by count
+        big = LaneBuffer()
+        big.add(rec(0, size=150), 0.0)
+        assert big.ready_in(limits, 0.0) == 0.0  # full by bytes
+
+    def test_take_respects_count_and_bytes_but_always_one(self) -> None:
+        limits = BatchLimits(batch_size=3, maximum_batch_bytes=25)
+        buf = LaneBuffer()
+        for i in range(5):
+            buf.add(rec(i, size=10), 0.0)
+        assert [r.position for r in buf.take(limits)] == [0, 1]
+        assert [r.position for r in buf.take(limits)] == [2, 3]
+        assert buf.nbytes == 10
+        huge = LaneBuffer()
+        huge.add(rec(9, size=1000), 0.0)
+        assert [r.position for r in huge.take(limits)] == [9]
+
+
+class TestCheckpointTracker:
+    def test_commits_only_contiguous_settled_prefix(self) -> None:
+        t = CheckpointTracker()
+        for pos in range(5, 10):
+            assert t.track("p", pos)
+        t.settle("p", [7, 8])
+        assert t.advance() == {"p": 5}
+        t.settle("p", [5])
+        assert t.advance() == {"p": 6}
+        t.settle("p", [6, 9])
+        assert t.advance() == {"p": 10}
+        assert t.advance() == {}
+
+    def test_gaps_in_offsets_are_fine_and_duplicates_refused(self) -> None:
+        t = CheckpointTracker()
+        assert t.track("p", 0) and t.track("p", 4)  # compacted topic: offsets 1-3 gone
+        assert not t.track("p", 4) and not t.track("p", 2)
+        t.settle("p", [0, 4])
+        assert t.advance() == {"p": 5}
+
+    def test_forget_drops_revoked_units(self) -> None:
+        t = CheckpointTracker()
+        t.track("p", 0)
+        t.forget(["p"])
+        assert not t.knows("p") and t.advance() == {}
+
+
+def test_backoff_is_full_jitter_capped_and_resets() -> None:
+    b = Backoff(base_s=1.0, cap_s=8.0, rng=random.Random(1))
+    delays = [b.next_delay() for _ in range(10)]
+    assert all(0 <= d <= 8.0 for d in delays)
+    assert delays[0] <= 1.0 and delays[1] <= 2.0 and delays[2] <= 4.0
+    assert max(delays[3:]) > 4.0  # reaches past the early ceilings, bounded by the cap
+    b.reset()
+    assert b.next_delay() <= 1.0
+
+
+class TestShapes:
+    def test_kafka_event_is_lambdas_self_managed_kafka_shape(self) -> None:
+        shape = KafkaShape("b:9092")
+        r = Record(
+            "orders-1",
+            17,
+            b"hello",
+            key=b"k",
+            timestamp_ms=1_700_000_000_000,
+            headers=[("h", b"ab")],
+            meta=KafkaMeta("orders", 1),
+        )
+        keyless = Record("orders-1", 18, b"x", meta=KafkaMeta("orders", 1))
+        event = shape.event([r, keyless])
+        assert event == {
+            "eventSource": "SelfManagedKafka",
+            "bootstrapServers": "b:9092",
+            "records": {
+                "orders-1": [
+                    {
+                        "topic": "orders",
+                        "partition": 1,
+                        "offset": 17,
+                        "timestamp": 1_700_000_000_000,
+                        "timestampType": "CREATE_TIME",
+                        "key": base64.b64encode(b"k").decode(),
+                        "value": base64.b64encode(b"hello").decode(),
+                        "headers": [{"h": [97, 98]}],
+                    },
+                    {
+                        "topic": "orders",
+                        "partition": 1,
+                        "offset": 18,
+                        "timestamp": 0,
+                        "timestampType": "CREATE_TIME",
+                        "value": base64.b64encode(b"x").decode(),
+                        "headers": [],
+                    },
+                ]
+            },
+        }
+        assert shape.parse_item({"partition": "orders-1", "offset": "17"}) == shape.item_key(r)
+        for bad in [None, "", {}, {"partition": "orders-1"}, {"offset": 1}, {"partition": 3}]:
+            assert shape.parse_item(bad) is None
+
+    def test_rabbit_event_is_lambdas_rmq_shape(self) -> None:
+        shape = RabbitShape("h:5672")
+        props = {"contentType": "application/json", "headers": None, "deliveryMode": 2}
+        r = Record("q", 1, b"{}", redelivered=True, meta=RabbitMeta("q", "/", 5, props))
+        event = shape.event([r])
+        assert event["eventSource"] == "aws:rmq"
+        assert event["rmqMessagesByQueue"] == {
+            "q::/": [
+                {"basicProperties": props, "redelivered": True, "data": "e30=", "deliveryTag": 5}
+            ]
+        }
+        assert shape.parse_item({"queue": "q", "deliveryTag": 5}) == shape.item_key(r)
+
+    def test_redis_event_and_stream_ids(self) -> None:
+        shape = RedisShape("h:6379/0")
+        entry = "1700000000000-3"
+        pos = parse_stream_id(entry)
+        assert format_stream_id(pos) == entry
+        assert parse_stream_id("1700000000000-10") > pos > parse_stream_id("1699999999999-99")
+        r = Record(
+            "s", pos, b"", timestamp_ms=1_700_000_000_000, meta=RedisMeta("s", entry, {"f": b"1"})
+        )
+        assert shape.event([r]) == {
+            "eventSource": "redis:streams",
+            "records": {
+                "s": [
+                    {
+                        "stream": "s",
+                        "id": entry,
+                        "timestamp": 1_700_000_000_000,
+                        "fields": {"f": "MQ=="},
+                    }
+                ]
+            },
+        }
+        assert shape.parse_item({"stream": "s", "id": entry}) == shape.item_key(r)
+        assert shape.filter_view(r)["fields"] == {"f": 1}
+
+    def test_encoded_size_accounts_for_base64(self) -> None:
+        assert encoded_size(b"x" * 300) == 400 + encoded_size(b"")
+
+
+def test_interpret_reads_batch_item_failures_like_lambda() -> None:
+    shape = KafkaShape("b")
+    records = [rec(0), rec(1)]
+    assert isinstance(interpret({"x": 1}, records, shape, True), Success)
+    assert isinstance(interpret("anything", records, shape, False), Success)
+    partial = interpret(
+        {"batchItemFailures": [{"itemIdentifier": {"partition": "t-0", "offset": 1}}]},
+        records,
+        shape,
+        True,
+    )
+    assert partial == PartialFailure(frozenset({("t-0", 1)}))
+    assert isinstance(interpret([1], records, shape, True), InvalidResponse)
+
+
+def test_dead_letter_record_is_lambda_superset_with_payload() -> None:
+    shape = KafkaShape("b:9092")
+    r = Record("orders-0", 17, b"v", timestamp_ms=1_700_000_000_000, meta=KafkaMeta("orders", 0))
+    letter = build_letter(
+        mapping="m",
+        function="f",
+        condition=Condition.RETRY_ATTEMPTS_EXHAUSTED,
+        invoke_count=4,
+        error=ErrorInfo("ValueError", "bad", ["line"]),
+        records=[r],
+        shape=shape,
+        now_ms=1_700_000_000_123,
+    )
+    assert letter["version"] == "1.0"
+    assert letter["timestamp"] == "2023-11-14T22:13:20.123Z"
+    assert letter["requestContext"]["condition"] == "RetryAttemptsExhausted"
+    assert letter["requestContext"]["approximateInvokeCount"] == 4
+    assert letter["requestContext"]["functionArn"].endswith(":function:f")
+    assert letter["responseContext"]["functionError"] == "Unhandled"
+    assert letter["KafkaBatchInfo"] == {
+        "batchSize": 1,
+        "bootstrapServers": "b:9092",
+        "recordsInfo": {
+            "orders-0": {
+                "firstRecordOffset": "17",
+                "lastRecordOffset": "17",
+                "firstRecordTimestamp": "2023-11-14T22:13:20.000Z",
+                "lastRecordTimestamp": "2023-11-14T22:13:20.000Z",
+            }
+        },
+    }
+    assert letter["error"] == {
+        "errorType": "ValueError",
+        "errorMessage": "bad",
+        "stackTrace": ["line"],
+    }
+    assert letter["payload"] == shape.event([r])
+    assert letter["mapping"] == "m"
+
+
+def test_policy_exhaustion_counts() -> None:
+    assert not Policy(maximum_retry_attempts=-1).exhausted(10**6)
+    assert not Policy(maximum_retry_attempts=2).exhausted(2)
+    assert Policy(maximum_retry_attempts=2).exhausted(3)
+    assert Policy(maximum_retry_attempts=0).exhausted(1)
