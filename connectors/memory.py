@@ -114,7 +114,7 @@ class MemoryLogSource(SourceBase):
     """A consumer-group member of one topic that owns every partition (Kafka-like)."""
 
     capabilities = Capabilities(ordered=True, checkpoint="offset", pausable=True)
-    retryable_errors = (MemoryBrokerError,)
+    retryable_errors: tuple[type[BaseException], ...] = (MemoryBrokerError,)
 
     def __init__(self, broker: MemoryBroker, topic: str, group: str) -> None:
         self.broker = broker
@@ -207,7 +207,7 @@ class MemoryQueueSource(SourceBase):
     """A consumer of one queue with manual acks (RabbitMQ-like, quorum delivery counts)."""
 
     capabilities = Capabilities(ordered=False, checkpoint="ack", delivery_counts=True)
-    retryable_errors = (MemoryBrokerError,)
+    retryable_errors: tuple[type[BaseException], ...] = (MemoryBrokerError,)
 
     def __init__(self, broker: MemoryBroker, queue: str) -> None:
         self.broker = broker

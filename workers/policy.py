@@ -205,12 +205,14 @@ class BatchRunner:
         )
         is_retry = work.invocations > 0
         work.invocations += 1
+        started = self.clock.monotonic()
         try:
             event = self.shape.event(work.records)
             result = self.invoker.invoke(event, request)
         except Exception as exc:  # an invoker must not raise; if one does, fail the batch
             log.exception("mapping %s: invocation %s failed", self.mapping, request.request_id)
             result = FunctionError(ErrorInfo(type(exc).__name__, str(exc)))
+        self.stats.observe_duration(self.clock.monotonic() - started)
         outcome: Outcome = result
         if isinstance(result, Success):
             outcome = interpret(

@@ -127,6 +127,7 @@ class Poller:
         errors = Backoff(base_s=0.5, cap_s=30.0)
         opened = False
         idle_since: float | None = None
+        reported_at = float("-inf")
         try:
             while not self.stop_event.is_set():
                 if self._failure is not None:
@@ -137,6 +138,11 @@ class Poller:
                         opened = True
                     got = self._poll_once()
                     errors.reset()
+                    if self.clock.monotonic() - reported_at >= 1.0:
+                        reported_at = self.clock.monotonic()
+                        self.stats.set_position(
+                            sorted(self.source.assignment()), dict(self.source.lag())
+                        )
                 except self.source.retryable_errors as exc:
                     delay = errors.next_delay()
                     log.warning(

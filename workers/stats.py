@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import bisect
 import threading
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
 
 @dataclass
@@ -20,6 +24,12 @@ class MappingStats:
     dropped: int = 0  # exhausted records with no destination configured
     failed_invocations: int = 0
     checkpoints: dict[str, Any] = field(default_factory=dict)
+    # Refreshed by the poller's loop: what it owns and how far behind each unit is.
+    assigned: list[str] = field(default_factory=list)
+    lag: dict[str, int] = field(default_factory=dict)
+    # Invocation durations: counts per upper bound of DURATION_BUCKETS_S, plus their sum.
+    duration_counts: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS_S))
+    duration_sum_s: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -27,8 +37,22 @@ class MappingStats:
             for name, n in counts.items():
                 setattr(self, name, getattr(self, name) + n)
 
+    def observe_duration(self, seconds: float) -> None:
+        index = bisect.bisect_left(DURATION_BUCKETS_S, seconds)
+        with self._lock:
+            if index < len(self.duration_counts):
+                self.duration_counts[index] += 1
+            self.duration_sum_s += seconds
+
+    def set_position(self, assigned: list[str], lag: dict[str, int]) -> None:
+        with self._lock:
+            self.assigned = assigned
+            self.lag = lag
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_lock"}
             data["checkpoints"] = dict(self.checkpoints)
+            data["lag"] = dict(self.lag)
+            data["duration_counts"] = list(self.duration_counts)
         return data

@@ -1,0 +1,51 @@
+"""The `file` on-failure destination: dead letters as JSON Lines, one file per mapping."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from workers.records import Record
+
+
+class FileDestination:
+    """Appends each letter as one line to `<directory>/<mapping>.jsonl`, fsynced before returning.
+
+    The fsync is what makes a checkpoint after `deliver` safe: the letter survives a crash.
+    """
+
+    def __init__(self, directory: str | Path, mapping: str) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / f"{mapping}.jsonl"
+        self._lock = threading.Lock()
+
+    def deliver(self, letter: dict[str, Any], records: Sequence[Record]) -> None:
+        line = orjson.dumps(letter) + b"\n"
+        with self._lock:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        pass
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every letter in the file, oldest first (a torn last line from a crash is skipped)."""
+        if not self.path.exists():
+            return []
+        letters = []
+        for line in self.path.read_bytes().splitlines():
+            try:
+                letters.append(orjson.loads(line))
+            except orjson.JSONDecodeError:
+                continue
+        return letters

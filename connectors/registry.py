@@ -1,0 +1,86 @@
+"""Builds a mapping's source and destination from its configuration, importing drivers lazily.
+
+Only the connector a mapping uses is imported, so a deployment needs only its broker's extra.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from connectors.base import Destination, Source
+from workers import config as cfg
+
+log = logging.getLogger("connectors")
+
+
+def instance_suffix(instance: int) -> str:
+    """Tells apart poller processes of one mapping on one host (Redis consumer names)."""
+    return "" if instance == 0 else f"-{instance}"
+
+
+def open_source(mapping: cfg.EventSourceMapping, instance: int = 0) -> Source:
+    src = mapping.source
+    if isinstance(src, cfg.KafkaSource):
+        from connectors.kafka import KafkaSource
+
+        return KafkaSource(src, mapping_name=mapping.name)
+    if isinstance(src, cfg.RabbitMQSource):
+        from connectors.rabbitmq import RabbitMQSource
+
+        return RabbitMQSource(src, mapping_name=mapping.name, batch_size=mapping.batch_size)
+    if isinstance(src, cfg.RedisSource):
+        from connectors.redis import RedisSource
+
+        return RedisSource(src, consumer_suffix=instance_suffix(instance))
+    if isinstance(src, cfg.MemorySource):
+        from connectors.memory import MemoryBroker, MemoryLogSource
+
+        broker = MemoryBroker()
+        broker.create_topic(src.topic, src.partitions)
+        for i in range(src.generate):
+            key = f"key-{i % src.keys}".encode() if src.keys else None
+            value = b'{"id": %d, "kind": "%s"}' % (i, b"order" if i % 2 else b"refund")
+            broker.produce(src.topic, value, key, partition=None if key else i % src.partitions)
+        return MemoryLogSource(broker, src.topic, mapping.name)
+    raise ValueError(f"mapping {mapping.name}: no connector for source type {src.type!r}")
+
+
+def open_destination(mapping: cfg.EventSourceMapping) -> Destination | None:
+    if mapping.destination_config is None:
+        return None
+    dst = mapping.destination_config.on_failure
+    if isinstance(dst, cfg.FileDestination):
+        from connectors.file import FileDestination
+
+        return FileDestination(dst.path, mapping.name)
+    if isinstance(dst, cfg.KafkaDestination):
+        from connectors.kafka import KafkaDestination
+
+        return KafkaDestination(dst)
+    if isinstance(dst, cfg.RabbitMQDestination):
+        from connectors.rabbitmq import RabbitMQDestination
+
+        return RabbitMQDestination(dst)
+    if isinstance(dst, cfg.RedisDestination):
+        from connectors.redis import RedisDestination
+
+        return RedisDestination(dst, source=mapping.source)
+    raise ValueError(f"mapping {mapping.name}: no destination for type {dst.type!r}")
+
+
+def probe(mapping: cfg.EventSourceMapping) -> None:
+    """Connect to the mapping's source and destination and disconnect (`validate --connect`)."""
+    src = mapping.source
+    if isinstance(src, cfg.KafkaSource):
+        from connectors.kafka import probe_kafka
+
+        probe_kafka(src)
+    elif isinstance(src, cfg.RabbitMQSource):
+        from connectors.rabbitmq import probe_rabbitmq
+
+        probe_rabbitmq(src)
+    elif isinstance(src, cfg.RedisSource):
+        from connectors.redis import probe_redis
+
+        probe_redis(src)
+

@@ -1,0 +1,237 @@
+"""The `workers` command: run mappings, validate configuration, invoke a function locally."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from workers.config import Config, ConfigError, load_config
+
+log = logging.getLogger("workers")
+
+EPILOG = "Configuration format: see the README (config/example.yaml, config/schema.json)."
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Handlers are named 'module:function' relative to where `workers` runs, as Lambda's task root.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from workers.supervisor import configure_logging
+
+    configure_logging(getattr(logging, args.log_level))
+    try:
+        code: int = args.command(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="workers",
+        description=(
+            "Self-hosted event source mappings: read Kafka, RabbitMQ or Redis Streams, batch"
+            " records and invoke Lambda-style handlers with retries, bisect and dead letters."
+        ),
+        epilog=EPILOG,
+    )
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("WORKERS_LOG_LEVEL", "INFO").upper(),
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="log verbosity (default: INFO, or $WORKERS_LOG_LEVEL)",
+    )
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run",
+        help="run event source mappings until stopped",
+        description=(
+            "Start one poller process per mapping instance (a mapping's `pollers`). SIGTERM or"
+            " SIGINT stops polling, lets in-flight invocations finish, checkpoints and exits 0."
+        ),
+        epilog=EPILOG,
+    )
+    run.add_argument("config", help="mapping file (YAML)")
+    run.add_argument(
+        "--mapping",
+        action="append",
+        metavar="NAME",
+        help="run only this mapping (repeatable; default: every enabled mapping)",
+    )
+    run.add_argument(
+        "--until-idle",
+        type=float,
+        metavar="SECONDS",
+        help="exit once every mapping is assigned, caught up and idle this long",
+    )
+    run.add_argument(
+        "--summary-json",
+        metavar="PATH",
+        help="write per-mapping counters and last checkpoints here on exit",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics, /healthz, /readyz and /status on this port (0: any free port)",
+    )
+    run.add_argument(
+        "--metrics-host",
+        metavar="HOST",
+        help="address for the metrics endpoint (default: the config's metrics.host, 127.0.0.1)",
+    )
+    run.set_defaults(command=cmd_run)
+
+    validate = sub.add_parser(
+        "validate",
+        help="check a configuration file",
+        description=(
+            "Parse and validate the file, check that every handler imports, print warnings."
+            " With --connect, also connect to every source."
+        ),
+        epilog=EPILOG,
+    )
+    validate.add_argument("config", help="mapping file (YAML)")
+    validate.add_argument(
+        "--connect", action="store_true", help="also connect to each mapping's broker"
+    )
+    validate.set_defaults(command=cmd_validate)
+
+    invoke = sub.add_parser(
+        "invoke",
+        help="invoke a function once with an event from a file",
+        description=(
+            "Run FUNCTION's handler once in an execution environment, like `sam local invoke`,"
+            " and print its response as JSON. Exits 1 if the invocation failed."
+        ),
+        epilog=EPILOG,
+    )
+    invoke.add_argument("config", help="mapping file (YAML)")
+    invoke.add_argument("function", help="a key of `functions` in the file")
+    invoke.add_argument(
+        "--event", required=True, metavar="FILE", help="JSON event ('-' reads standard input)"
+    )
+    invoke.set_defaults(command=cmd_invoke)
+    return parser
+
+
+def _mappings_to_run(config: Config, names: list[str] | None) -> list[tuple[str, int]]:
+    if names:
+        chosen = [config.mapping(n) for n in names]
+    else:
+        chosen = [m for m in config.event_source_mappings if m.enabled]
+    return [(m.name, i) for m in chosen for i in range(m.pollers)]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from workers import metrics
+    from workers.progress import progress_for_terminal
+    from workers.supervisor import Supervisor
+
+    config = load_config(args.config)
+    config.check_handlers()
+    for warning in config.warnings():
+        log.warning("%s", warning)
+    instances = _mappings_to_run(config, args.mapping)
+    if not instances:
+        log.error("no enabled mapping to run")
+        return 2
+    longest = max(config.function_spec(config.mapping(m).function).timeout_s for m, _ in instances)
+    supervisor = Supervisor(
+        args.config,
+        instances,
+        until_idle_s=args.until_idle,
+        drain_timeout_s=longest + 30.0,
+        log_level=logging.getLogger().level,
+    )
+    supervisor.install_signal_handlers()
+    port = args.metrics_port if args.metrics_port is not None else config.metrics.port
+    if port is not None:
+        host = args.metrics_host or config.metrics.host
+        server = metrics.serve(supervisor, host, port)
+        log.info("metrics on http://%s:%d/metrics", host, server.server_address[1])
+    progress = progress_for_terminal()
+    try:
+        code = supervisor.run(on_tick=progress)
+    finally:
+        progress.close()
+        if args.summary_json:
+            supervisor.write_summary(args.summary_json)
+    for mapping, counts in supervisor.summary().items():
+        log.info(
+            "mapping %s: polled=%d succeeded=%d dead_lettered=%d dropped=%d",
+            mapping,
+            counts["polled"],
+            counts["succeeded"],
+            counts["dead_lettered"],
+            counts["dropped"],
+        )
+    return code
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    config.check_handlers()
+    for warning in config.warnings():
+        print(f"warning: {warning}")
+    if args.connect:
+        from connectors.registry import probe
+
+        failed = False
+        for mapping in config.event_source_mappings:
+            try:
+                probe(mapping)
+            except Exception as exc:
+                failed = True
+                print(f"{mapping.name}: cannot connect: {exc}", file=sys.stderr)
+            else:
+                print(f"{mapping.name}: connected")
+        if failed:
+            return 1
+    n = len(config.event_source_mappings)
+    print(f"{args.config}: ok ({len(config.functions)} function(s), {n} mapping(s))")
+    return 0
+
+
+def cmd_invoke(args: argparse.Namespace) -> int:
+    from workers.environments import create_invoker
+    from workers.invoker import InvocationRequest
+    from workers.outcomes import Success
+
+    config = load_config(args.config)
+    if args.function not in config.functions:
+        known = ", ".join(sorted(config.functions))
+        print(f"error: no function named {args.function!r} (known: {known})", file=sys.stderr)
+        return 2
+    raw = sys.stdin.buffer.read() if args.event == "-" else Path(args.event).read_bytes()
+    try:
+        event: Any = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        print(f"error: {args.event}: not JSON: {exc}", file=sys.stderr)
+        return 2
+    invoker = create_invoker(config.function_spec(args.function))
+    try:
+        request = InvocationRequest(str(uuid.uuid4()), mapping_name="", attempt=1)
+        result = invoker.invoke(event, request)
+    finally:
+        invoker.close()
+    if isinstance(result, Success):
+        sys.stdout.buffer.write(orjson.dumps(result.response, option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
+    print(orjson.dumps(result.error.as_json(), option=orjson.OPT_INDENT_2).decode())
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

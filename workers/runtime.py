@@ -1,0 +1,65 @@
+"""Wires one mapping from its configuration: source, destination, invoker, policy, poller."""
+
+from __future__ import annotations
+
+import logging
+
+from connectors.registry import open_destination, open_source
+from workers.batcher import BatchLimits
+from workers.clock import SYSTEM_CLOCK, Clock
+from workers.config import Config, EventSourceMapping
+from workers.environments import create_invoker
+from workers.filters import compile_filters
+from workers.invoker import Invoker
+from workers.poller import Poller, PollerSettings
+from workers.policy import Policy
+
+log = logging.getLogger("workers.runtime")
+
+# Extra time a drain allows beyond the function timeout, for settling and committing.
+DRAIN_MARGIN_S = 5.0
+
+
+def policy_of(mapping: EventSourceMapping) -> Policy:
+    return Policy(
+        maximum_retry_attempts=mapping.maximum_retry_attempts,
+        bisect_batch_on_function_error=mapping.bisect_batch_on_function_error,
+        maximum_record_age_s=mapping.maximum_record_age_s,
+        report_batch_item_failures="ReportBatchItemFailures" in mapping.function_response_types,
+        maximum_batch_bytes=mapping.maximum_batch_bytes,
+    )
+
+
+def build_poller(
+    config: Config,
+    mapping: EventSourceMapping,
+    *,
+    instance: int = 0,
+    invoker: Invoker | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+) -> tuple[Poller, Invoker]:
+    """A ready-to-run poller for `mapping` and the invoker it owns (close it after the run)."""
+    spec = config.function_spec(mapping.function)
+    patterns = [f.pattern for f in mapping.filter_criteria.filters] if mapping.filter_criteria else []
+    invoker = invoker or create_invoker(spec)
+    settings = PollerSettings(
+        mapping=mapping.name,
+        function=mapping.function,
+        limits=BatchLimits(
+            batch_size=mapping.batch_size,
+            maximum_batch_bytes=mapping.maximum_batch_bytes,
+            maximum_batching_window_s=mapping.maximum_batching_window_s,
+        ),
+        parallelization_factor=mapping.parallelization_factor,
+        drain_timeout_s=spec.timeout_s + DRAIN_MARGIN_S,
+    )
+    poller = Poller(
+        settings,
+        source=open_source(mapping, instance),
+        invoker=invoker,
+        policy=policy_of(mapping),
+        destination=open_destination(mapping),
+        record_filter=compile_filters(patterns),
+        clock=clock,
+    )
+    return poller, invoker
