@@ -13,25 +13,20 @@ from workers import config as cfg
 log = logging.getLogger("connectors")
 
 
-def instance_suffix(instance: int) -> str:
-    """Tells apart poller processes of one mapping on one host (Redis consumer names)."""
-    return "" if instance == 0 else f"-{instance}"
-
-
 def open_source(mapping: cfg.EventSourceMapping, instance: int = 0) -> Source:
     src = mapping.source
     if isinstance(src, cfg.KafkaSource):
         from connectors.kafka import KafkaSource
 
-        return KafkaSource(src, mapping_name=mapping.name)
+        return KafkaSource(mapping, instance)
     if isinstance(src, cfg.RabbitMQSource):
         from connectors.rabbitmq import RabbitMQSource
 
-        return RabbitMQSource(src, mapping_name=mapping.name, batch_size=mapping.batch_size)
+        return RabbitMQSource(mapping, instance)
     if isinstance(src, cfg.RedisSource):
         from connectors.redis import RedisSource
 
-        return RedisSource(src, consumer_suffix=instance_suffix(instance))
+        return RedisSource(mapping, instance)
     if isinstance(src, cfg.MemorySource):
         from connectors.memory import MemoryBroker, MemoryLogSource
 
@@ -56,15 +51,15 @@ def open_destination(mapping: cfg.EventSourceMapping) -> Destination | None:
     if isinstance(dst, cfg.KafkaDestination):
         from connectors.kafka import KafkaDestination
 
-        return KafkaDestination(dst)
+        return KafkaDestination(dst, mapping)
     if isinstance(dst, cfg.RabbitMQDestination):
         from connectors.rabbitmq import RabbitMQDestination
 
-        return RabbitMQDestination(dst)
+        return RabbitMQDestination(dst, mapping)
     if isinstance(dst, cfg.RedisDestination):
         from connectors.redis import RedisDestination
 
-        return RedisDestination(dst, source=mapping.source)
+        return RedisDestination(dst, mapping)
     raise ValueError(f"mapping {mapping.name}: no destination for type {dst.type!r}")
 
 
