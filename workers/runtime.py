@@ -11,8 +11,8 @@ from workers.config import Config, EventSourceMapping
 from workers.environments import create_invoker
 from workers.filters import compile_filters
 from workers.invoker import Invoker
-from workers.poller import Poller, PollerSettings
 from workers.policy import Policy
+from workers.poller import Poller, PollerSettings
 
 log = logging.getLogger("workers.runtime")
 
@@ -40,7 +40,8 @@ def build_poller(
 ) -> tuple[Poller, Invoker]:
     """A ready-to-run poller for `mapping` and the invoker it owns (close it after the run)."""
     spec = config.function_spec(mapping.function)
-    patterns = [f.pattern for f in mapping.filter_criteria.filters] if mapping.filter_criteria else []
+    criteria = mapping.filter_criteria
+    patterns = [f.pattern for f in criteria.filters] if criteria else []
     invoker = invoker or create_invoker(spec)
     settings = PollerSettings(
         mapping=mapping.name,

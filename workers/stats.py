@@ -7,7 +7,6 @@ import threading
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
 

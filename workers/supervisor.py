@@ -7,6 +7,7 @@ they have all stopped cleanly.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -248,10 +249,8 @@ class Supervisor:
 
     def _signal(self, child: _Child, signum: int) -> None:
         if child.process is not None and child.process.pid is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(child.process.pid, signum)
-            except ProcessLookupError:
-                pass
 
     def _kill_all(self) -> None:
         for child in self.children:
@@ -282,4 +281,3 @@ class Supervisor:
 
     def write_summary(self, path: str | Path) -> None:
         Path(path).write_bytes(orjson.dumps(self.summary(), option=orjson.OPT_INDENT_2))
-

@@ -16,8 +16,8 @@ from connectors.base import Destination, Source
 from tests.engine import DirectInvoker
 from workers.batcher import BatchLimits
 from workers.invoker import InvocationRequest
-from workers.poller import Poller, PollerSettings
 from workers.policy import Policy
+from workers.poller import Poller, PollerSettings
 from workers.records import Record
 
 

@@ -1,0 +1,1 @@
+"""Handler modules that the execution environment tests import by name."""

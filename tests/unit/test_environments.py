@@ -1,0 +1,393 @@
+"""Execution environments against real child processes and threads (no broker, no mocks)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from workers.environments import ProcessInvoker, ThreadInvoker, create_invoker
+from workers.invoker import FunctionSpec, InvocationRequest
+from workers.outcomes import (
+    Crash,
+    FunctionError,
+    InvalidResponse,
+    InvokeResult,
+    RetryLater,
+    Success,
+    Timeout,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+HANDLERS = "tests.handlers.misbehaving"
+
+Factory = Callable[..., ProcessInvoker]
+
+
+def request(request_id: str = "req-1", attempt: int = 1) -> InvocationRequest:
+    return InvocationRequest(
+        request_id=request_id, mapping_name="orders-from-kafka", attempt=attempt
+    )
+
+
+def spec(handler: str, **overrides: Any) -> FunctionSpec:
+    settings: dict[str, Any] = {"timeout_s": 10.0, "memory_mb": 256, "concurrency": 1}
+    settings.update(overrides)
+    return FunctionSpec(name="orders", handler=handler, **settings)
+
+
+@pytest.fixture
+def process_invoker() -> Iterator[Factory]:
+    created: list[ProcessInvoker] = []
+
+    def make(function: str, **overrides: Any) -> ProcessInvoker:
+        # The handler resolves against the working directory, as it does for `workers run`.
+        with contextlib.chdir(ROOT):
+            invoker = ProcessInvoker(spec(f"{HANDLERS}:{function}", **overrides))
+        created.append(invoker)
+        return invoker
+
+    yield make
+    for invoker in created:
+        invoker.close()
+    assert all(invoker.stats.environments == 0 for invoker in created)
+
+
+@pytest.fixture
+def thread_invoker() -> Iterator[Callable[..., ThreadInvoker]]:
+    saved_environ = dict(os.environ)
+    created: list[ThreadInvoker] = []
+
+    def make(function: str, **overrides: Any) -> ThreadInvoker:
+        with contextlib.chdir(ROOT):
+            invoker = ThreadInvoker(spec(f"{HANDLERS}:{function}", **overrides))
+        created.append(invoker)
+        return invoker
+
+    yield make
+    for invoker in created:
+        invoker.close()
+    os.environ.clear()
+    os.environ.update(saved_environ)
+
+
+def in_background(call: Callable[[], InvokeResult]) -> tuple[threading.Thread, list[InvokeResult]]:
+    results: list[InvokeResult] = []
+    thread = threading.Thread(target=lambda: results.append(call()), daemon=True)
+    thread.start()
+    return thread, results
+
+
+# -- process isolation ---------------------------------------------------------------------
+
+
+def test_success_returns_the_decoded_response(process_invoker: Factory) -> None:
+    invoker = process_invoker("echo")
+    event = {"eventSource": "SelfManagedKafka", "records": {"orders-0": [{"offset": 1}]}}
+
+    assert invoker.invoke(event, request()) == Success(response=event)
+
+
+def test_spawn_start_method_works_too() -> None:
+    with contextlib.chdir(ROOT):
+        invoker = ProcessInvoker(spec(f"{HANDLERS}:echo"), start_method="spawn")
+    try:
+        assert invoker.invoke({"n": 1}, request()) == Success({"n": 1})
+    finally:
+        invoker.close()
+
+
+def test_handler_exception_is_a_function_error_with_type_message_and_stack(
+    process_invoker: Factory,
+) -> None:
+    result = process_invoker("raises").invoke({"n": 7}, request())
+
+    assert isinstance(result, FunctionError)
+    assert result.error.error_type == "ValueError"
+    assert result.error.message == "bad record 7"
+    assert "misbehaving.py" in result.error.stack_trace[0]
+    assert "in raises" in result.error.stack_trace[0]
+    assert not any("environments.py" in line for line in result.error.stack_trace)
+
+
+def test_retryable_error_asks_for_a_retry(process_invoker: Factory) -> None:
+    result = process_invoker("retryable").invoke({}, request())
+
+    assert isinstance(result, RetryLater)
+    assert result.error.error_type == "RetryableError"
+    assert result.error.message == "downstream unavailable"
+
+
+def test_timeout_kills_the_environment_and_the_next_invocation_gets_a_fresh_one(
+    process_invoker: Factory,
+) -> None:
+    invoker = process_invoker("sleeps", timeout_s=1)
+
+    result = invoker.invoke({"seconds": 30}, request())
+
+    assert isinstance(result, Timeout)
+    assert result.error.error_type == "Sandbox.Timedout"
+    assert result.error.message == "Task timed out after 1.00 seconds"
+    assert invoker.invoke({"seconds": 0}, request("req-2")) == Success({"slept": 0})
+    assert (invoker.stats.timeouts, invoker.stats.cold_starts) == (1, 2)
+
+
+def test_a_hung_invocation_does_not_hold_up_another_environment(process_invoker: Factory) -> None:
+    invoker = process_invoker("sleeps", timeout_s=2, concurrency=2)
+    hung, hung_results = in_background(lambda: invoker.invoke({"seconds": 30}, request("hung")))
+
+    assert invoker.invoke({"seconds": 0}, request("quick")) == Success({"slept": 0})
+    assert hung_results == []  # still running while the other one finished
+
+    hung.join(timeout=30)
+    assert isinstance(hung_results[0], Timeout)
+
+
+def test_os_exit_is_a_crash_with_the_exit_status(process_invoker: Factory) -> None:
+    invoker = process_invoker("os_exit")
+
+    result = invoker.invoke({"status": 3}, request())
+
+    assert isinstance(result, Crash)
+    assert result.error.error_type == "Runtime.ExitError"
+    assert result.error.message == (
+        "RequestId: req-1 Error: Runtime exited with error: exit status 3"
+    )
+    assert invoker.stats.crashes == 1
+    assert invoker.stats.environments == 0
+
+
+def test_killed_by_a_signal_is_a_crash_naming_the_signal(process_invoker: Factory) -> None:
+    invoker = process_invoker("sigkill_self")
+
+    result = invoker.invoke({}, request())
+
+    assert isinstance(result, Crash)
+    assert "Runtime exited with error: signal: killed" in result.error.message
+
+
+def test_memory_over_the_limit_is_a_clear_error_and_the_environment_is_replaced(
+    process_invoker: Factory,
+) -> None:
+    invoker = process_invoker("alloc", memory_mb=128)
+
+    result = invoker.invoke({"mb": 256}, request())
+
+    assert isinstance(result, Crash)
+    assert result.error.error_type == "Runtime.OutOfMemory"
+    assert "memory limit of 128 MB exceeded" in result.error.message
+    assert invoker.invoke({"mb": 32}, request("req-2")) == Success({"allocated_mb": 32})
+    assert invoker.stats.cold_starts == 2
+
+
+def test_one_cold_start_per_environment(process_invoker: Factory) -> None:
+    invoker = process_invoker("pid")
+
+    pids = {invoker.invoke({}, request(f"req-{n}")) for n in range(20)}
+
+    assert len(pids) == 1
+    assert invoker.stats.cold_starts == 1
+    assert invoker.stats.invocations == 20
+    assert invoker.stats.environments == 1
+
+
+def test_async_handler(process_invoker: Factory) -> None:
+    invoker = process_invoker("async_echo")
+
+    assert invoker.invoke({"n": 1}, request()) == Success({"async": True, "event": {"n": 1}})
+    # The event loop is kept for the environment's next invocation.
+    assert invoker.invoke({"n": 2}, request()) == Success({"async": True, "event": {"n": 2}})
+
+
+def test_unencodable_response_is_an_invalid_response(process_invoker: Factory) -> None:
+    invoker = process_invoker("returns_garbage")
+
+    result = invoker.invoke({}, request())
+
+    assert isinstance(result, InvalidResponse)
+    assert result.error.error_type == "Runtime.MarshalError"
+    assert result.error.message.startswith("Unable to marshal response: ")
+    assert invoker.stats.environments == 1  # the environment itself is fine
+
+
+def test_context_has_lambdas_attributes(process_invoker: Factory) -> None:
+    invoker = process_invoker("context_attributes", memory_mb=192, timeout_s=5)
+
+    result = invoker.invoke({}, request("req-ctx", attempt=3))
+
+    assert isinstance(result, Success)
+    context = result.response
+    assert context["function_name"] == "orders"
+    assert context["function_version"] == "$LATEST"
+    assert context["invoked_function_arn"] == "arn:aws:lambda:local:000000000000:function:orders"
+    assert context["memory_limit_in_mb"] == 192
+    assert context["aws_request_id"] == "req-ctx"
+    assert context["log_group_name"] == "/aws/lambda/orders"
+    assert "[$LATEST]" in context["log_stream_name"]
+    assert 0 < context["remaining_ms"] <= 5000
+    assert context["mapping_name"] == "orders-from-kafka"
+    assert context["attempt"] == 3
+    assert context["identity"] is None
+    assert context["client_context"] is None
+
+
+def test_environment_variables_are_visible_to_the_handler(process_invoker: Factory) -> None:
+    invoker = process_invoker("reads_env", environment={"LOG_LEVEL": "DEBUG"}, memory_mb=200)
+    names = [
+        "LOG_LEVEL",
+        "AWS_LAMBDA_FUNCTION_NAME",
+        "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+        "AWS_LAMBDA_FUNCTION_VERSION",
+        "AWS_LAMBDA_FUNCTION_TIMEOUT",
+    ]
+
+    result = invoker.invoke({"names": names}, request())
+
+    assert result == Success(
+        {
+            "LOG_LEVEL": "DEBUG",
+            "AWS_LAMBDA_FUNCTION_NAME": "orders",
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE": "200",
+            "AWS_LAMBDA_FUNCTION_VERSION": "$LATEST",
+            "AWS_LAMBDA_FUNCTION_TIMEOUT": "10",
+        }
+    )
+
+
+def test_handler_output_reaches_the_log_with_the_request_id(
+    process_invoker: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="workers.function.orders")
+    invoker = process_invoker("prints")
+
+    assert invoker.invoke({"word": "kiwi"}, request("req-out")) == Success(None)
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "workers.function.orders"]
+    assert "[req-out] hello from the handler: kiwi" in lines
+    assert "[req-out] a line on stderr" in lines
+    assert "[req-out] partial line without newline" in lines
+    assert "[req-out] [INFO] tests.handlers.misbehaving: a log record: kiwi" in lines
+
+
+def test_missing_module_is_an_import_error_every_time(process_invoker: Factory) -> None:
+    with contextlib.chdir(ROOT):
+        invoker = ProcessInvoker(spec("tests.handlers.no_such_module:handler"))
+    try:
+        for attempt in (1, 2):
+            result = invoker.invoke({}, request(attempt=attempt))
+            assert isinstance(result, FunctionError)
+            assert result.error.error_type == "Runtime.ImportModuleError"
+            assert result.error.message == (
+                "Unable to import module 'tests.handlers.no_such_module': "
+                "No module named 'tests.handlers.no_such_module'"
+            )
+        assert invoker.stats.environments == 0
+        assert invoker.stats.cold_starts == 0
+    finally:
+        invoker.close()
+
+
+def test_missing_function_is_handler_not_found(process_invoker: Factory) -> None:
+    result = process_invoker("no_such_function").invoke({}, request())
+
+    assert isinstance(result, FunctionError)
+    assert result.error.error_type == "Runtime.HandlerNotFound"
+    assert result.error.message == (f"Handler 'no_such_function' missing on module '{HANDLERS}'")
+
+
+def test_close_during_an_invocation_returns_a_crash_promptly(process_invoker: Factory) -> None:
+    invoker = process_invoker("prints_then_sleeps", timeout_s=60)
+    started = threading.Event()
+
+    class Started(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "sleeping now" in record.getMessage():
+                started.set()
+
+    log = logging.getLogger("workers.function.orders")
+    handler = Started()
+    log.addHandler(handler)
+    previous_level = log.level
+    log.setLevel(logging.INFO)
+    try:
+        running, results = in_background(lambda: invoker.invoke({"seconds": 60}, request()))
+        assert started.wait(timeout=20)
+        invoker.close()
+        running.join(timeout=20)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(previous_level)
+
+    assert not running.is_alive()
+    assert isinstance(results[0], Crash)
+    assert "shut down" in results[0].error.message
+    invoker.close()  # idempotent
+    assert isinstance(invoker.invoke({}, request()), Crash)
+
+
+# -- thread isolation ----------------------------------------------------------------------
+
+
+def test_create_invoker_honours_isolation(thread_invoker: Callable[..., ThreadInvoker]) -> None:
+    with contextlib.chdir(ROOT):
+        threaded = create_invoker(spec(f"{HANDLERS}:ok", isolation="thread"))
+        processes = create_invoker(spec(f"{HANDLERS}:ok"))
+    try:
+        assert isinstance(threaded, ThreadInvoker)
+        assert isinstance(processes, ProcessInvoker)
+    finally:
+        threaded.close()
+        processes.close()
+
+
+def test_thread_success(thread_invoker: Callable[..., ThreadInvoker]) -> None:
+    invoker = thread_invoker("echo")
+    event = {"records": {"orders-0": [{"offset": 1}]}}
+
+    assert invoker.invoke(event, request()) == Success(response=event)
+    assert invoker.invoke(event, request()) == Success(response=event)
+    assert invoker.stats.cold_starts == 1
+
+
+def test_thread_async_handler(thread_invoker: Callable[..., ThreadInvoker]) -> None:
+    invoker = thread_invoker("async_echo")
+
+    assert invoker.invoke({"n": 1}, request()) == Success({"async": True, "event": {"n": 1}})
+
+
+def test_thread_raises(thread_invoker: Callable[..., ThreadInvoker]) -> None:
+    result = thread_invoker("raises").invoke({"n": 2}, request())
+
+    assert isinstance(result, FunctionError)
+    assert (result.error.error_type, result.error.message) == ("ValueError", "bad record 2")
+    assert "in raises" in result.error.stack_trace[0]
+
+
+def test_thread_retryable_and_garbage(thread_invoker: Callable[..., ThreadInvoker]) -> None:
+    assert isinstance(thread_invoker("retryable").invoke({}, request()), RetryLater)
+    garbage = thread_invoker("returns_garbage").invoke({}, request())
+    assert isinstance(garbage, InvalidResponse)
+
+
+def test_thread_timeout(thread_invoker: Callable[..., ThreadInvoker]) -> None:
+    invoker = thread_invoker("sleeps", timeout_s=1)
+
+    result = invoker.invoke({"seconds": 1.5}, request())
+
+    assert isinstance(result, Timeout)
+    assert result.error.message == "Task timed out after 1.00 seconds"
+    assert invoker.stats.timeouts == 1
+    assert invoker.invoke({"seconds": 0}, request()) == Success({"slept": 0})
+
+
+def test_thread_import_error(thread_invoker: Callable[..., ThreadInvoker]) -> None:
+    result = thread_invoker("no_such_function").invoke({}, request())
+
+    assert isinstance(result, FunctionError)
+    assert result.error.error_type == "Runtime.HandlerNotFound"
