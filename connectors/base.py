@@ -7,7 +7,7 @@ handler expects. Connectors never decide policy (retry, bisect, dead-letter): th
 
 from __future__ import annotations
 
-from collections.abc import Collection, Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -38,6 +38,10 @@ class EventShape(Protocol):
 
     def event(self, records: Sequence[Record]) -> dict[str, Any]:
         """The handler's event for these records, exactly as Lambda shapes it."""
+        ...
+
+    def records(self, event: dict[str, Any]) -> list[Record]:
+        """The records an event of this shape carries (for replaying stored dead letters)."""
         ...
 
     def item_key(self, record: Record) -> Hashable:
@@ -122,6 +126,45 @@ class Destination(Protocol):
 
     def deliver(self, letter: dict[str, Any], records: Sequence[Record]) -> None:
         """Returns once the letter is durable (confirmed); raises if it could not be stored."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(slots=True)
+class StoredLetter:
+    """A dead-letter record as a store holds it; `handle` is the store's own bookkeeping."""
+
+    id: str  # the letter's requestContext.requestId
+    letter: dict[str, Any]
+    handle: Any = None
+
+
+class DeadLetterStore(Protocol):
+    """Reads an on-failure destination back, for `workers dlq list/show/replay`."""
+
+    def pending(self) -> Iterator[StoredLetter]:
+        """Letters not yet replayed, oldest first, as the destination stands when called.
+
+        Letters added while iterating (a replay that fails again) are not included.
+        """
+        ...
+
+    def done(self, stored: StoredLetter) -> None:
+        """Durably mark a letter replayed: no later `pending()` offers it again."""
+        ...
+
+    def close(self) -> None:
+        """Release what `pending()` holds; letters not marked done stay for a later replay."""
+        ...
+
+
+class SourcePublisher(Protocol):
+    """Puts records back on a mapping's source (`workers dlq replay --to source`)."""
+
+    def publish(self, records: Sequence[Record], replay_count: int) -> None:
+        """Publish with the records' keys and headers plus the replay header; returns once the
+        broker confirmed them all, raises otherwise."""
         ...
 
     def close(self) -> None: ...

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from connectors.base import Destination, Source
+from connectors.base import DeadLetterStore, Destination, Source, SourcePublisher
 from workers import config as cfg
 
 log = logging.getLogger("connectors")
@@ -79,3 +79,44 @@ def probe(mapping: cfg.EventSourceMapping) -> None:
 
         probe_redis(src)
 
+
+def open_dead_letter_store(mapping: cfg.EventSourceMapping) -> DeadLetterStore:
+    """The mapping's on-failure destination, read back for `workers dlq`."""
+    if mapping.destination_config is None:
+        raise ValueError(f"mapping {mapping.name} has no on-failure destination")
+    dst = mapping.destination_config.on_failure
+    if isinstance(dst, cfg.FileDestination):
+        from connectors.file import FileDeadLetterStore
+
+        return FileDeadLetterStore(dst.path, mapping.name)
+    if isinstance(dst, cfg.KafkaDestination):
+        from connectors.kafka import KafkaDeadLetterStore
+
+        return KafkaDeadLetterStore(dst, mapping)
+    if isinstance(dst, cfg.RabbitMQDestination):
+        from connectors.rabbitmq import RabbitMQDeadLetterStore
+
+        return RabbitMQDeadLetterStore(dst, mapping)
+    if isinstance(dst, cfg.RedisDestination):
+        from connectors.redis import RedisDeadLetterStore
+
+        return RedisDeadLetterStore(dst, mapping)
+    raise ValueError(f"mapping {mapping.name}: cannot read back destination type {dst.type!r}")
+
+
+def open_source_publisher(mapping: cfg.EventSourceMapping) -> SourcePublisher:
+    """Publishes records back onto the mapping's source (`dlq replay --to source`)."""
+    src = mapping.source
+    if isinstance(src, cfg.KafkaSource):
+        from connectors.kafka import KafkaSourcePublisher
+
+        return KafkaSourcePublisher(src)
+    if isinstance(src, cfg.RabbitMQSource):
+        from connectors.rabbitmq import RabbitMQSourcePublisher
+
+        return RabbitMQSourcePublisher(src)
+    if isinstance(src, cfg.RedisSource):
+        from connectors.redis import RedisSourcePublisher
+
+        return RedisSourcePublisher(src)
+    raise ValueError(f"mapping {mapping.name}: cannot publish to a {src.type} source")

@@ -37,6 +37,28 @@ def _decoded(data: bytes) -> Any:
         return data.decode("utf-8", "replace")
 
 
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def _rmq_timestamp_ms(props: dict[str, Any]) -> int:
+    value = props.get("timestamp")
+    return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
+
+
+def _rmq_headers(props: dict[str, Any]) -> list[tuple[str, bytes]]:
+    headers = props.get("headers") or {}
+    if not isinstance(headers, dict):
+        return []
+    out = []
+    for name, value in headers.items():
+        if isinstance(value, str):
+            out.append((name, value.encode()))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out.append((name, str(value).encode()))
+    return out
+
+
 def _int_or_none(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
@@ -91,6 +113,33 @@ class KafkaShape:
             "bootstrapServers": self.bootstrap_servers,
             "records": by_partition,
         }
+
+    def records(self, event: dict[str, Any]) -> list[Record]:
+        out = []
+        for unit, items in event.get("records", {}).items():
+            for item in items:
+                key = _unb64(item["key"]) if item.get("key") is not None else None
+                value = _unb64(item.get("value") or "")
+                headers = [
+                    (name, bytes(v)) for h in item.get("headers", []) for name, v in h.items()
+                ]
+                out.append(
+                    Record(
+                        source=unit,
+                        position=int(item["offset"]),
+                        value=value,
+                        key=key,
+                        timestamp_ms=int(item.get("timestamp", 0)),
+                        headers=headers,
+                        size=encoded_size(value, key, sum(len(v) for _, v in headers)),
+                        meta=KafkaMeta(
+                            item["topic"],
+                            int(item["partition"]),
+                            item.get("timestampType", "CREATE_TIME"),
+                        ),
+                    )
+                )
+        return out
 
     def item_key(self, record: Record) -> Hashable:
         return record.ident
@@ -179,6 +228,27 @@ class RabbitShape:
             "rmqMessagesByQueue": by_queue,
         }
 
+    def records(self, event: dict[str, Any]) -> list[Record]:
+        out = []
+        for queue_vhost, items in event.get("rmqMessagesByQueue", {}).items():
+            queue, _, vhost = queue_vhost.rpartition("::")
+            for position, item in enumerate(items):
+                value = _unb64(item.get("data") or "")
+                props = item.get("basicProperties") or {}
+                out.append(
+                    Record(
+                        source=queue,
+                        position=position,
+                        value=value,
+                        timestamp_ms=_rmq_timestamp_ms(props),
+                        headers=_rmq_headers(props),
+                        redelivered=bool(item.get("redelivered")),
+                        size=encoded_size(value),
+                        meta=RabbitMeta(queue, vhost, int(item.get("deliveryTag", 0)), props),
+                    )
+                )
+        return out
+
     def item_key(self, record: Record) -> Hashable:
         meta: RabbitMeta = record.meta
         return (meta.queue, meta.delivery_tag)
@@ -259,6 +329,24 @@ class RedisShape:
             )
         return {"eventSource": "redis:streams", "records": by_stream}
 
+    def records(self, event: dict[str, Any]) -> list[Record]:
+        out = []
+        for stream, items in event.get("records", {}).items():
+            for item in items:
+                fields = {k: _unb64(v) for k, v in item.get("fields", {}).items()}
+                value = orjson.dumps({k: v.decode("utf-8", "replace") for k, v in fields.items()})
+                out.append(
+                    Record(
+                        source=stream,
+                        position=parse_stream_id(item["id"]),
+                        value=value,
+                        timestamp_ms=int(item.get("timestamp", 0)),
+                        size=encoded_size(value),
+                        meta=RedisMeta(stream, item["id"], fields),
+                    )
+                )
+        return out
+
     def item_key(self, record: Record) -> Hashable:
         meta: RedisMeta = record.meta
         return (meta.stream, meta.entry_id)
@@ -300,3 +388,16 @@ class RedisShape:
             "timestamp": record.timestamp_ms,
             "fields": {k: _decoded(v) for k, v in meta.fields.items()},
         }
+
+
+def shape_for_event(event: dict[str, Any]) -> KafkaShape | RabbitShape | RedisShape:
+    """The shape that built `event` (a dead letter's payload), to read its records back."""
+    source = event.get("eventSource")
+    if source == "SelfManagedKafka":
+        return KafkaShape(str(event.get("bootstrapServers", "")))
+    if source == "aws:rmq":
+        arn = str(event.get("eventSourceArn", ""))
+        return RabbitShape(arn.rsplit(":", 1)[-1] if arn else "")
+    if source == "redis:streams":
+        return RedisShape("")
+    raise ValueError(f"not an event esm-workers builds: eventSource {source!r}")

@@ -123,7 +123,82 @@ def build_parser() -> argparse.ArgumentParser:
         "--event", required=True, metavar="FILE", help="JSON event ('-' reads standard input)"
     )
     invoke.set_defaults(command=cmd_invoke)
+    _add_dlq(sub)
     return parser
+
+
+def _add_dlq(sub: Any) -> None:
+    dlq = sub.add_parser(
+        "dlq",
+        help="inspect and replay dead letters",
+        description="List, show and replay what a mapping sent to its on-failure destination.",
+        epilog=EPILOG,
+    )
+    dsub = dlq.add_subparsers(title="dlq commands", metavar="DLQ_COMMAND", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("config", help="mapping file (YAML)")
+        p.add_argument("mapping", help="the mapping whose dead letters to read")
+
+    def filters(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--since",
+            metavar="TIME",
+            help="only letters written at or after TIME (ISO-8601 or epoch ms)",
+        )
+        p.add_argument(
+            "--error-type",
+            metavar="NAME",
+            help="only letters whose error type is NAME (e.g. ValueError)",
+        )
+        p.add_argument("--limit", type=int, metavar="N", help="at most N letters")
+
+    lst = dsub.add_parser(
+        "list",
+        help="list dead letters not yet replayed",
+        description="A line per letter: id, time, condition, error type, records, replays, source.",
+    )
+    common(lst)
+    filters(lst)
+    lst.add_argument("--json", action="store_true", help="print JSON Lines instead of a table")
+    lst.set_defaults(command=cmd_dlq_list)
+
+    show = dsub.add_parser(
+        "show",
+        help="print one dead letter in full",
+        description="The full letter as JSON, each record's payload also decoded (JSON or text).",
+    )
+    common(show)
+    show.add_argument("id", help="the letter's id (its requestContext.requestId)")
+    show.set_defaults(command=cmd_dlq_show)
+
+    replay = dsub.add_parser(
+        "replay",
+        help="replay dead letters to the handler or back onto the source",
+        description=(
+            "Replay the letters pending now. --to handler invokes the mapping's function with the"
+            " stored records under its retry policy; --to source publishes them back onto the"
+            " source with their keys, headers and a replay header. A letter is marked replayed"
+            " once done; records that fail again go back to the destination with their replay"
+            " count raised, and are not replayed again in the same run. SIGTERM stops after the"
+            " letter in progress; running again resumes."
+        ),
+    )
+    common(replay)
+    filters(replay)
+    replay.add_argument(
+        "--to",
+        choices=["handler", "source"],
+        default="handler",
+        help="where records go (default: handler)",
+    )
+    replay.add_argument(
+        "--dry-run", action="store_true", help="show what would be replayed, change nothing"
+    )
+    replay.add_argument(
+        "--rate", type=float, metavar="PER_S", help="at most this many records per second"
+    )
+    replay.set_defaults(command=cmd_dlq_replay)
 
 
 def _mappings_to_run(config: Config, names: list[str] | None) -> list[tuple[str, int]]:
@@ -231,6 +306,112 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         return 0
     print(orjson.dumps(result.error.as_json(), option=orjson.OPT_INDENT_2).decode())
     return 1
+
+
+def _letter_filter(args: argparse.Namespace) -> Any:
+    from workers.dlq import LetterFilter, parse_time
+
+    since = parse_time(args.since) if args.since else None
+    return LetterFilter(since_ms=since, error_type=args.error_type)
+
+
+def _store(args: argparse.Namespace) -> tuple[Config, Any, Any]:
+    from connectors.registry import open_dead_letter_store
+
+    config = load_config(args.config)
+    mapping = config.mapping(args.mapping)
+    return config, mapping, open_dead_letter_store(mapping)
+
+
+def cmd_dlq_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from workers.dlq import matching, summary_row
+
+    _, _, store = _store(args)
+    rows: list[dict[str, Any]] = []
+    try:
+        for stored in matching(store, _letter_filter(args)):
+            if args.limit is not None and len(rows) >= args.limit:
+                break
+            rows.append(summary_row(stored))
+    finally:
+        store.close()
+    if args.json:
+        for row in rows:
+            sys.stdout.buffer.write(orjson.dumps(row) + b"\n")
+        return 0
+    table = Table(title=f"{args.mapping}: {len(rows)} dead letter(s) to replay")
+    for column in ("id", "time", "condition", "error", "records", "replays", "source"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in row))
+    Console(width=200 if not sys.stdout.isatty() else None).print(table)
+    return 0
+
+
+def cmd_dlq_show(args: argparse.Namespace) -> int:
+    from workers.dlq import decoded
+
+    _, _, store = _store(args)
+    try:
+        for stored in store.pending():
+            if stored.id == args.id:
+                body = orjson.dumps(decoded(stored.letter), option=orjson.OPT_INDENT_2)
+                sys.stdout.buffer.write(body + b"\n")
+                return 0
+    finally:
+        store.close()
+    print(f"error: no pending dead letter {args.id!r} for mapping {args.mapping}", file=sys.stderr)
+    return 1
+
+
+def cmd_dlq_replay(args: argparse.Namespace) -> int:
+    import signal
+
+    from connectors.registry import open_destination, open_source_publisher
+    from workers.dlq import Replayer
+    from workers.environments import create_invoker
+    from workers.runtime import policy_of
+
+    config, mapping, store = _store(args)
+    invoker = publisher = destination = None
+    if not args.dry_run:
+        if args.to == "handler":
+            invoker = create_invoker(config.function_spec(mapping.function))
+            destination = open_destination(mapping)
+        else:
+            publisher = open_source_publisher(mapping)
+
+    def on_letter(stored: Any, summary: Any) -> None:
+        verb = "would replay" if args.dry_run else "replayed"
+        log.info("%s %s (%d record(s))", verb, stored.id, summary.records)
+
+    replayer = Replayer(
+        mapping=mapping.name,
+        function=mapping.function,
+        store=store,
+        to=args.to,
+        policy=policy_of(mapping),
+        invoker=invoker,
+        destination=destination,
+        publisher=publisher,
+        letter_filter=_letter_filter(args),
+        rate_per_s=args.rate,
+        limit=args.limit,
+        on_letter=on_letter,
+    )
+    signal.signal(signal.SIGTERM, lambda *_: replayer.stop.set())
+    signal.signal(signal.SIGINT, lambda *_: replayer.stop.set())
+    try:
+        summary = replayer.run(dry_run=args.dry_run)
+    finally:
+        for closable in (invoker, publisher, destination):
+            if closable is not None:
+                closable.close()
+    print(orjson.dumps(summary.as_json()).decode())
+    return 0
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ class DeadLetters:
         clock: Clock,
         stats: MappingStats,
         backoff_cap_s: float = 30.0,
+        replay_count: int = 0,
     ) -> None:
         self.mapping = mapping
         self.function = function
@@ -101,6 +102,8 @@ class DeadLetters:
         self.clock = clock
         self.stats = stats
         self.backoff_cap_s = backoff_cap_s
+        # Set when these records come from a replay: a letter written again counts it.
+        self.replay_count = replay_count
 
     def send(
         self,
@@ -132,7 +135,7 @@ class DeadLetters:
             records=records,
             shape=self.shape,
             now_ms=self.clock.wall_ms(),
-            replay_count=max((_replay_count(r) for r in records), default=0),
+            replay_count=max(self.replay_count, *(_replay_count(r) for r in records)),
         )
         backoff = Backoff(base_s=0.2, cap_s=self.backoff_cap_s)
         while True:

@@ -49,3 +49,17 @@ def slow_batch(event: dict[str, Any], context: Any) -> None:
     _append("STARTED_FILE", [context.aws_request_id.encode()])
     time.sleep(float(os.environ.get("SLOW_S", "3")))
     _append("HANDLED_FILE", _values(event))
+
+
+def picky(event: dict[str, Any], context: Any) -> None:
+    """Fails records whose JSON id is in $POISON_IDS until the file $FIXED_FILE exists."""
+    import json
+
+    poison = {int(i) for i in os.environ.get("POISON_IDS", "").split(",") if i}
+    fixed = os.path.exists(os.environ.get("FIXED_FILE", "/nonexistent"))
+    values = _values(event)
+    for value in values:
+        if json.loads(value)["id"] in poison and not fixed:
+            raise ValueError(f"cannot handle {value.decode()}")
+    time.sleep(float(os.environ.get("SLOW_S", "0")))
+    _append("HANDLED_FILE", values)

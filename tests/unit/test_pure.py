@@ -243,3 +243,39 @@ def test_policy_exhaustion_counts() -> None:
     assert not Policy(maximum_retry_attempts=2).exhausted(2)
     assert Policy(maximum_retry_attempts=2).exhausted(3)
     assert Policy(maximum_retry_attempts=0).exhausted(1)
+
+
+def test_records_read_back_from_events_match_what_built_them() -> None:
+    kafka = [
+        Record(
+            "t-2",
+            5,
+            b"v1",
+            key=b"k",
+            timestamp_ms=1_700_000_000_000,
+            headers=[("h", b"x"), ("h", b"y")],
+            meta=KafkaMeta("t", 2),
+        ),
+        Record("t-2", 6, b"v2", timestamp_ms=1_700_000_000_001, meta=KafkaMeta("t", 2)),
+    ]
+    rmq = [Record("q", 1, b"m", meta=RabbitMeta("q", "/v", 9, {"contentType": "text/plain"}))]
+    redis = [
+        Record(
+            "s",
+            parse_stream_id("1700000000000-1"),
+            b"",
+            timestamp_ms=1_700_000_000_000,
+            meta=RedisMeta("s", "1700000000000-1", {"a": b"1", "b": b"\xff"}),
+        )
+    ]
+    for shape, records in [
+        (KafkaShape("b"), kafka),
+        (RabbitShape("h"), rmq),
+        (RedisShape("h"), redis),
+    ]:
+        back = shape.records(shape.event(records))
+        assert shape.event(back) == shape.event(records)
+        assert [shape.item_key(r) for r in back] == [shape.item_key(r) for r in records]
+    assert [
+        (r.key, r.value, r.headers) for r in KafkaShape("b").records(KafkaShape("b").event(kafka))
+    ] == [(r.key, r.value, r.headers) for r in kafka]
