@@ -124,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     invoke.set_defaults(command=cmd_invoke)
     _add_dlq(sub)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a sample stream through an embedded broker",
+        description=(
+            "Start an embedded Kafka-protocol broker, produce a sample order stream with a few"
+            " bad records, run a mapping over it until idle and print a summary."
+        ),
+        epilog=EPILOG,
+    )
+    demo.set_defaults(command=cmd_demo)
     return parser
 
 
@@ -306,6 +317,12 @@ def cmd_invoke(args: argparse.Namespace) -> int:
         return 0
     print(orjson.dumps(result.error.as_json(), option=orjson.OPT_INDENT_2).decode())
     return 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from workers.demo import run_demo
+
+    return run_demo()
 
 
 def _letter_filter(args: argparse.Namespace) -> Any:

