@@ -34,6 +34,12 @@ class LaneBuffer:
         self.records.append(record)
         self.nbytes += record.size
 
+    def extend(self, records: list[Record], now: float) -> None:
+        if not self.records:
+            self.first_at = now
+        self.records.extend(records)
+        self.nbytes += sum(r.size for r in records)
+
     def ready_in(self, limits: BatchLimits, now: float) -> float | None:
         """Seconds until a batch should go (0: now), or None when nothing waits.
 

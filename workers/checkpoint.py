@@ -43,6 +43,20 @@ class CheckpointTracker:
         self._next[unit] = position + 1
         return True
 
+    def track_run(self, unit: str, positions: list[int]) -> list[int]:
+        """`track` for increasing positions of one unit; returns those not seen before."""
+        u = self._units.get(unit)
+        if u is None:
+            u = self._units[unit] = _Unit()
+        else:
+            last = self._next[unit]
+            if positions and positions[0] < last:
+                positions = [p for p in positions if p >= last]
+        if positions:
+            u.outstanding.extend(positions)
+            self._next[unit] = positions[-1] + 1
+        return positions
+
     def knows(self, unit: str) -> bool:
         return unit in self._units
 

@@ -52,6 +52,19 @@ class PollerSettings:
         return max(1000, 2 * self.limits.batch_size * self.parallelization_factor)
 
 
+def _runs(records: Sequence[Record]) -> list[tuple[str, list[Record]]]:
+    """Records grouped into consecutive runs of one unit, in order."""
+    runs: list[tuple[str, list[Record]]] = []
+    unit: str | None = None
+    run: list[Record] = []
+    for r in records:
+        if r.source != unit:
+            unit, run = r.source, []
+            runs.append((unit, run))
+        run.append(r)
+    return runs
+
+
 class _Lane:
     __slots__ = ("buffer", "busy", "stop", "unit")
 
@@ -199,43 +212,49 @@ class Poller:
 
     def _accept(self, records: Sequence[Record]) -> None:
         now = self.clock.monotonic()
-        passed: list[Record] = []
         filtered: list[Record] = []
         matches = self.record_filter
         view = self.source.shape.filter_view
         with self._lock:
-            for r in records:
-                if self._offsets and not self._tracker.track(r.source, r.position):
-                    continue  # a redelivery of a record this poller already holds
-                if matches is not None and not matches(view(r)):
-                    filtered.append(r)
+            # Per run of one unit rather than per record: this is the hot path of every poll.
+            for unit, run in _runs(records):
+                if self._offsets:
+                    fresh = set(self._tracker.track_run(unit, [r.position for r in run]))
+                    if len(fresh) != len(run):  # redeliveries of records this poller holds
+                        run = [r for r in run if r.position in fresh]
+                if matches is not None:
+                    kept = [r for r in run if matches(view(r))]
+                    if len(kept) != len(run):
+                        filtered.extend(r for r in run if not matches(view(r)))
+                    run = kept
+                if not run:
+                    continue
+                if self._pf == 1:
+                    self._lane(unit, 0).buffer.extend(run, now)
                 else:
-                    passed.append(r)
-            for r in passed:
-                self._lane_for(r).buffer.add(r, now)
-                self._buffered[r.source] = self._buffered.get(r.source, 0) + 1
+                    for r in run:
+                        self._lane(unit, self._slot(r)).buffer.add(r, now)
+                self._buffered[unit] = self._buffered.get(unit, 0) + len(run)
         self.stats.add(polled=len(records), filtered_out=len(filtered))
         if filtered:
             self._settle(filtered)
 
-    def _lane_for(self, record: Record) -> _Lane:
-        pf = self._pf
-        if pf == 1:
-            slot = 0
-        elif not self._ordered:
-            slot = next(self._rr) % pf
-        elif record.key is None:
-            slot = record.position % pf
-        else:
-            slot = zlib.crc32(record.key) % pf
-        lane = self._lanes.get((record.source, slot))
+    def _slot(self, record: Record) -> int:
+        if not self._ordered:
+            return next(self._rr) % self._pf
+        if record.key is None:
+            return record.position % self._pf
+        return zlib.crc32(record.key) % self._pf
+
+    def _lane(self, unit: str, slot: int) -> _Lane:
+        lane = self._lanes.get((unit, slot))
         if lane is None:
-            stop = self._unit_stops.get(record.source)
+            stop = self._unit_stops.get(unit)
             if stop is None:
-                stop = self._unit_stops[record.source] = threading.Event()
+                stop = self._unit_stops[unit] = threading.Event()
                 if self.stop_event.is_set():
                     stop.set()
-            lane = self._lanes[(record.source, slot)] = _Lane(record.source, stop)
+            lane = self._lanes[(unit, slot)] = _Lane(unit, stop)
         return lane
 
     # --- dispatch --------------------------------------------------------------------------------

@@ -261,18 +261,25 @@ event_source_mappings: [{{name: m, function: f, source: {{type: memory}}}}]
 
 def test_every_command_has_complete_help() -> None:
     parser = build_parser()
-    top = parser.format_help()
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) >= {"run", "validate", "invoke"}
-    for name, sub in subparsers.choices.items():
-        assert name in top
+    seen: list[str] = []
+
+    def check(name: str, sub: argparse.ArgumentParser) -> None:
+        seen.append(name)
         text = sub.format_help()
         assert sub.description, name
         for action in sub._actions:
-            if action.dest != "help":
+            if isinstance(action, argparse._SubParsersAction):
+                for child, child_parser in action.choices.items():
+                    assert child in text, f"{name} help does not list {child}"
+                    check(f"{name} {child}", child_parser)
+            elif action.dest != "help":
                 assert action.help, f"{name} {action.dest} has no help"
                 for flag in action.option_strings:
                     assert flag in text
+
+    check("workers", parser)
+    assert {"workers run", "workers validate", "workers invoke", "workers demo"} <= set(seen)
+    assert {"workers dlq list", "workers dlq show", "workers dlq replay"} <= set(seen)
     help_run = workers("run", "--help")
     assert help_run.returncode == 0 and "--until-idle" in help_run.stdout
 
