@@ -95,12 +95,17 @@ def _invalid(message: str) -> InvalidResponse:
 class _Work:
     """A run of records invoked together, with the retries they have used."""
 
-    __slots__ = ("invocations", "last_error", "records", "retries")
+    __slots__ = ("invocations", "last_error", "records", "retries", "tried")
 
-    def __init__(self, records: list[Record], retries: int, invocations: int) -> None:
+    def __init__(
+        self, records: list[Record], retries: int, invocations: int, tried: bool = False
+    ) -> None:
         self.records = records
         self.retries = retries
         self.invocations = invocations
+        # Invoked by this process: broker-side delivery counts alone never dead-letter a record,
+        # since a redelivery after a lost connection does not mean the handler failed.
+        self.tried = tried
         self.last_error: ErrorInfo | None = None
 
 
@@ -150,7 +155,7 @@ class BatchRunner:
                 return False
             if not work.records:
                 return True
-            if self.policy.exhausted(work.retries):
+            if work.tried and self.policy.exhausted(work.retries):
                 return self._dead_letter(work, work.records, work.last_error, stop)
             if stop.is_set():
                 return False
@@ -189,8 +194,8 @@ class BatchRunner:
                     if self.policy.bisect_batch_on_function_error and len(work.records) > 1:
                         half = len(work.records) // 2
                         # Halves run in order, the first before the second; no retry is used.
-                        queue.appendleft(_Work(work.records[half:], work.retries, work.invocations))
-                        queue.appendleft(_Work(work.records[:half], work.retries, work.invocations))
+                        for part in (work.records[half:], work.records[:half]):
+                            queue.appendleft(_Work(part, work.retries, work.invocations))
                         self.stats.add(bisected=1)
                         return True
                     work.retries += 1
@@ -205,6 +210,7 @@ class BatchRunner:
         )
         is_retry = work.invocations > 0
         work.invocations += 1
+        work.tried = True
         started = self.clock.monotonic()
         try:
             event = self.shape.event(work.records)

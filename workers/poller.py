@@ -150,6 +150,7 @@ class Poller:
                         self.source.open(self)
                         opened = True
                     got = self._poll_once()
+                    quiet = until_idle_s is not None and not got and self._quiet()
                     errors.reset()
                     if self.clock.monotonic() - reported_at >= 1.0:
                         reported_at = self.clock.monotonic()
@@ -167,7 +168,7 @@ class Poller:
                     self.clock.wait(self.stop_event, delay)
                     continue
                 if until_idle_s is not None:
-                    if got or not self._quiet():
+                    if not quiet:
                         idle_since = None
                     elif idle_since is None:
                         idle_since = self.clock.monotonic()

@@ -239,13 +239,15 @@ class Supervisor:
                 item = self.status.get(timeout=left) if left > 0 else self.status.get_nowait()
             except queue.Empty:
                 return
-            mapping, instance, _pid, _final, snap = item
+            mapping, instance, _pid, final, snap = item
             for child in self.children:
                 if child.mapping == mapping and child.instance == instance:
                     with self._lock:
                         child.snapshot = snap
-                    child.reported = True
-                    child.backoff.reset()
+                    if not final:
+                        # Reporting while running: it got past start-up, whatever comes next.
+                        child.reported = True
+                        child.backoff.reset()
 
     def _signal(self, child: _Child, signum: int) -> None:
         if child.process is not None and child.process.pid is not None:

@@ -390,3 +390,32 @@ def test_queue_redelivers_unsettled_messages_with_attempt_counts() -> None:
     stop_after_first["poller"] = poller
     poller.run(until_idle_s=1.0)
     assert stop_after_first["attempts"] == [1, 2]
+
+
+def test_broker_delivery_counts_alone_never_dead_letter_without_an_invocation() -> None:
+    broker = fake_broker()
+    for i in range(4):
+        broker.publish("q", f"{i}".encode())
+    # Deliveries that never reached a handler here (a lost connection, say): counts go up.
+    for _ in range(5):
+        source = make_queue_poller(
+            broker, DirectInvoker(lambda e, r: None), policy=Policy(), destination=None
+        )[1]
+        source.poll(10, 0)
+        source.close()
+    seen: list[bytes] = []
+
+    def handler(event: dict[str, Any], request: InvocationRequest) -> None:
+        values = [value_of(i) for i in rmq_items(event)]
+        seen.extend(values)
+        if b"2" in values:
+            raise ValueError("poison")
+
+    dlq = MemoryDestination()
+    policy = Policy(maximum_retry_attempts=1, bisect_batch_on_function_error=True)
+    poller, _ = make_queue_poller(broker, DirectInvoker(handler), policy=policy, destination=dlq)
+    poller.run(until_idle_s=1.0)
+    # Every record was invoked; only the failing one is dead-lettered, right after failing once.
+    assert {b"0", b"1", b"3"} <= set(seen)
+    assert letter_values(dlq.letters) == [b"2"]
+    assert broker.queue_depth("q") == (0, 0)
