@@ -622,6 +622,17 @@ class RabbitMQDestination(_Model):
         default="", description="'' is the default exchange (routing_key = queue name)"
     )
     routing_key: str
+    queue: str = Field(
+        default="",
+        description=(
+            "The queue the letters land in, read by `workers dlq`; default: routing_key when"
+            " exchange is '' (the default exchange routes by queue name)"
+        ),
+    )
+
+    @property
+    def letters_queue(self) -> str:
+        return self.queue or (self.routing_key if not self.exchange else "")
 
 
 class RedisDestination(_Model):
