@@ -38,6 +38,7 @@ schema: install
 	$(BIN)/python -m workers.config --schema > config/schema.json
 
 bench: install brokers
+	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench
 
 demo: install
