@@ -289,3 +289,72 @@ def test_workers_console_script_is_installed() -> None:
     assert exe.exists()
     result = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "validate" in result.stdout
+
+
+def test_metrics_health_and_status_endpoints(tmp_path: Path) -> None:
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    handled = tmp_path / "handled"
+    config = write_config(
+        tmp_path,
+        f"""
+functions:
+  f:
+    handler: tests.handlers.runtime_handlers:misbehave
+    isolation: thread
+    environment: {{HANDLED_FILE: "{handled}"}}
+event_source_mappings:
+  - name: sample
+    function: f
+    source: {{type: memory, topic: t, partitions: 2, generate: 300}}
+    batch_size: 50
+""",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workers.cli", "run", str(config), "--metrics-port", str(port)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    try:
+        deadline = time.monotonic() + 60
+        metrics = ""
+        while time.monotonic() < deadline:
+            try:
+                _, metrics = get("/metrics")
+            except OSError:
+                time.sleep(0.2)
+                continue
+            if 'esm_invoked_events_total{mapping="sample"} 300.0' in metrics:
+                break
+            time.sleep(0.2)
+        assert 'esm_polled_events_total{mapping="sample"} 300.0' in metrics
+        assert 'esm_invoked_events_total{mapping="sample"} 300.0' in metrics
+        assert 'esm_invocation_duration_seconds_count{mapping="sample"}' in metrics
+        assert "esm_offset_lag" in metrics and "esm_execution_environments" in metrics
+        assert get("/healthz")[0] == 200
+        assert get("/readyz")[0] == 200
+        status = orjson.loads(get("/status")[1])
+        assert status["pollers"][0]["assigned"] == ["t-0", "t-1"]
+        assert status["summary"]["sample"]["succeeded"] == 300
+        assert get("/nope")[0] == 404
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    # The endpoint binds to loopback unless told otherwise.
+    assert f"metrics on http://127.0.0.1:{port}/metrics" in out
