@@ -106,6 +106,7 @@ class Poller:
         self._unit_stops: dict[str, threading.Event] = {}
         self._buffered: dict[str, int] = {}
         self._paused: set[str] = set()
+        self._took = threading.Event()  # set when a lane takes records from its buffer
         self._tracker = CheckpointTracker()
         self._in_flight = 0
         self._failure: BaseException | None = None
@@ -187,6 +188,14 @@ class Poller:
     def _poll_once(self) -> int:
         now = self.clock.monotonic()
         timeout = self._dispatch_ready(now)
+        # Nothing can arrive while every unit is paused: resume drained units first, then wait
+        # for a lane to take a batch rather than the whole timeout inside source.poll.
+        self._took.clear()
+        self._apply_backpressure()
+        if self._paused and self._paused >= self.source.assignment():
+            self.clock.wait(self._took, timeout)
+            self._apply_backpressure()
+            timeout = 0.0
         room = self._room()
         records = self.source.poll(room, timeout)
         if records:
@@ -244,7 +253,8 @@ class Poller:
         if not self._ordered:
             return next(self._rr) % self._pf
         if record.key is None:
-            return record.position % self._pf
+            # Fold the high bits in: Redis positions are `ms << 64 | seq`.
+            return (record.position ^ (record.position >> 64)) % self._pf
         return zlib.crc32(record.key) % self._pf
 
     def _lane(self, unit: str, slot: int) -> _Lane:
@@ -286,6 +296,7 @@ class Poller:
     def _take(self, lane: _Lane) -> list[Record]:
         batch = lane.buffer.take(self.settings.limits)
         self._buffered[lane.unit] -= len(batch)
+        self._took.set()
         return batch
 
     def _run_lane(self, lane: _Lane, batch: list[Record]) -> None:
