@@ -95,11 +95,18 @@ class Source(Protocol):
         ...
 
     def commit(self, positions: Mapping[str, int]) -> None:
-        """Offset checkpoint: `positions[unit]` is the next position to read after a restart."""
+        """Offset checkpoint: `positions[unit]` is the next position to read after a restart.
+
+        Called from worker threads, also while the loop thread is inside `poll()` and inside
+        `on_revoked` (which waits for those workers): it must not wait on the driver.
+        """
         ...
 
     def ack(self, records: Sequence[Record]) -> None:
-        """Ack checkpoint: these records have settled and must not be delivered again."""
+        """Ack checkpoint: these records have settled and must not be delivered again.
+
+        Called from worker threads, like `commit`; it must not wait on the loop thread.
+        """
         ...
 
     def pause(self, units: Collection[str]) -> None: ...

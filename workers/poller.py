@@ -49,7 +49,7 @@ class PollerSettings:
     def buffer_cap(self) -> int:
         if self.max_buffered_per_unit > 0:
             return self.max_buffered_per_unit
-        return max(1000, 2 * self.limits.batch_size * self.parallelization_factor)
+        return max(2000, 4 * self.limits.batch_size * self.parallelization_factor)
 
 
 def _runs(records: Sequence[Record]) -> list[tuple[str, list[Record]]]:
