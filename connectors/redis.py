@@ -1,12 +1,13 @@
 """Redis Streams on redis-py: a consumer-group source that recovers pending entries (its own on
-start, dead consumers' by XAUTOCLAIM) and a stream destination that can ack atomically."""
+start, dead consumers' by XAUTOCLAIM), a stream destination that can ack atomically, and what
+`workers dlq` needs to read that destination back and replay onto the source streams."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -16,7 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from connectors.base import AssignmentListener, Capabilities, SourceBase
+from connectors.base import AssignmentListener, Capabilities, SourceBase, StoredLetter
 from connectors.shapes import (
     RedisMeta,
     RedisShape,
@@ -26,6 +27,7 @@ from connectors.shapes import (
 )
 from workers import config as cfg
 from workers.config import redact_url
+from workers.deadletter import REPLAY_HEADER
 from workers.records import Record
 
 log = logging.getLogger("connectors.redis")
@@ -45,6 +47,8 @@ DRAINED_TTL_S = 0.5
 CHUNK = 1000
 # Bytes the "fields" object adds per field in the event, beyond its name and base64 value.
 _FIELD_BYTES = 8
+# The entry field a replay to the source adds (as the replay header of Kafka and RabbitMQ).
+_REPLAY_FIELD = REPLAY_HEADER.encode()
 
 
 def redis_client(url: str) -> redis.Redis:
@@ -452,6 +456,7 @@ class RedisSource(SourceBase):
             if position > newest:
                 newest = position
             key = None if key_field is None else fields.get(key_field)
+            headers: list[tuple[str, bytes]] = []
             if len(fields) == 1:
                 # The common case, kept lean: one field holding the payload.
                 [(raw_name, value)] = fields.items()
@@ -460,11 +465,21 @@ class RedisSource(SourceBase):
             else:
                 named = {name_of(k): v for k, v in fields.items()}
                 size = encoded_size(b"", extra=sum(_field_size(k, v) for k, v in fields.items()))
-                if len(fields) == 2 and key is not None:
-                    value = next(v for k, v in fields.items() if k != key_field)
+                body = fields
+                replays = fields.get(_REPLAY_FIELD)
+                if replays is not None:
+                    # A replayed entry (`workers dlq replay --to source`): the count is a header
+                    # for the engine and stays a field for the handler, but the value is what it
+                    # was before the replay, so filter patterns match it as they did then.
+                    headers.append((REPLAY_HEADER, replays))
+                    body = {k: v for k, v in fields.items() if k != _REPLAY_FIELD}
+                if len(body) == 1:
+                    value = next(iter(body.values()))
+                elif len(body) == 2 and key is not None:
+                    value = next(v for k, v in body.items() if k != key_field)
                 else:
                     value = orjson.dumps(
-                        {k: v.decode("utf-8", "replace") for k, v in named.items()}
+                        {name_of(k): v.decode("utf-8", "replace") for k, v in body.items()}
                     )
             attempts = 0 if counts is None else max(0, counts.get(raw_id, 1) - 1)
             append(
@@ -474,6 +489,7 @@ class RedisSource(SourceBase):
                     value=value,
                     key=key,
                     timestamp_ms=ms,
+                    headers=headers,
                     attempts=attempts,
                     redelivered=attempts > 0,
                     size=size,
@@ -727,6 +743,251 @@ class RedisDestination:
                 log.warning(
                     "mapping %s: acking dead-lettered entries failed: %s", self.mapping, reply
                 )
+
+    def close(self) -> None:
+        self._client.close()
+
+
+# Marks one dead letter replayed, atomically (see RedisDeadLetterStore). Entries after the group's
+# last-delivered id up to the letter, at most ARGV[4] of them, are delivered to the group (into its
+# pending entries list, where they stay offered), then the letter is acked once it is reached.
+# Returns how many entries were delivered, or -1 when the stream is gone.
+_DONE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+local last = nil
+for _, group in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+  local info = {}
+  for i = 1, #group, 2 do info[group[i]] = group[i + 1] end
+  if info['name'] == ARGV[1] then last = info['last-delivered-id'] end
+end
+if last == nil then
+  redis.call('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0')
+  last = '0-0'
+end
+local limit = tonumber(ARGV[4])
+local entries = redis.call('XRANGE', KEYS[1], '(' .. last, ARGV[3], 'COUNT', limit)
+if #entries > 0 then
+  redis.call('XREADGROUP', 'GROUP', ARGV[1], ARGV[2], 'COUNT', #entries, 'STREAMS', KEYS[1], '>')
+end
+if #entries < limit then redis.call('XACK', KEYS[1], ARGV[1], ARGV[3]) end
+return #entries
+"""
+# Letters per XRANGE while listing or replaying: one letter carries a whole batch, up to megabytes.
+LETTER_PAGE = 50
+REPLAY_GROUP = "esm-replay"
+REPLAY_CONSUMER = "replay"
+
+
+class RedisDeadLetterStore:
+    """Reads a dead-letter stream back for `workers dlq`; replay progress is the consumer group
+    `esm-replay` on that stream, so an interrupted replay resumes where it stopped.
+
+    A letter is replayed when its entry is at or before the group's last-delivered id and not in
+    the group's pending entries list (PEL); every other entry is still to be replayed.
+
+    `pending()` only reads (XINFO GROUPS, XPENDING, XRANGE), so listing, showing and dry runs
+    change nothing, not even creating the group. It takes, when called, the group's
+    last-delivered id and the stream's last entry id, then yields the group's pending entries
+    (all at or before that last-delivered id) and then the entries after it up to that last entry,
+    oldest first: letters a replay writes back later wait for the next replay.
+
+    `done()` runs one script, atomic on the server: it creates the group at 0 if missing, delivers
+    to the group every entry after its last-delivered id up to the letter (XREADGROUP, so letters
+    skipped by `--error-type` or `--since`, or belonging to another mapping, land in the PEL and
+    stay offered), and XACKs the letter. Entries past the letter are never touched. Since nothing
+    is ever moved out of the "to replay" set except the one letter acked in the same script, a
+    crash at any point loses nothing and repeats at most the letter being replayed.
+    Large gaps are delivered in bounded steps, each itself a consistent state.
+
+    The stream may be shared by several mappings: entries whose `mapping` field names another
+    mapping are not offered. Entries that are no dead letter are skipped with a warning.
+    Needs EVAL on the dead-letter stream (an ACL user must be allowed scripts).
+    """
+
+    def __init__(self, dst: cfg.RedisDestination, mapping: cfg.EventSourceMapping) -> None:
+        self.stream = dst.stream
+        self.mapping = mapping.name
+        self.group = REPLAY_GROUP
+        self.consumer = REPLAY_CONSUMER
+        self._where = f"dead-letter stream {self.stream!r} at {redact_url(dst.url)}"
+        self._client: redis.Redis | None = redis_client(dst.url)
+        self._done = self._client.register_script(_DONE_SCRIPT)
+
+    def _redis(self) -> redis.Redis:
+        if self._client is None:
+            raise RuntimeError(f"{self._where}: store used after close()")
+        return self._client
+
+    def pending(self) -> Iterator[StoredLetter]:
+        client = self._redis()
+        # The state is taken now, not at the first next(): "as the stream stands when called".
+        newest: Any = client.xrevrange(self.stream, count=1)
+        if not newest:
+            kind: Any = client.type(self.stream)
+            if kind not in (b"none", b"stream"):
+                raise ValueError(f"{self._where}: the key is a {kind.decode()}, not a stream")
+            return iter(())
+        end = newest[0][0].decode()
+        groups: Any = client.xinfo_groups(self.stream)
+        info = next((g for g in groups if g["name"] == self.group.encode()), None)
+        delivered = None if info is None else info["last-delivered-id"].decode()
+        return self._letters(client, delivered, end)
+
+    def _letters(
+        self, client: redis.Redis, delivered: str | None, end: str
+    ) -> Iterator[StoredLetter]:
+        """Pending entries of the group (None: there is no group yet), then the entries after
+        the last delivered one up to `end`; every pending one comes before those."""
+        if delivered is not None:
+            yield from self._pending_entries(client, delivered)
+        cursor = f"({delivered or '0-0'}"
+        while True:
+            entries: Any = client.xrange(self.stream, cursor, end, count=LETTER_PAGE)
+            for entry_id, fields in entries:
+                stored = self._stored(entry_id.decode(), fields)
+                if stored is not None:
+                    yield stored
+            if len(entries) < LETTER_PAGE:
+                return
+            cursor = f"({entries[-1][0].decode()}"
+
+    def _pending_entries(self, client: redis.Redis, delivered: str) -> Iterator[StoredLetter]:
+        """The group's pending entries up to `delivered`, in id order, read page by page."""
+        low = "-"
+        while True:
+            rows: Any = client.xpending_range(self.stream, self.group, low, delivered, LETTER_PAGE)
+            if not rows:
+                return
+            pipe = client.pipeline(transaction=False)
+            for row in rows:
+                pipe.xrange(self.stream, row["message_id"], row["message_id"], count=1)
+            for row, found in zip(rows, pipe.execute(), strict=True):
+                # An entry trimmed away since it was delivered leaves its id in the PEL alone.
+                if found:
+                    stored = self._stored(row["message_id"].decode(), found[0][1])
+                    if stored is not None:
+                        yield stored
+            if len(rows) < LETTER_PAGE:
+                return
+            low = f"({rows[-1]['message_id'].decode()}"
+
+    def _stored(self, entry_id: str, fields: dict[bytes, bytes]) -> StoredLetter | None:
+        owner = fields.get(b"mapping")
+        if owner is not None and owner.decode("utf-8", "replace") != self.mapping:
+            return None  # another mapping's letter on a shared stream
+        letter, problem = _parse_letter(fields.get(b"letter"))
+        if letter is None:
+            log.warning(
+                "mapping %s: %s: entry %s skipped, not a dead letter: %s",
+                self.mapping,
+                self._where,
+                entry_id,
+                problem,
+            )
+            return None
+        if owner is None and letter.get("mapping", self.mapping) != self.mapping:
+            return None
+        return StoredLetter(letter["requestContext"]["requestId"], letter, handle=entry_id)
+
+    def done(self, stored: StoredLetter) -> None:
+        entry_id = stored.handle
+        if not isinstance(entry_id, str):
+            raise ValueError(f"letter {stored.id} was not read from {self._where}")
+        client = self._redis()
+        while True:
+            delivered: Any = self._done(
+                keys=[self.stream],
+                args=[self.group, self.consumer, entry_id, LETTER_PAGE],
+                client=client,
+            )
+            if delivered < 0:
+                log.warning(
+                    "mapping %s: %s is gone; letter %s cannot be marked replayed",
+                    self.mapping,
+                    self._where,
+                    stored.id,
+                )
+                return
+            if delivered < LETTER_PAGE:
+                return
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+def _parse_letter(raw: bytes | None) -> tuple[dict[str, Any] | None, str]:
+    """The letter in an entry's `letter` field, or None and why it is not one."""
+    if raw is None:
+        return None, "no `letter` field"
+    try:
+        letter = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return None, f"not JSON ({exc})"
+    if not isinstance(letter, dict):
+        return None, "not a JSON object"
+    request = letter.get("requestContext")
+    if not isinstance(request, dict) or not isinstance(request.get("requestId"), str):
+        return None, "no requestContext.requestId"
+    if not request["requestId"]:
+        return None, "empty requestContext.requestId"
+    if not isinstance(letter.get("payload"), dict):
+        return None, "no payload to replay"
+    return letter, ""
+
+
+class RedisSourcePublisher:
+    """XADDs replayed records back onto the source streams, with their original fields plus
+    `esm-replay-count`, which the source hands on as the replay header (so a record failing again
+    is dead-lettered with its replay count) and the handler sees as a field.
+
+    A record goes back to the stream it came from when the mapping still reads it, else to the
+    mapping's first stream; so does a record of another broker's letter, as `value` (and its key
+    as the partition key field, when one is configured). The records of one call are sent in one
+    MULTI/EXEC; the entries get new ids, so the handler sees them after what is already there.
+    """
+
+    def __init__(self, src: cfg.RedisSource) -> None:
+        self.streams = list(dict.fromkeys(src.streams))
+        self.key_field = src.partition_key_field
+        self._where = f"redis {redact_url(src.url)}"
+        self._client = redis_client(src.url)
+        self._warned: set[str] = set()
+
+    def publish(self, records: Sequence[Record], replay_count: int) -> None:
+        if not records:
+            return
+        pipe = self._client.pipeline(transaction=True)
+        for record in records:
+            stream, fields = self._entry(record)
+            fields[_REPLAY_FIELD] = str(replay_count).encode()
+            pipe.xadd(stream, fields)
+        for reply in pipe.execute(raise_on_error=False):
+            if isinstance(reply, Exception):
+                raise reply
+
+    def _entry(self, record: Record) -> tuple[str, dict[Any, Any]]:
+        meta = record.meta
+        if not isinstance(meta, RedisMeta):
+            fields: dict[Any, Any] = {}
+            if self.key_field is not None and record.key is not None:
+                fields[self.key_field.encode()] = record.key
+            fields[b"value"] = record.value
+            return self.streams[0], fields
+        stream = meta.stream
+        if stream not in self.streams:
+            stream = self.streams[0]
+            if meta.stream not in self._warned:
+                self._warned.add(meta.stream)
+                log.warning(
+                    "%s: stream %s is no longer a source of the mapping; replaying its records"
+                    " onto %s",
+                    self._where,
+                    meta.stream,
+                    stream,
+                )
+        return stream, {k.encode(): v for k, v in meta.fields.items() if k != REPLAY_HEADER}
 
     def close(self) -> None:
         self._client.close()
