@@ -1,0 +1,79 @@
+"""Helpers for writing new handlers: the records of any event shape, decoded.
+
+    from workers.events import records, batch_response
+
+    def handler(event, context):
+        failed = []
+        for record in records(event):
+            try:
+                process(record.json())
+            except Exception:
+                failed.append(record)
+        return batch_response(failed)
+
+Ported Lambda handlers keep reading the event as Lambda shapes it; these helpers are for code
+written fresh, which then runs unchanged on Kafka, RabbitMQ and Redis Streams mappings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from connectors.shapes import RedisMeta, shape_for_event
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One record of an event, whatever the broker."""
+
+    source: str  # "topic-partition", queue or stream
+    value: bytes  # Kafka value, RabbitMQ body; a Redis entry's only field, or its fields as JSON
+    key: bytes | None
+    headers: list[tuple[str, bytes]]
+    timestamp_ms: int
+    item_identifier: dict[str, Any]  # what batchItemFailures wants for this record
+    fields: dict[str, bytes] = field(default_factory=dict)  # Redis entries' fields
+
+    def text(self) -> str:
+        return self.value.decode("utf-8")
+
+    def json(self) -> Any:
+        return orjson.loads(self.value)
+
+    def header(self, name: str) -> bytes | None:
+        """The last value of header `name`, or None."""
+        found = None
+        for key, value in self.headers:
+            if key == name:
+                found = value
+        return found
+
+
+def records(event: dict[str, Any]) -> Iterator[EventRecord]:
+    """Every record of a Kafka, RabbitMQ or Redis Streams event, in event order."""
+    shape = shape_for_event(event)
+    for r in shape.records(event):
+        fields: dict[str, bytes] = {}
+        value = r.value
+        if isinstance(r.meta, RedisMeta):
+            fields = dict(r.meta.fields)
+            if len(fields) == 1:
+                value = next(iter(fields.values()))
+        yield EventRecord(
+            source=r.source,
+            value=value,
+            key=r.key,
+            headers=r.headers,
+            timestamp_ms=r.timestamp_ms,
+            item_identifier=shape.item_identifier(r),
+            fields=fields,
+        )
+
+
+def batch_response(failed: Iterable[EventRecord]) -> dict[str, Any]:
+    """The `ReportBatchItemFailures` response naming `failed` (empty: the batch succeeded)."""
+    return {"batchItemFailures": [{"itemIdentifier": r.item_identifier} for r in failed]}
