@@ -14,6 +14,10 @@ from typing import Any, Literal, Protocol
 from workers.records import Record
 
 
+class ConnectorConfigError(RuntimeError):
+    """The broker setup or configuration cannot work as it is; retrying will not help."""
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a source can do, declared as data so the engine can plan around it."""

@@ -1,29 +1,39 @@
 """RabbitMQ on pika: a queue consumer with manual acks (source) and confirmed dead-lettering
-(destination), both reconnecting after connection or channel loss."""
+(destination), both reconnecting after connection or channel loss; the dead-letter queue read
+back and records published back onto the source queue, for `workers dlq`."""
 
 from __future__ import annotations
 
 import itertools
 import logging
+import re
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import pika
+import pika.data
 import pika.exceptions
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
-from connectors.base import AssignmentListener, Capabilities, SourceBase
+from connectors.base import (
+    AssignmentListener,
+    Capabilities,
+    ConnectorConfigError,
+    SourceBase,
+    StoredLetter,
+)
 from connectors.shapes import RabbitMeta, RabbitShape, encoded_size
 from workers import config as cfg
 from workers.config import redact_url
+from workers.deadletter import REPLAY_HEADER, parse_letter
 from workers.records import Record
 
 log = logging.getLogger("connectors.rabbitmq")
@@ -47,7 +57,7 @@ _PROPERTIES_BYTES = 300
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
 
-class RabbitMQConfigError(RuntimeError):
+class RabbitMQConfigError(ConnectorConfigError):
     """A problem that reconnecting will not fix: bad credentials, vhost, permissions."""
 
 
@@ -123,6 +133,30 @@ def java_date(epoch_s: int) -> str:
     return f"{_MONTHS[dt.month - 1]} {dt.day}, {dt.year}, {clock}"
 
 
+_JAVA_DATE = re.compile(r"([A-Z][a-z]{2}) (\d{1,2}), (\d{4}), (\d{1,2}):(\d{2}):(\d{2}) ([AP]M)")
+
+
+def parse_java_date(text: str) -> datetime | None:
+    """The inverse of `java_date` (UTC), or None when `text` is not such a date."""
+    match = _JAVA_DATE.fullmatch(text)
+    if match is None or match[1] not in _MONTHS:
+        return None
+    month, day, year, hour, minute, second, half = match.groups()
+    hour24 = int(hour) % 12 + (12 if half == "PM" else 0)
+    try:
+        return datetime(
+            int(year),
+            _MONTHS.index(month) + 1,
+            int(day),
+            hour24,
+            int(minute),
+            int(second),
+            tzinfo=UTC,
+        )
+    except ValueError:
+        return None
+
+
 def _java_bytes(data: bytes) -> list[int]:
     # Java bytes are signed; Lambda's JSON shows them as the Java client holds them.
     return [b - 256 if b > 127 else b for b in data]
@@ -143,6 +177,30 @@ def header_json(value: Any) -> Any:
         return java_date(int(value.timestamp()))
     if isinstance(value, Decimal):
         return float(value)
+    return value
+
+
+def header_value(value: Any) -> Any:
+    """A header value from Lambda's JSON form back to one pika publishes (`header_json`'s
+    inverse): {"bytes": [...]} is a string again (bytes when it is not UTF-8), a plain string is
+    a timestamp, a float a decimal (pika cannot send doubles)."""
+    if isinstance(value, dict):
+        raw = value.get("bytes")
+        if len(value) == 1 and isinstance(raw, list) and all(isinstance(b, int) for b in raw):
+            data = bytes(b & 0xFF for b in raw)
+            try:
+                return data.decode()
+            except UnicodeDecodeError:
+                return data
+        return {str(k): header_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [header_value(v) for v in value]
+    if isinstance(value, str):
+        # header_json turns only timestamps into plain strings; strings are {"bytes": [...]}.
+        when = parse_java_date(value)
+        return value if when is None else when
+    if isinstance(value, float):
+        return Decimal(repr(value))
     return value
 
 
@@ -629,6 +687,293 @@ class RabbitMQDestination:
     def close(self) -> None:
         with self._lock:
             self._reset()
+
+
+# --- workers dlq -------------------------------------------------------------------------------
+
+
+class LetterNotSettled(RuntimeError):
+    """A letter could not be acked; the broker keeps it and a later replay offers it again."""
+
+
+class RabbitMQDeadLetterStore:
+    """Reads the dead-letter queue back: `pending()` takes each letter with `basic_get` and holds
+    it unacked, `done()` acks it, `close()` closes the connection so that the broker puts every
+    letter still held back in the queue. Listing or showing letters therefore changes nothing,
+    and a replay that stops halfway leaves what it did not finish.
+
+    Holding a letter counts as a delivery on a quorum queue (its x-delivery-count rises each
+    time); with a `delivery-limit` set, a letter read often enough is dropped or dead-lettered by
+    the broker, so a classic queue (or a quorum queue without a limit) suits dead letters best.
+    """
+
+    def __init__(self, dst: cfg.RabbitMQDestination, mapping: cfg.EventSourceMapping) -> None:
+        if not dst.letters_queue:
+            raise RabbitMQConfigError(
+                f"mapping {mapping.name}: dead letters go to exchange {dst.exchange!r} with"
+                f" routing key {dst.routing_key!r}, so `workers dlq` cannot tell which queue holds"
+                " them: set destination_config.on_failure.queue to that queue"
+            )
+        self.url = dst.url
+        self.queue = dst.letters_queue
+        self.mapping = mapping.name
+        self._where = f"dead-letter queue {self.queue!r} at {redact_url(self.url)}"
+        self._connection: BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        # Letters offered and not yet acked, by delivery tag, on the current channel; and how
+        # many messages that are no letters this channel holds unacked.
+        self._held: dict[int, str] = {}
+        self._skipped = 0
+
+    def pending(self) -> Iterator[StoredLetter]:
+        if self._held or self._skipped:
+            # An earlier pending() left messages unsettled: they go back, to be offered again.
+            # Not with basic.nack: its requeue may land after the count below is taken, while
+            # a channel's close-ok comes once its messages are back in the queue.
+            self._reset()
+        channel = self._open_channel()
+        try:
+            declared = channel.queue_declare(self.queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._reset()
+            if exc.reply_code == 404:
+                raise RabbitMQConfigError(f"{self._where} does not exist") from None
+            raise _queue_error(exc, self._where) from None
+        # Only the letters ready now: letters a replay writes back land behind them, and those
+        # this store holds unacked are not ready, so basic_get never offers one twice.
+        for _ in range(declared.method.message_count):
+            method, properties, body = channel.basic_get(self.queue, auto_ack=False)
+            if method is None:
+                return  # someone else consumed the rest
+            tag: int = method.delivery_tag
+            letter, problem = parse_letter(body)
+            if letter is None:
+                # Left unacked: closing puts it back, for whoever knows what it is.
+                self._skipped += 1
+                log.warning(
+                    "mapping %s: %s: message %s (delivery tag %d) skipped, not a dead letter: %s",
+                    self.mapping,
+                    self._where,
+                    properties.message_id or "without message id",
+                    tag,
+                    problem,
+                )
+                continue
+            letter_id = str(letter["requestContext"]["requestId"])
+            self._held[tag] = letter_id
+            yield StoredLetter(letter_id, letter, handle=tag)
+
+    def done(self, stored: StoredLetter) -> None:
+        tag = stored.handle
+        channel = self._channel
+        if channel is None or not isinstance(tag, int) or self._held.get(tag) != stored.id:
+            raise LetterNotSettled(
+                f"letter {stored.id} is not held by this reader of {self._where}"
+                " (offered before a reconnect, or already done)"
+            )
+        try:
+            channel.basic_ack(tag)
+            # basic.ack has no reply. A channel handles its methods in order and closes on an
+            # ack it refuses, so once this declare answers the channel has taken the ack and
+            # passed it on to the queue; after a refusal the declare raises instead.
+            channel.queue_declare(self.queue, passive=True)
+        except pika.exceptions.AMQPError as exc:
+            self._reset()
+            raise LetterNotSettled(
+                f"letter {stored.id} could not be marked replayed in {self._where}: {exc!r};"
+                " the broker keeps it and the next replay offers it again"
+            ) from None
+        del self._held[tag]
+
+    def close(self) -> None:
+        self._reset()
+
+    def _open_channel(self) -> BlockingChannel:
+        if self._connection is not None and self._channel is not None:
+            if self._connection.is_open and self._channel.is_open:
+                return self._channel
+            self._reset()
+        params = connection_parameters(self.url, f"esm-workers {self.mapping} dlq reader")
+        if "heartbeat" not in parse_qs(urlsplit(self.url).query):
+            # pika's blocking connection answers heartbeats only while it is called, and this one
+            # idles while a letter is replayed: a missed heartbeat would make the broker close it
+            # and take back the letter in progress. The URL's own setting wins.
+            params.heartbeat = 0
+        try:
+            connection = pika.BlockingConnection(params)
+        except _AUTH_ERRORS as exc:
+            raise RabbitMQConfigError(f"cannot read {self._where}: {exc}") from None
+        try:
+            channel = connection.channel()
+        except BaseException:
+            _close_quietly(connection)
+            raise
+        self._connection, self._channel = connection, channel
+        return channel
+
+    def _reset(self) -> None:
+        """Close the connection: the broker requeues every letter held and not acked."""
+        self._held.clear()
+        self._skipped = 0
+        connection, channel = self._connection, self._channel
+        self._connection, self._channel = None, None
+        if channel is not None and channel.is_open:
+            try:
+                # Close-ok comes once the channel has given its unacked letters back, so a reader
+                # right after us sees them in the queue.
+                channel.close()
+            except Exception as exc:
+                log.debug("closing the dead-letter channel failed: %r", exc)
+        _close_quietly(connection)
+
+
+# Headers the broker sets on delivery: publishing them again would be a lie (x-death says the
+# message was dead-lettered by a policy) or meaningless (counts of the old message's deliveries).
+_BROKER_HEADERS = frozenset(
+    {"x-delivery-count", "x-acquired-count", "x-death", "x-received-from", "x-stream-offset"}
+)
+_BROKER_HEADER_PREFIXES = ("x-first-death-", "x-last-death-", "x-opt-")
+
+
+def _broker_header(name: str) -> bool:
+    return name in _BROKER_HEADERS or name.startswith(_BROKER_HEADER_PREFIXES)
+
+
+def _optional(value: Any, kind: type) -> Any:
+    return value if isinstance(value, kind) and not isinstance(value, bool) else None
+
+
+def replay_properties(
+    record: Record, replay_count: int, user: str | None, now_s: int
+) -> pika.BasicProperties:
+    """The properties a replayed record is published with: its original ones as Lambda's
+    basicProperties recorded them, persistent, timestamped now, with the replay header."""
+    props: dict[str, Any] = {}
+    headers: dict[str, Any] = {}
+    if isinstance(record.meta, RabbitMeta):
+        props = record.meta.properties
+        stored = props.get("headers")
+        if isinstance(stored, dict):
+            headers = {
+                str(k): header_value(v) for k, v in stored.items() if not _broker_header(str(k))
+            }
+    else:
+        # A letter written while the mapping read another broker: its record headers.
+        for name, raw in record.headers:
+            try:
+                headers[name] = raw.decode()
+            except UnicodeDecodeError:
+                headers[name] = raw
+    headers.pop(REPLAY_HEADER, None)
+    for name in list(headers):
+        try:
+            pika.data.encode_value([], headers[name])
+        except Exception:
+            log.warning(
+                "replayed message %s: header %r cannot be sent again, left out",
+                props.get("messageId"),
+                name,
+            )
+            del headers[name]
+    # A number, so that the source hands it on as b"<n>" and the event shows it as a number.
+    headers[REPLAY_HEADER] = replay_count
+    priority = _optional(props.get("priority"), int)
+    user_id = _optional(props.get("userId"), str)
+    return pika.BasicProperties(
+        content_type=_optional(props.get("contentType"), str),
+        content_encoding=_optional(props.get("contentEncoding"), str),
+        headers=headers,
+        delivery_mode=pika.DeliveryMode.Persistent.value,
+        priority=priority if priority is not None and 0 <= priority <= 255 else None,
+        correlation_id=_optional(props.get("correlationId"), str),
+        reply_to=_optional(props.get("replyTo"), str),
+        expiration=_optional(props.get("expiration"), str),
+        message_id=_optional(props.get("messageId"), str),
+        # The replay is a new publish: its age (maximum_record_age_s) starts now, or a replayed
+        # record would be too old before its first invocation.
+        timestamp=now_s,
+        type=_optional(props.get("type"), str),
+        # The broker refuses a user id other than the publishing connection's own.
+        user_id=user_id if user_id is not None and user_id == user else None,
+        app_id=_optional(props.get("appId"), str),
+    )
+
+
+class RabbitMQSourcePublisher:
+    """Publishes replayed records onto the source queue (default exchange, routing key = queue)
+    with publisher confirms; `publish` returns once the broker has taken every one."""
+
+    def __init__(self, src: cfg.RabbitMQSource) -> None:
+        self.url = src.url
+        self.queue = src.queue
+        self._where = (
+            f"queue {self.queue!r} in vhost {src.virtual_host!r} at {redact_url(self.url)}"
+        )
+        self._connection: BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+        self._user: str | None = None
+
+    def publish(self, records: Sequence[Record], replay_count: int) -> None:
+        if not records:
+            return
+        channel = self._open_channel()
+        now_s = int(time.time())
+        try:
+            for record in records:
+                properties = replay_properties(record, replay_count, self._user, now_s)
+                # mandatory: with no queue of that name the message comes back instead of
+                # vanishing; confirms make basic_publish wait for the broker's ack.
+                channel.basic_publish("", self.queue, record.value, properties, mandatory=True)
+        except pika.exceptions.UnroutableError:
+            raise DeliveryRefused(
+                f"replayed record unroutable: {self._where} does not exist"
+            ) from None
+        except pika.exceptions.NackError:
+            raise DeliveryRefused(
+                f"the broker refused (nack) a replayed record for {self._where}"
+            ) from None
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self._reset()
+            raise DeliveryRefused(f"publishing to {self._where}: {exc.reply_text}") from None
+        except pika.exceptions.AMQPError:
+            self._reset()
+            raise
+
+    def _open_channel(self) -> BlockingChannel:
+        if self._connection is not None and self._channel is not None:
+            try:
+                # Answers heartbeats and notices a connection closed while we waited (--rate).
+                self._connection.process_data_events(time_limit=0)
+                if self._channel.is_open:
+                    return self._channel
+            except pika.exceptions.AMQPError as exc:
+                log.info("replay connection to %s lost: %r", self._where, exc)
+            self._reset()
+        params = connection_parameters(self.url, "esm-workers dlq replay")
+        if params.blocked_connection_timeout is None:
+            # A broker under a resource alarm blocks publishers; fail instead of hanging.
+            params.blocked_connection_timeout = 30.0
+        credentials = params.credentials
+        self._user = getattr(credentials, "username", None)
+        try:
+            connection = pika.BlockingConnection(params)
+        except _AUTH_ERRORS as exc:
+            raise RabbitMQConfigError(f"cannot publish to {self._where}: {exc}") from None
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+        except BaseException:
+            _close_quietly(connection)
+            raise
+        self._connection, self._channel = connection, channel
+        return channel
+
+    def _reset(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        _close_quietly(connection)
+
+    def close(self) -> None:
+        self._reset()
 
 
 # --- validate --connect ------------------------------------------------------------------------

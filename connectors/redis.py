@@ -27,7 +27,7 @@ from connectors.shapes import (
 )
 from workers import config as cfg
 from workers.config import redact_url
-from workers.deadletter import REPLAY_HEADER
+from workers.deadletter import REPLAY_HEADER, parse_letter
 from workers.records import Record
 
 log = logging.getLogger("connectors.redis")
@@ -875,7 +875,7 @@ class RedisDeadLetterStore:
         owner = fields.get(b"mapping")
         if owner is not None and owner.decode("utf-8", "replace") != self.mapping:
             return None  # another mapping's letter on a shared stream
-        letter, problem = _parse_letter(fields.get(b"letter"))
+        letter, problem = parse_letter(fields.get(b"letter"))
         if letter is None:
             log.warning(
                 "mapping %s: %s: entry %s skipped, not a dead letter: %s",
@@ -915,26 +915,6 @@ class RedisDeadLetterStore:
         client, self._client = self._client, None
         if client is not None:
             client.close()
-
-
-def _parse_letter(raw: bytes | None) -> tuple[dict[str, Any] | None, str]:
-    """The letter in an entry's `letter` field, or None and why it is not one."""
-    if raw is None:
-        return None, "no `letter` field"
-    try:
-        letter = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return None, f"not JSON ({exc})"
-    if not isinstance(letter, dict):
-        return None, "not a JSON object"
-    request = letter.get("requestContext")
-    if not isinstance(request, dict) or not isinstance(request.get("requestId"), str):
-        return None, "no requestContext.requestId"
-    if not request["requestId"]:
-        return None, "empty requestContext.requestId"
-    if not isinstance(letter.get("payload"), dict):
-        return None, "no payload to replay"
-    return letter, ""
 
 
 class RedisSourcePublisher:

@@ -28,9 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     from workers.supervisor import configure_logging
 
     configure_logging(getattr(logging, args.log_level))
+    from connectors.base import ConnectorConfigError
+
     try:
         code: int = args.command(args)
-    except ConfigError as exc:
+    except (ConfigError, ConnectorConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return code
@@ -388,7 +390,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     import signal
 
     from connectors.registry import open_destination, open_source_publisher
-    from workers.dlq import Replayer
+    from workers.dlq import Replayer, payload_records
     from workers.environments import create_invoker
     from workers.runtime import policy_of
 
@@ -403,7 +405,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
 
     def on_letter(stored: Any, summary: Any) -> None:
         verb = "would replay" if args.dry_run else "replayed"
-        log.info("%s %s (%d record(s))", verb, stored.id, summary.records)
+        log.info("%s %s (%d record(s))", verb, stored.id, len(payload_records(stored.letter)))
 
     replayer = Replayer(
         mapping=mapping.name,

@@ -885,6 +885,12 @@ class Config(_Model):
                     f"mapping {m.name!r} has no on-failure destination:"
                     " records that exhaust their retries will be dropped"
                 )
+            on_failure = m.destination_config.on_failure if m.destination_config else None
+            if isinstance(on_failure, RabbitMQDestination) and not on_failure.letters_queue:
+                found.append(
+                    f"mapping {m.name!r} dead-letters to exchange {on_failure.exchange!r} with no"
+                    " `queue`: `workers dlq` cannot read those letters back"
+                )
             if m.maximum_retry_attempts == -1 and m.maximum_record_age_s == -1:
                 found.append(
                     f"mapping {m.name!r} retries a failing record forever"

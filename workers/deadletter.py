@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
 from connectors.base import Destination, EventShape
 from workers.backoff import Backoff
 from workers.clock import Clock
@@ -74,6 +76,26 @@ def build_letter(
     letter["replayCount"] = replay_count
     letter["payload"] = shape.event(records)
     return letter
+
+
+def parse_letter(raw: bytes | None) -> tuple[dict[str, Any] | None, str]:
+    """The letter stored in `raw` (a message body, a field), or None and why it is not one."""
+    if raw is None:
+        return None, "no letter in it"
+    try:
+        letter = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return None, f"not JSON ({exc})"
+    if not isinstance(letter, dict):
+        return None, "not a JSON object"
+    request = letter.get("requestContext")
+    if not isinstance(request, dict) or not isinstance(request.get("requestId"), str):
+        return None, "no requestContext.requestId"
+    if not request["requestId"]:
+        return None, "empty requestContext.requestId"
+    if not isinstance(letter.get("payload"), dict):
+        return None, "no payload to replay"
+    return letter, ""
 
 
 class DeadLetters:
