@@ -1,5 +1,6 @@
 """Kafka on confluent-kafka: a consumer-group source with offset checkpoints, pause/resume and
-Lambda's starting positions, and an idempotent producer for dead letters."""
+Lambda's starting positions, an idempotent producer for dead letters, and for `workers dlq` a
+reader of dead-letter topics with resumable progress and a producer putting records back."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import orjson
 from confluent_kafka import (
+    OFFSET_BEGINNING,
     OFFSET_END,
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
@@ -21,10 +25,21 @@ from confluent_kafka import (
     Producer,
     TopicPartition,
 )
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported, no __all__
+    AdminClient,
+    NewTopic,
+)
 
-from connectors.base import AssignmentListener, Capabilities, SourceBase
+from connectors.base import (
+    AssignmentListener,
+    Capabilities,
+    ConnectorConfigError,
+    SourceBase,
+    StoredLetter,
+)
 from connectors.shapes import TIMESTAMP_TYPES, KafkaMeta, KafkaShape, encoded_size
 from workers import config as cfg
+from workers.deadletter import REPLAY_HEADER, parse_letter
 from workers.records import Record
 
 log = logging.getLogger("connectors.kafka")
@@ -680,6 +695,9 @@ class KafkaSource(SourceBase):
 
 # --- dead letters --------------------------------------------------------------------------------
 
+# The header naming the mapping a dead letter belongs to (a topic may hold several mappings').
+MAPPING_HEADER = "esm-mapping"
+
 # Consumer-only properties a destination inherits with the source's client_config; a producer
 # warns about each of them, so they are left out.
 _CONSUMER_ONLY = re.compile(
@@ -696,6 +714,72 @@ _RESET_CODES = {
     KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
     KafkaError.INVALID_PRODUCER_EPOCH,
 }
+
+
+class _ConfirmedProducer:
+    """A producer whose `send` returns once the cluster confirmed every message, or raises.
+
+    A message not confirmed in time is purged, so that it is not produced later next to the
+    caller's retry, and the producer is replaced, as it is after errors that leave it unusable.
+    """
+
+    def __init__(self, config: dict[str, Any], what: str) -> None:
+        self.config = config
+        self.what = what
+        timeout_ms = config.get("delivery.timeout.ms", config.get("message.timeout.ms", 300_000))
+        # librdkafka reports a definite failure after message.timeout.ms; wait a little longer.
+        self.timeout_s = float(timeout_ms) / 1000 + 5.0
+        self._lock = threading.Lock()
+        self._producer: Producer | None = None
+
+    def producer(self) -> Producer:
+        with self._lock:
+            if self._producer is None:
+                self._producer = Producer(dict(self.config))
+            return self._producer
+
+    def send(self, messages: Sequence[dict[str, Any]], where: str) -> None:
+        """Produce `messages` (keyword arguments of `Producer.produce`), in order."""
+        outcome: list[KafkaError | None] = []
+
+        def on_delivery(err: KafkaError | None, msg: Message) -> None:
+            outcome.append(err)
+
+        # One send at a time: a failed producer is replaced here without racing another thread.
+        with self._lock:
+            producer = self._producer
+            if producer is None:
+                producer = self._producer = Producer(dict(self.config))
+            try:
+                for message in messages:
+                    producer.produce(**message, on_delivery=on_delivery)
+            except (KafkaException, BufferError) as exc:
+                self._discard(producer)
+                raise KafkaDeliveryError(
+                    f"{self.what} not accepted for {where}: {_reason(exc)}"
+                ) from None
+            producer.flush(self.timeout_s)
+            if len(outcome) < len(messages):
+                self._discard(producer)
+                raise KafkaDeliveryError(
+                    f"{self.what} not confirmed by {where} within {self.timeout_s:.0f}s"
+                )
+            errors = [err for err in outcome if err is not None]
+            if errors:
+                if any(err.fatal() or err.code() in _RESET_CODES for err in errors):
+                    self._producer = None
+                raise KafkaDeliveryError(f"{self.what} refused by {where}: {errors[0].str()}")
+
+    def _discard(self, producer: Producer) -> None:
+        producer.purge(in_queue=True, in_flight=True)
+        producer.poll(0)
+        self._producer = None
+
+    def close(self) -> None:
+        with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.flush(5.0)
 
 
 class KafkaDestination:
@@ -724,11 +808,9 @@ class KafkaDestination:
             "error_cb": self._on_error,
             "logger": _DriverLog(self._errors),
         }
-        timeout_ms = self.config.get("delivery.timeout.ms", self.config["message.timeout.ms"])
-        # librdkafka reports a definite failure after message.timeout.ms; wait a little longer.
-        self.timeout_s = float(timeout_ms) / 1000 + 5.0
-        self._lock = threading.Lock()
-        self._producer: Producer | None = None
+        # Dead letters are rare: one at a time.
+        self._sender = _ConfirmedProducer(self.config, "dead letter")
+        self.timeout_s = self._sender.timeout_s
 
     def _on_error(self, err: KafkaError) -> None:
         self._errors.log(logging.ERROR if err.fatal() else logging.WARNING, err.str())
@@ -738,7 +820,7 @@ class KafkaDestination:
         request = letter.get("requestContext") or {}
         error = letter.get("error") or {}
         headers: _Headers = [
-            ("esm-mapping", self.mapping.encode()),
+            (MAPPING_HEADER, self.mapping.encode()),
             ("esm-condition", str(request.get("condition", "")).encode()),
             ("esm-error-type", str(error.get("errorType", "")).encode()),
         ]
@@ -755,50 +837,625 @@ class KafkaDestination:
                 ("esm-source-partition", str(partition).encode()),
                 ("esm-source-offset", str(first.position).encode()),
             ]
-        outcome: list[KafkaError | None] = []
-
-        def on_delivery(err: KafkaError | None, msg: Message) -> None:
-            outcome.append(err)
-
-        # One letter at a time: dead letters are rare, and a failed producer is replaced here
-        # without racing another thread's delivery.
-        with self._lock:
-            producer = self._producer
-            if producer is None:
-                producer = self._producer = Producer(dict(self.config))
-            try:
-                producer.produce(
-                    self.topic, value=body, key=key, headers=headers, on_delivery=on_delivery
-                )
-            except (KafkaException, BufferError) as exc:
-                raise KafkaDeliveryError(
-                    f"dead letter not accepted for topic {self.topic!r} at {self.servers}: "
-                    f"{_reason(exc)}"
-                ) from None
-            producer.flush(self.timeout_s)
-            if not outcome:
-                # Nothing heard back: drop the letter from the queue so that it is not produced
-                # later next to the engine's retry, and start afresh with a new producer.
-                producer.purge(in_queue=True, in_flight=True)
-                producer.poll(0)
-                self._producer = None
-                raise KafkaDeliveryError(
-                    f"dead letter not confirmed by topic {self.topic!r} at {self.servers}"
-                    f" within {self.timeout_s:.0f}s"
-                )
-            err = outcome[0]
-            if err is not None:
-                if err.fatal() or err.code() in _RESET_CODES:
-                    self._producer = None
-                raise KafkaDeliveryError(
-                    f"dead letter refused by topic {self.topic!r} at {self.servers}: {err.str()}"
-                )
+        message = {"topic": self.topic, "value": body, "key": key, "headers": headers}
+        self._sender.send([message], f"topic {self.topic!r} at {self.servers}")
 
     def close(self) -> None:
-        with self._lock:
-            producer, self._producer = self._producer, None
-        if producer is not None:
-            producer.flush(5.0)
+        self._sender.close()
+
+
+# --- reading dead letters back, replaying onto the source (workers dlq) -------------------------
+
+# A mapping's replay progress: this consumer group's committed offsets on the dead-letter topic.
+REPLAY_GROUP_SUFFIX = "-dlq-replay"
+# Letters replayed beyond a group's committed offset (past a letter a filter skipped): one small
+# compacted topic per cluster, created by the first replay that needs it (see
+# KafkaDeadLetterStore).
+REPLAY_STATE_TOPIC = "_esm-dlq-replay-state"
+# Reading the topic fails when the cluster sends nothing for this long.
+READ_TIMEOUT_S = 30.0
+READ_BATCH = 500
+READ_WAIT_S = 0.1
+READ_FETCH_WAIT_MS = 10
+# Records held per partition while partitions are merged oldest first; a partition that runs
+# ahead of the others is paused until they catch up.
+MERGE_HOLD_RECORDS = 500
+# Producer-only properties a destination's client_config may hold; the consumer reading the
+# letters back would warn about each of them.
+_PRODUCER_ONLY = re.compile(
+    r"^(acks|request\.required\.acks|enable\.idempotence|enable\.gapless\.guarantee|linger\.ms"
+    r"|queue\.buffering\..*|batch\.(size|num\.messages)|compression\.(type|codec|level)"
+    r"|message\.timeout\.ms|delivery\.timeout\.ms|request\.timeout\.ms|retries"
+    r"|message\.send\.max\.retries|partitioner|sticky\.partitioning\.linger\.ms"
+    r"|transactional\.id|transaction\.timeout\.ms)$"
+)
+
+
+@dataclass(slots=True)
+class _Progress:
+    """Replay progress on one partition of the dead-letter topic, for one `pending()`."""
+
+    end: int  # the partition's end when `pending()` was called
+    committed: int | None  # the group's committed offset; None: never committed
+    passed: int  # every record before this offset was offered or passed over
+    done: set[int]  # offsets replayed beyond the committed one
+    offered: set[int] = field(default_factory=set)  # offered and not (yet) marked done
+    saved: bool = False  # the state topic holds a record for this partition
+
+
+class KafkaDeadLetterStore:
+    """Reads a dead-letter topic back for `workers dlq`; replay progress is the consumer group
+    `<mapping>-dlq-replay` on that topic, so an interrupted replay resumes where it stopped.
+
+    `pending()` only reads: the group's committed offsets (without joining the group), the replay
+    state below, and the topic through `assign()`. It takes the end of every partition when
+    called, by reading to the end of the partition (some brokers answer ListOffsets inexactly,
+    docs/brokers.md), and yields the records from the committed offset (the beginning when there
+    is none) up to that end: oldest first by record time across partitions, in offset order
+    within one. Letters a replay writes back later wait for the next replay. Records of other
+    mappings (`esm-mapping` header or `mapping` field) are passed over silently; records that
+    are no dead letter, with a warning.
+
+    `done()` commits, synchronously and per partition, the offset after the longest run of
+    records replayed or passed over: a letter offered but not replayed (skipped by `--error-type`
+    or `--since`, or not reached before `--limit` or a signal) holds the commit back, so that it
+    is offered again. Letters replayed beyond the committed offset are remembered, before the
+    commit, in the compacted topic `_esm-dlq-replay-state` (key `<group>/<topic>/<partition>`,
+    value their offsets and the committed offset they apply from) and passed over by every later
+    `pending()`; the record is ignored once the group's offsets are deleted or reset below it,
+    and deleted when the commit passes them all. (Kafka keeps such data in a commit's metadata
+    string, but not every Kafka-protocol broker does: Tansu drops it, docs/brokers.md.) Where the
+    state cannot be written (no right to create the topic, say), a warning says that those
+    letters may be offered again. A crash repeats at most the letter being replayed.
+
+    Two replays of one mapping must not run at the same time.
+    """
+
+    def __init__(self, dst: cfg.KafkaDestination, mapping: cfg.EventSourceMapping) -> None:
+        if dst.bootstrap_servers is None:
+            raise ValueError(
+                f"mapping {mapping.name}: the Kafka destination has no bootstrap_servers"
+            )
+        self.topic = dst.topic
+        self.servers = dst.bootstrap_servers
+        self.mapping = mapping.name
+        self.group = f"{mapping.name}{REPLAY_GROUP_SUFFIX}"
+        self._owner = mapping.name.encode()
+        self._where = f"dead-letter topic {self.topic!r} at {self.servers}"
+        self._errors = _Throttled(log, f"mapping {mapping.name}: dead-letter topic: ")
+        self._last_error = ""
+        client = {
+            "bootstrap.servers": dst.bootstrap_servers,
+            "client.id": f"esm-workers-{mapping.name}-dlq-replay",
+            "error_cb": self._on_error,
+            "logger": _DriverLog(self._errors),
+        }
+        self.config: dict[str, Any] = {
+            **client,
+            # The end of a partition is known only from an empty fetch, which the broker holds
+            # this long waiting for data: librdkafka's 500 ms would be paid on every read.
+            "fetch.wait.max.ms": READ_FETCH_WAIT_MS,
+            **{k: v for k, v in dst.client_config.items() if not _PRODUCER_ONLY.match(k)},
+            "group.id": self.group,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+        }
+        producer_config = {
+            k: v for k, v in dst.client_config.items() if not _CONSUMER_ONLY.match(k)
+        }
+        self.state_config: dict[str, Any] = {
+            **client,
+            "message.timeout.ms": DEFAULT_MESSAGE_TIMEOUT_MS,
+            **producer_config,
+            "acks": "all",
+        }
+        self.admin_config: dict[str, Any] = {
+            **client,
+            **{k: v for k, v in producer_config.items() if not _PRODUCER_ONLY.match(k)},
+        }
+        self._consumer: Consumer | None = None
+        self._state: _ConfirmedProducer | None = None
+        self._state_failed = False
+        self._progress: dict[int, _Progress] = {}
+        # Replayed by this process: passed over by a later `pending()` whatever the state says.
+        self._done_ids: set[str] = set()
+        self._done_offsets: dict[int, set[int]] = {}
+
+    def _on_error(self, err: KafkaError) -> None:
+        if err.code() != KafkaError._ALL_BROKERS_DOWN:
+            self._last_error = err.str()
+        self._errors.log(logging.ERROR if err.fatal() else logging.WARNING, err.str())
+
+    def _require(self) -> Consumer:
+        if self._consumer is None:
+            self._consumer = Consumer(dict(self.config))
+        return self._consumer
+
+    def _unreachable(self, what: str, exc: KafkaException) -> KafkaUnavailable:
+        reason = self._last_error or _reason(exc)
+        return KafkaUnavailable(f"{self._where}: cannot {what}: {reason}")
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def pending(self) -> Iterator[StoredLetter]:
+        consumer = self._require()
+        # Everything is taken now, not at the first next(): "as the topic stands when called".
+        partitions = self._partitions_of(consumer, self.topic)
+        if partitions is None:
+            log.info("mapping %s: %s does not exist: no dead letters", self.mapping, self._where)
+            return iter(())
+        try:
+            found = consumer.committed(
+                [TopicPartition(self.topic, p) for p in partitions], timeout=READ_TIMEOUT_S
+            )
+        except KafkaException as exc:
+            raise self._unreachable(f"read the offsets of group {self.group!r}", exc) from None
+        failed = [f"partition {tp.partition}: {tp.error.str()}" for tp in found if tp.error]
+        if failed:
+            raise KafkaUnavailable(
+                f"{self._where}: cannot read the offsets of group {self.group!r}: "
+                + "; ".join(failed)
+            )
+        committed = {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+        bounds = self._bounds(consumer, self.topic, partitions)
+        saved = self._read_state(consumer)
+        self._progress = {}
+        for p in partitions:
+            low, end = bounds[p]
+            at = committed.get(p)
+            start = min(max(low, at if at is not None else low), end)
+            done = {o for o in self._done_offsets.get(p, ()) if o >= start}
+            state = saved.get(p)
+            # Applies only from the committed offset it was written with: deleting the group or
+            # resetting its offsets below that offers those letters again.
+            if state is not None and at is not None and state[0] <= at:
+                done.update(o for o in state[1] if o >= start)
+            self._progress[p] = _Progress(end, at, start, done, saved=state is not None)
+        return self._letters(consumer, self._progress)
+
+    def _partitions_of(self, consumer: Consumer, topic: str) -> list[int] | None:
+        """The topic's partitions, or None when it does not exist."""
+        try:
+            metadata = consumer.list_topics(topic, timeout=CONNECT_TIMEOUT_S)
+        except KafkaException as exc:
+            raise self._unreachable("fetch metadata", exc) from None
+        found = metadata.topics.get(topic)
+        if found is None or (
+            found.error is not None and found.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+        ):
+            return None
+        if found.error is not None:
+            raise KafkaUnavailable(f"{self._where}: topic {topic!r}: {found.error.str()}")
+        return sorted(found.partitions)
+
+    def _bounds(
+        self, consumer: Consumer, topic: str, partitions: list[int]
+    ) -> dict[int, tuple[int, int]]:
+        """(low watermark, end) of each partition, the end read from the last record batch."""
+        lows: dict[int, int] = {}
+        starts = []
+        for p in partitions:
+            try:
+                low, high = consumer.get_watermark_offsets(
+                    TopicPartition(topic, p), timeout=READ_TIMEOUT_S
+                )
+            except KafkaException as exc:
+                raise self._unreachable("read the topic's offsets", exc) from None
+            lows[p] = low
+            if high > low:
+                # The listed end may be the start of the last batch plus one (docs/brokers.md).
+                starts.append(TopicPartition(topic, p, max(low, high - 1)))
+        ends = self._read_to_end(consumer, starts)
+        return {p: (lows[p], ends.get(p, lows[p])) for p in partitions}
+
+    def _read_to_end(
+        self,
+        consumer: Consumer,
+        starts: list[TopicPartition],
+        on_record: Callable[[Message], None] | None = None,
+    ) -> dict[int, int]:
+        """Reads the partitions from `starts` to their end-of-partition events; returns the
+        ends. `on_record` gets every record before its partition's end."""
+        if not starts:
+            return {}
+        consumer.assign(starts)
+        ends: dict[int, int] = {}
+        waiting = {tp.partition for tp in starts}
+        heard = time.monotonic()
+        while waiting:
+            messages = consumer.consume(READ_BATCH, READ_WAIT_S)
+            heard = self._check_heard(messages, heard)
+            for m in messages:
+                p = m.partition() or 0
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        if p in waiting:
+                            ends[p] = m.offset() or 0
+                            waiting.discard(p)
+                    else:
+                        self._read_error(p, err)
+                elif p in waiting and on_record is not None:
+                    on_record(m)
+        consumer.unassign()
+        return ends
+
+    def _check_heard(self, messages: list[Message], heard: float) -> float:
+        now = time.monotonic()
+        if messages:
+            return now
+        if now - heard > READ_TIMEOUT_S:
+            reason = f": {self._last_error}" if self._last_error else ""
+            raise KafkaUnavailable(
+                f"{self._where}: nothing received for {READ_TIMEOUT_S:.0f}s{reason}"
+            )
+        return heard
+
+    def _read_error(self, partition: int, err: KafkaError) -> None:
+        if err.fatal():
+            raise KafkaFatalError(f"{self._where}: {err.str()}")
+        self._errors.log(logging.WARNING, f"partition {partition}: {err.str()}")
+
+    def _letters(
+        self, consumer: Consumer, progress: dict[int, _Progress]
+    ) -> Iterator[StoredLetter]:
+        """The letters up to each partition's end, merged oldest first across partitions."""
+        topic = self.topic
+        reading = {p for p, pr in progress.items() if pr.passed < pr.end}
+        if not reading:
+            return
+        held: dict[int, deque[Message]] = {p: deque() for p in reading}
+        paused: set[int] = set()
+        seen: set[str] = set()
+        consumer.assign([TopicPartition(topic, p, progress[p].passed) for p in sorted(reading)])
+        heard = time.monotonic()
+
+        def stop_reading(p: int) -> None:
+            reading.discard(p)
+            if p not in paused:
+                paused.add(p)  # what was appended since `pending()` is not read
+                consumer.pause([TopicPartition(topic, p)])
+
+        while reading or any(held.values()):
+            if any(not held[p] for p in reading):
+                messages = consumer.consume(READ_BATCH, READ_WAIT_S)
+                heard = self._check_heard(messages, heard)
+                for m in messages:
+                    p = m.partition() or 0
+                    if p not in reading:
+                        continue
+                    err = m.error()
+                    if err is not None:
+                        if err.code() == KafkaError._PARTITION_EOF:
+                            stop_reading(p)
+                        else:
+                            self._read_error(p, err)
+                        continue
+                    offset = m.offset() or 0
+                    if offset >= progress[p].end:
+                        stop_reading(p)
+                        continue
+                    held[p].append(m)
+                    if offset + 1 >= progress[p].end:
+                        stop_reading(p)
+                    elif len(held[p]) >= MERGE_HOLD_RECORDS and p not in paused:
+                        paused.add(p)
+                        consumer.pause([TopicPartition(topic, p)])
+                continue
+            # Every partition still being read has a record held: the oldest goes first.
+            p = min((q for q in held if held[q]), key=lambda q: (held[q][0].timestamp()[1], q))
+            m = held[p].popleft()
+            if p in reading and p in paused and len(held[p]) <= MERGE_HOLD_RECORDS // 2:
+                paused.discard(p)
+                consumer.resume([TopicPartition(topic, p)])
+            stored = self._stored(p, m, progress[p], seen)
+            if stored is not None:
+                yield stored
+
+    def _stored(
+        self, partition: int, m: Message, progress: _Progress, seen: set[str]
+    ) -> StoredLetter | None:
+        offset = m.offset() or 0
+        progress.passed = offset + 1
+        if offset in progress.done:
+            return None
+        for name, data in cast(_Headers, m.headers() or []):
+            if name == MAPPING_HEADER and data is not None:
+                owner = data.encode() if isinstance(data, str) else data
+                if owner != self._owner:
+                    return None  # another mapping's letter on a shared topic
+        letter, problem = parse_letter(m.value())
+        if letter is None:
+            log.warning(
+                "mapping %s: %s: record %d@%d skipped, not a dead letter: %s",
+                self.mapping,
+                self._where,
+                partition,
+                offset,
+                problem,
+            )
+            return None
+        if letter.get("mapping", self.mapping) != self.mapping:
+            return None
+        letter_id: str = letter["requestContext"]["requestId"]
+        if letter_id in self._done_ids or letter_id in seen:
+            # A letter written twice (its delivery retried after a lost confirmation).
+            return None
+        seen.add(letter_id)
+        progress.offered.add(offset)
+        return StoredLetter(letter_id, letter, handle=(partition, offset))
+
+    # --- progress ------------------------------------------------------------------------------
+
+    def done(self, stored: StoredLetter) -> None:
+        handle = stored.handle
+        progress = (
+            self._progress.get(handle[0])
+            if isinstance(handle, tuple) and len(handle) == 2
+            else None
+        )
+        if progress is None:
+            raise ValueError(f"letter {stored.id} was not offered by {self._where}")
+        partition, offset = handle
+        if offset not in progress.offered:
+            return  # marked already
+        progress.offered.discard(offset)
+        self._done_ids.add(stored.id)
+        self._done_offsets.setdefault(partition, set()).add(offset)
+        # The commit may pass everything up to the first letter still offered, or else up to
+        # the last record looked at.
+        target = min(progress.offered) if progress.offered else progress.passed
+        progress.done = {o for o in progress.done if o >= target}
+        if offset >= target:
+            progress.done.add(offset)
+            # Saved before the commit and applying from the offset committed before it, so a
+            # crash between the two loses nothing.
+            since = progress.committed if progress.committed is not None else target
+            self._save(partition, progress, since)
+        if progress.committed is None or target > progress.committed:
+            self._commit(partition, target)
+            progress.committed = target
+        if progress.saved and not progress.done:
+            self._save(partition, progress, target)  # nothing beyond the commit: delete it
+
+    def _commit(self, partition: int, offset: int) -> None:
+        consumer = self._require()
+        try:
+            result = consumer.commit(
+                offsets=[TopicPartition(self.topic, partition, offset)], asynchronous=False
+            )
+        except KafkaException as exc:
+            raise self._unreachable(f"save replay progress (group {self.group!r})", exc) from None
+        failed = [tp for tp in result or [] if tp.error is not None]
+        if failed and failed[0].error is not None:
+            raise KafkaUnavailable(
+                f"{self._where}: cannot save replay progress (group {self.group!r}):"
+                f" {failed[0].error.str()}"
+            )
+
+    def _state_key(self, partition: int) -> bytes:
+        return f"{self.group}/{self.topic}/{partition}".encode()
+
+    def _read_state(self, consumer: Consumer) -> dict[int, tuple[int, set[int]]]:
+        """This group's saved state per partition: (committed offset it applies from, done)."""
+        partitions = self._partitions_of(consumer, REPLAY_STATE_TOPIC)
+        if partitions is None:
+            return {}
+        prefix = f"{self.group}/{self.topic}/".encode()
+        found: dict[int, tuple[int, set[int]] | None] = {}
+
+        def on_record(m: Message) -> None:
+            key = m.key()
+            if key is None or not key.startswith(prefix) or not key[len(prefix) :].isdigit():
+                return
+            found[int(key[len(prefix) :])] = _parse_state(m.value())
+
+        starts = [TopicPartition(REPLAY_STATE_TOPIC, p, OFFSET_BEGINNING) for p in partitions]
+        self._read_to_end(consumer, starts, on_record)
+        return {p: state for p, state in found.items() if state is not None}
+
+    def _save(self, partition: int, progress: _Progress, since: int) -> None:
+        """Writes the offsets replayed beyond the commit (a tombstone when there are none)."""
+        if self._state_failed:
+            return
+        value = None
+        if progress.done:
+            value = orjson.dumps(
+                {
+                    "group": self.group,
+                    "topic": self.topic,
+                    "partition": partition,
+                    "since": since,
+                    "done": _ranges(progress.done),
+                }
+            )
+        message = {"topic": REPLAY_STATE_TOPIC, "key": self._state_key(partition), "value": value}
+        try:
+            if self._state is None:
+                self._create_state_topic()
+                self._state = _ConfirmedProducer(self.state_config, "replay state")
+            self._state.send([message], f"topic {REPLAY_STATE_TOPIC!r} at {self.servers}")
+        except (KafkaException, KafkaDeliveryError) as exc:
+            self._state_failed = True
+            log.warning(
+                "mapping %s: %s: letters replayed past one that was not are not remembered"
+                " (%s); a later replay may offer them again",
+                self.mapping,
+                self._where,
+                _reason(exc),
+            )
+            return
+        progress.saved = value is not None
+
+    def _create_state_topic(self) -> None:
+        admin = AdminClient(dict(self.admin_config))
+        topic = NewTopic(
+            REPLAY_STATE_TOPIC,
+            num_partitions=1,
+            replication_factor=-1,  # the cluster's default
+            config={"cleanup.policy": "compact"},
+        )
+        futures = admin.create_topics(
+            [topic], operation_timeout=READ_TIMEOUT_S, request_timeout=READ_TIMEOUT_S
+        )
+        try:
+            futures[REPLAY_STATE_TOPIC].result(timeout=READ_TIMEOUT_S)
+        except KafkaException as exc:
+            first = exc.args[0] if exc.args else None
+            if not (
+                isinstance(first, KafkaError) and first.code() == KafkaError.TOPIC_ALREADY_EXISTS
+            ):
+                raise
+
+    def close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        state, self._state = self._state, None
+        if state is not None:
+            state.close()
+        if consumer is not None:
+            try:
+                consumer.close()
+            except (KafkaException, RuntimeError) as exc:
+                log.warning(
+                    "mapping %s: closing the %s reader: %s", self.mapping, self._where, _reason(exc)
+                )
+
+
+def _ranges(offsets: Collection[int]) -> list[list[int]]:
+    """Sorted offsets as inclusive [first, last] runs: {1, 2, 3, 7} -> [[1, 3], [7, 7]]."""
+    runs: list[list[int]] = []
+    for o in sorted(offsets):
+        if runs and runs[-1][1] == o - 1:
+            runs[-1][1] = o
+        else:
+            runs.append([o, o])
+    return runs
+
+
+def _parse_state(raw: bytes | None) -> tuple[int, set[int]] | None:
+    """A replay-state record: (committed offset it applies from, offsets done); None for a
+    tombstone or a record this version cannot read."""
+    if raw is None:
+        return None
+    try:
+        state = orjson.loads(raw)
+        since = int(state["since"])
+        done = {o for first, last in state["done"] for o in range(int(first), int(last) + 1)}
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    return since, done
+
+
+class KafkaSourcePublisher:
+    """Produces replayed records back onto the source (`workers dlq replay --to source`).
+
+    A record goes to the topic and partition it was read from, so records of one key stay in
+    order within their partition, with its key and headers plus `esm-replay-count` (replacing an
+    older one): the source hands it on as a header, so a record failing again is dead-lettered
+    with its replay count. Where that partition no longer exists the key partitioner chooses;
+    a record from a topic the mapping no longer reads, or from another broker's letter, goes to
+    the mapping's first topic. Records get new timestamps: they are new deliveries, and
+    `maximum_record_age_s` counts from the replay. `acks=all` and idempotence: confirmed records
+    are on every in-sync replica, and retries neither duplicate nor reorder them.
+    """
+
+    def __init__(self, src: cfg.KafkaSource) -> None:
+        self.topics = list(dict.fromkeys(src.topics))
+        self.servers = src.bootstrap_servers
+        self._errors = _Throttled(log, f"replay producer to {src.bootstrap_servers}: ")
+        self.config: dict[str, Any] = {
+            "bootstrap.servers": src.bootstrap_servers,
+            "client.id": "esm-workers-replay",
+            "message.timeout.ms": DEFAULT_MESSAGE_TIMEOUT_MS,
+            **{k: v for k, v in src.client_config.items() if not _CONSUMER_ONLY.match(k)},
+            "enable.idempotence": True,
+            "acks": "all",
+            "error_cb": self._on_error,
+            "logger": _DriverLog(self._errors),
+        }
+        self._sender = _ConfirmedProducer(self.config, "replayed records")
+        self._partitions: dict[str, int] = {}
+        self._warned: set[str] = set()
+
+    def _on_error(self, err: KafkaError) -> None:
+        self._errors.log(logging.ERROR if err.fatal() else logging.WARNING, err.str())
+
+    def publish(self, records: Sequence[Record], replay_count: int) -> None:
+        if not records:
+            return
+        count = str(replay_count).encode()
+        messages = []
+        for record in records:
+            topic, partition = self._target(record)
+            headers = [(n, v) for n, v in record.headers if n != REPLAY_HEADER]
+            headers.append((REPLAY_HEADER, count))
+            message: dict[str, Any] = {
+                "topic": topic,
+                "value": record.value,
+                "key": record.key,
+                "headers": headers,
+            }
+            if partition is not None:
+                message["partition"] = partition
+            messages.append(message)
+        self._sender.send(messages, f"the source at {self.servers}")
+
+    def _target(self, record: Record) -> tuple[str, int | None]:
+        """The topic and partition for a record; None: the key partitioner chooses."""
+        meta = record.meta
+        if isinstance(meta, KafkaMeta) and self._reads(meta.topic):
+            topic, partition = meta.topic, meta.partition
+            if partition < self._partition_count(topic):
+                return topic, partition
+            self._warn_once(
+                f"{topic}-{partition}",
+                f"partition {partition} of {topic} no longer exists; the key partitioner"
+                " chooses for its records",
+            )
+            return topic, None
+        literal = [t for t in self.topics if not t.startswith("^")]
+        if not literal:
+            raise ConnectorConfigError(
+                f"record {record.source}@{record.position}: the mapping reads no topic by name"
+                " to replay it onto"
+            )
+        topic = literal[0]
+        self._partition_count(topic)  # fails readably when it does not exist
+        origin = meta.topic if isinstance(meta, KafkaMeta) else record.source
+        self._warn_once(
+            origin,
+            f"{origin} is not a source of the mapping; replaying its records onto {topic}",
+        )
+        return topic, None
+
+    def _reads(self, topic: str) -> bool:
+        return any(re.match(t, topic) if t.startswith("^") else t == topic for t in self.topics)
+
+    def _partition_count(self, topic: str) -> int:
+        count = self._partitions.get(topic)
+        if count is None:
+            try:
+                metadata = self._sender.producer().list_topics(topic, timeout=CONNECT_TIMEOUT_S)
+            except KafkaException as exc:
+                raise KafkaUnavailable(
+                    f"cannot reach bootstrap servers {self.servers}: {_reason(exc)}"
+                ) from None
+            found = metadata.topics.get(topic)
+            if found is None or found.error is not None:
+                reason = found.error.str() if found is not None and found.error else "missing"
+                raise ConnectorConfigError(f"topic {topic!r} not found at {self.servers}: {reason}")
+            count = self._partitions[topic] = len(found.partitions)
+        return count
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("replay to %s: %s", self.servers, message)
+
+    def close(self) -> None:
+        self._sender.close()
 
 
 # --- validate --connect --------------------------------------------------------------------------

@@ -541,6 +541,7 @@ def _eof_consumer(bootstrap: str) -> Consumer:
             "bootstrap.servers": bootstrap,
             "group.id": unique_name("esm-tests-reader"),
             "enable.partition.eof": True,
+            "fetch.wait.max.ms": 10,
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
         }
