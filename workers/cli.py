@@ -321,6 +321,21 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     return 1
 
 
+def _replay_progress(verb: str) -> Any:
+    """A live count of letters and records on a terminal (how many remain is not known)."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn(f"{verb} {{task.completed}} letter(s), {{task.fields[records]}} record(s)"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    )
+    progress.add_task("replay", total=None, records=0)
+    return progress
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from workers.demo import run_demo
 
@@ -361,12 +376,17 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
         for row in rows:
             sys.stdout.buffer.write(orjson.dumps(row) + b"\n")
         return 0
-    table = Table(title=f"{args.mapping}: {len(rows)} dead letter(s) to replay")
+    # No borders and nothing cut: ids are what `dlq show` takes; long lines wrap in the terminal.
+    table = Table(box=None, pad_edge=False, header_style="bold")
     for column in ("id", "time", "condition", "error", "records", "replays", "source"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for row in rows:
-        table.add_row(*(str(row[c]) for c in row))
-    Console(width=200 if not sys.stdout.isatty() else None).print(table)
+        when = str(row["time"]).replace("T", " ").rstrip("Z")[:19]
+        table.add_row(*(when if c == "time" else str(row[c]) for c in row))
+    console = Console(width=400)
+    console.print(f"{args.mapping}: {len(rows)} dead letter(s) to replay", highlight=False)
+    if rows:
+        console.print(table)
     return 0
 
 
@@ -403,9 +423,14 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
         else:
             publisher = open_source_publisher(mapping)
 
+    verb = "would replay" if args.dry_run else "replayed"
+    bar = _replay_progress(verb) if sys.stderr.isatty() else None
+
     def on_letter(stored: Any, summary: Any) -> None:
-        verb = "would replay" if args.dry_run else "replayed"
-        log.info("%s %s (%d record(s))", verb, stored.id, len(payload_records(stored.letter)))
+        if bar is not None:
+            bar.update(bar.task_ids[0], advance=1, records=summary.records)
+        else:
+            log.info("%s %s (%d record(s))", verb, stored.id, len(payload_records(stored.letter)))
 
     replayer = Replayer(
         mapping=mapping.name,
@@ -424,8 +449,12 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: replayer.stop.set())
     signal.signal(signal.SIGINT, lambda *_: replayer.stop.set())
     try:
+        if bar is not None:
+            bar.start()
         summary = replayer.run(dry_run=args.dry_run)
     finally:
+        if bar is not None:
+            bar.stop()
         for closable in (invoker, publisher, destination):
             if closable is not None:
                 closable.close()
