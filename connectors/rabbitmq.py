@@ -10,7 +10,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
@@ -596,6 +596,77 @@ def _queue_error(exc: pika.exceptions.ChannelClosedByBroker, where: str) -> Exce
 # --- destination -------------------------------------------------------------------------------
 
 
+class _ConfirmedChannel:
+    """One connection and channel in confirm mode for a publisher, reopened when lost.
+
+    `basic_publish` on a confirm-mode channel returns once the broker took the message, and
+    `mandatory` makes an unroutable message come back (Basic.Return) instead of vanishing.
+    https://www.rabbitmq.com/docs/confirms
+    """
+
+    def __init__(self, url: str, connection_name: str, where: str) -> None:
+        self.url = url
+        self.connection_name = connection_name
+        self.where = where
+        self.user: str | None = None  # who publishes: the broker refuses any other user-id
+        self._connection: BlockingConnection | None = None
+        self._channel: BlockingChannel | None = None
+
+    def publish(
+        self,
+        messages: Iterable[tuple[str, str, bytes, pika.BasicProperties]],
+        what: str,
+        unroutable: str,
+    ) -> None:
+        """Publish (exchange, routing key, body, properties) tuples; raises unless all confirmed."""
+        channel = self._open()
+        try:
+            for exchange, routing_key, body, properties in messages:
+                channel.basic_publish(exchange, routing_key, body, properties, mandatory=True)
+        except pika.exceptions.UnroutableError:
+            raise DeliveryRefused(f"{what} unroutable: {unroutable}") from None
+        except pika.exceptions.NackError:
+            raise DeliveryRefused(f"the broker refused (nack) {what} for {self.where}") from None
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            self.reset()
+            raise DeliveryRefused(f"publishing {what} to {self.where}: {exc.reply_text}") from None
+        except pika.exceptions.AMQPError:
+            self.reset()
+            raise
+
+    def _open(self) -> BlockingChannel:
+        if self._connection is not None and self._channel is not None:
+            try:
+                # Answers heartbeats and notices a connection the broker closed while idle.
+                self._connection.process_data_events(time_limit=0)
+                if self._channel.is_open:
+                    return self._channel
+            except pika.exceptions.AMQPError as exc:
+                log.info("connection to %s lost: %r", self.where, exc)
+            self.reset()
+        params = connection_parameters(self.url, self.connection_name)
+        if params.blocked_connection_timeout is None:
+            # A broker under a resource alarm blocks publishers; fail and retry instead of hanging.
+            params.blocked_connection_timeout = 30.0
+        self.user = getattr(params.credentials, "username", None)
+        try:
+            connection = pika.BlockingConnection(params)
+        except _AUTH_ERRORS as exc:
+            raise RabbitMQConfigError(f"cannot publish to {self.where}: {exc}") from None
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+        except BaseException:
+            _close_quietly(connection)
+            raise
+        self._connection, self._channel = connection, channel
+        return channel
+
+    def reset(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        _close_quietly(connection)
+
+
 class RabbitMQDestination:
     """Publishes dead letters with publisher confirms; `deliver` returns once the broker has
     taken responsibility for the letter (https://www.rabbitmq.com/docs/confirms)."""
@@ -610,8 +681,9 @@ class RabbitMQDestination:
             f" at {redact_url(self.url)}"
         )
         self._lock = threading.Lock()
-        self._connection: BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
+        self._channel = _ConfirmedChannel(
+            self.url, f"esm-workers {self.mapping} dead letters", self._where
+        )
 
     def deliver(self, letter: dict[str, Any], records: Sequence[Record]) -> None:
         body = orjson.dumps(letter)
@@ -633,60 +705,15 @@ class RabbitMQDestination:
             app_id="esm-workers",
         )
         with self._lock:
-            channel = self._open_channel()
-            try:
-                # mandatory: an unroutable letter comes back (Basic.Return) instead of vanishing.
-                channel.basic_publish(
-                    self.exchange, self.routing_key, body, properties, mandatory=True
-                )
-            except pika.exceptions.UnroutableError:
-                raise DeliveryRefused(
-                    f"dead letter unroutable: no queue bound for {self._where}"
-                ) from None
-            except pika.exceptions.NackError:
-                raise DeliveryRefused(
-                    f"broker refused (nack) the dead letter for {self._where}"
-                ) from None
-            except pika.exceptions.ChannelClosedByBroker as exc:
-                self._reset()
-                if exc.reply_code == 404:
-                    raise DeliveryRefused(f"{self._where}: {exc.reply_text}") from None
-                raise
-            except pika.exceptions.AMQPError:
-                self._reset()
-                raise
-
-    def _open_channel(self) -> BlockingChannel:
-        if self._connection is not None and self._channel is not None:
-            try:
-                # Answers heartbeats and notices a connection the broker closed while idle.
-                self._connection.process_data_events(time_limit=0)
-                if self._channel.is_open:
-                    return self._channel
-            except pika.exceptions.AMQPError as exc:
-                log.info("mapping %s: dead-letter connection lost: %r", self.mapping, exc)
-            self._reset()
-        params = connection_parameters(self.url, f"esm-workers {self.mapping} dead letters")
-        if params.blocked_connection_timeout is None:
-            # A broker under a resource alarm blocks publishers; fail and retry instead of hanging.
-            params.blocked_connection_timeout = 30.0
-        connection = pika.BlockingConnection(params)
-        try:
-            channel = connection.channel()
-            channel.confirm_delivery()
-        except BaseException:
-            _close_quietly(connection)
-            raise
-        self._connection, self._channel = connection, channel
-        return channel
-
-    def _reset(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        _close_quietly(connection)
+            self._channel.publish(
+                [(self.exchange, self.routing_key, body, properties)],
+                "the dead letter",
+                f"no queue bound for {self._where}",
+            )
 
     def close(self) -> None:
         with self._lock:
-            self._reset()
+            self._channel.reset()
 
 
 # --- workers dlq -------------------------------------------------------------------------------
@@ -909,71 +936,23 @@ class RabbitMQSourcePublisher:
         self._where = (
             f"queue {self.queue!r} in vhost {src.virtual_host!r} at {redact_url(self.url)}"
         )
-        self._connection: BlockingConnection | None = None
-        self._channel: BlockingChannel | None = None
-        self._user: str | None = None
+        self._channel = _ConfirmedChannel(self.url, "esm-workers dlq replay", self._where)
 
     def publish(self, records: Sequence[Record], replay_count: int) -> None:
         if not records:
             return
-        channel = self._open_channel()
         now_s = int(time.time())
-        try:
+        channel = self._channel
+
+        def messages() -> Iterator[tuple[str, str, bytes, pika.BasicProperties]]:
             for record in records:
-                properties = replay_properties(record, replay_count, self._user, now_s)
-                # mandatory: with no queue of that name the message comes back instead of
-                # vanishing; confirms make basic_publish wait for the broker's ack.
-                channel.basic_publish("", self.queue, record.value, properties, mandatory=True)
-        except pika.exceptions.UnroutableError:
-            raise DeliveryRefused(
-                f"replayed record unroutable: {self._where} does not exist"
-            ) from None
-        except pika.exceptions.NackError:
-            raise DeliveryRefused(
-                f"the broker refused (nack) a replayed record for {self._where}"
-            ) from None
-        except pika.exceptions.ChannelClosedByBroker as exc:
-            self._reset()
-            raise DeliveryRefused(f"publishing to {self._where}: {exc.reply_text}") from None
-        except pika.exceptions.AMQPError:
-            self._reset()
-            raise
+                properties = replay_properties(record, replay_count, channel.user, now_s)
+                yield "", self.queue, record.value, properties
 
-    def _open_channel(self) -> BlockingChannel:
-        if self._connection is not None and self._channel is not None:
-            try:
-                # Answers heartbeats and notices a connection closed while we waited (--rate).
-                self._connection.process_data_events(time_limit=0)
-                if self._channel.is_open:
-                    return self._channel
-            except pika.exceptions.AMQPError as exc:
-                log.info("replay connection to %s lost: %r", self._where, exc)
-            self._reset()
-        params = connection_parameters(self.url, "esm-workers dlq replay")
-        if params.blocked_connection_timeout is None:
-            # A broker under a resource alarm blocks publishers; fail instead of hanging.
-            params.blocked_connection_timeout = 30.0
-        credentials = params.credentials
-        self._user = getattr(credentials, "username", None)
-        try:
-            connection = pika.BlockingConnection(params)
-        except _AUTH_ERRORS as exc:
-            raise RabbitMQConfigError(f"cannot publish to {self._where}: {exc}") from None
-        try:
-            channel = connection.channel()
-            channel.confirm_delivery()
-        except BaseException:
-            _close_quietly(connection)
-            raise
-        self._connection, self._channel = connection, channel
-        return channel
-
-    def _reset(self) -> None:
-        connection, self._connection, self._channel = self._connection, None, None
-        _close_quietly(connection)
+        channel.publish(messages(), "a replayed record", f"{self._where} does not exist")
 
     def close(self) -> None:
-        self._reset()
+        self._channel.reset()
 
 
 # --- validate --connect ------------------------------------------------------------------------
