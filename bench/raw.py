@@ -1,0 +1,132 @@
+"""The physical limit: each broker's client library in a tight loop that parses every value with
+orjson and checkpoints every batch. Run as `python -m bench.raw SPEC_JSON`; prints one JSON line.
+
+The clock starts when the first batch arrives and stops after the last checkpoint is sent, as
+the engine's measurement runs from its first invocation to its last.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+import orjson
+
+BATCH = 500
+TIMEOUT_S = 120.0
+
+
+def raw_kafka(spec: dict[str, Any]) -> dict[str, Any]:
+    from confluent_kafka import Consumer
+
+    n = spec["records"]
+    consumer = Consumer(
+        {
+            "bootstrap.servers": spec["bootstrap"],
+            "group.id": spec["group"],
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": spec["session_ms"],
+            "heartbeat.interval.ms": 500,
+            # librdkafka's 1 s fetch backoff once its local queue is full would make the
+            # ceiling depend on luck (see bench/README.md).
+            "fetch.queue.backoff.ms": 10,
+        }
+    )
+    consumer.subscribe([spec["topic"]])
+    loads = orjson.loads
+    count = 0
+    first = 0.0
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while count < n and time.monotonic() < deadline:
+            messages = consumer.consume(BATCH, 1.0)
+            if not messages:
+                continue
+            if not first:
+                first = time.time()
+            for m in messages:
+                if m.error() is None:
+                    loads(m.value())
+                    count += 1
+            consumer.commit(asynchronous=True)
+        last = time.time()
+    finally:
+        consumer.close()
+    return {"records": count, "first": first, "last": last}
+
+
+def raw_redis(spec: dict[str, Any]) -> dict[str, Any]:
+    import redis
+
+    n = spec["records"]
+    stream, group = spec["stream"], spec["group"]
+    client = redis.Redis.from_url(spec["url"], socket_timeout=30)
+    client.xgroup_create(stream, group, id="0")
+    loads = orjson.loads
+    count = 0
+    first = 0.0
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while count < n and time.monotonic() < deadline:
+            reply = client.xreadgroup(group, "raw", {stream: ">"}, count=BATCH, block=1000)
+            if not reply:
+                continue
+            if not first:
+                first = time.time()
+            ids = []
+            for _name, entries in reply:
+                for entry_id, fields in entries:
+                    loads(fields[b"v"])
+                    ids.append(entry_id)
+            count += len(ids)
+            client.xack(stream, group, *ids)
+        last = time.time()
+    finally:
+        client.close()
+    return {"records": count, "first": first, "last": last}
+
+
+def raw_rabbitmq(spec: dict[str, Any]) -> dict[str, Any]:
+    import pika
+
+    n = spec["records"]
+    params = pika.URLParameters(spec["url"])
+    params.client_properties = {"connection_name": "esm-bench raw"}
+    connection = pika.BlockingConnection(params)
+    channel = connection.channel()
+    channel.basic_qos(prefetch_count=2 * BATCH)
+    loads = orjson.loads
+    state = {"count": 0, "first": 0.0}
+
+    def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
+        if not state["first"]:
+            state["first"] = time.time()
+        loads(body)
+        state["count"] += 1
+        if state["count"] % BATCH == 0 or state["count"] == n:
+            ch.basic_ack(method.delivery_tag, multiple=True)
+
+    channel.basic_consume(spec["queue"], on_message)
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while state["count"] < n and time.monotonic() < deadline:
+            connection.process_data_events(time_limit=0.5)
+        last = time.time()
+    finally:
+        connection.close()
+    return {"records": state["count"], "first": state["first"], "last": last}
+
+
+LOOPS = {"kafka": raw_kafka, "redis": raw_redis, "rabbitmq": raw_rabbitmq}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    print(json.dumps(LOOPS[spec["broker"]](spec)))
+
+
+if __name__ == "__main__":
+    main()
