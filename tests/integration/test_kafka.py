@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Collection, Sequence
@@ -23,6 +22,7 @@ from connectors.base import Destination, Source
 from connectors.kafka import KafkaDestination, KafkaSource, KafkaUnavailable, probe_kafka
 from tests import brokers
 from tests.brokers import KafkaRecord, Tansu, committed_offsets, end_offsets, read_topic
+from tests.cli import run_workers, workers_run
 from tests.engine import kafka_items, letter_values, value_of
 from tests.integration.contract import SourceContract, poll_n, settle
 from workers import config as cfg
@@ -273,29 +273,6 @@ def write_config(
     config = {"functions": functions, "event_source_mappings": full}
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def workers_run(config: Path, summary: Path, until_idle_s: float = 3.0) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "workers.cli",
-        "run",
-        str(config),
-        "--until-idle",
-        str(until_idle_s),
-        "--summary-json",
-        str(summary),
-    ]
-
-
-def run_workers(config: Path, summary: Path, timeout_s: float = 90.0) -> dict[str, Any]:
-    result = subprocess.run(
-        workers_run(config, summary), cwd=REPO, capture_output=True, text=True, timeout=timeout_s
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded: dict[str, Any] = orjson.loads(summary.read_bytes())
-    return loaded
 
 
 def handled(path: Path) -> list[tuple[str, int, str, str]]:

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 import zlib
@@ -26,6 +25,7 @@ import yaml
 from connectors.base import Destination, Source
 from connectors.redis import RedisDestination, RedisSource, probe_redis, server_of
 from tests import brokers
+from tests.cli import run_workers, workers_run
 from tests.engine import DirectInvoker
 from tests.integration.contract import RecordingListener, SourceContract, poll_n
 from workers import config as cfg
@@ -123,29 +123,6 @@ def write_config(
     }
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def workers_run(config: Path, summary: Path, until_idle_s: float = 3.0) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "workers.cli",
-        "run",
-        str(config),
-        "--until-idle",
-        str(until_idle_s),
-        "--summary-json",
-        str(summary),
-    ]
-
-
-def run_workers(config: Path, summary: Path, timeout_s: float = 60.0) -> dict[str, Any]:
-    done = subprocess.run(
-        workers_run(config, summary), cwd=ROOT, capture_output=True, text=True, timeout=timeout_s
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    result: dict[str, Any] = orjson.loads(summary.read_bytes())
-    return result
 
 
 def handled(log: Path) -> list[tuple[str, str, str]]:

@@ -1,0 +1,45 @@
+"""Running the `workers` command from tests, as a user would: a subprocess in the repository."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def workers_run(config: Path, summary: Path, until_idle_s: float = 3.0) -> list[str]:
+    """The command line of `workers run CONFIG --until-idle S --summary-json SUMMARY`."""
+    return [
+        sys.executable,
+        "-m",
+        "workers.cli",
+        "run",
+        str(config),
+        "--until-idle",
+        str(until_idle_s),
+        "--summary-json",
+        str(summary),
+    ]
+
+
+def run_workers(
+    config: Path,
+    summary: Path,
+    timeout_s: float = 90.0,
+    check_log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run until idle, insist on exit 0 (and on `check_log` of its log), return the summary."""
+    done = subprocess.run(
+        workers_run(config, summary), cwd=REPO, capture_output=True, text=True, timeout=timeout_s
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    if check_log is not None:
+        check_log(done.stderr)
+    result: dict[str, Any] = orjson.loads(summary.read_bytes())
+    return result
