@@ -3,15 +3,12 @@ addresses, and small Kafka helpers to create topics, produce records and read of
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -33,6 +30,8 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
     AdminClient,
     NewTopic,
 )
+
+from workers.embedded import can_die_with_parent, die_with_parent
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -287,7 +286,7 @@ class Tansu:
                 cwd=self._workdir,
                 # Ctrl-C in a terminal goes to pytest, which then stops the broker in order.
                 start_new_session=True,
-                preexec_fn=_die_with_parent if _can_die_with_parent() else None,
+                preexec_fn=die_with_parent if can_die_with_parent() else None,
             )
         try:
             self._wait_ready(started + self.startup_timeout_s)
@@ -370,24 +369,6 @@ class Tansu:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-_PR_SET_PDEATHSIG = 1
-# Looked up here, not in the forked child, where the loader's locks may be held by a thread
-# (librdkafka's) that no longer exists.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-
-
-def _can_die_with_parent() -> bool:
-    # Linux ties the death signal to the thread that forked: a broker started from a short-lived
-    # thread (a timer restarting it) would die with that thread, so only the main thread asks.
-    return _prctl is not None and threading.current_thread() is threading.main_thread()
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: have Linux SIGKILL it when the test process exits."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -7,12 +7,34 @@ forgets everything when it stops, which is what a demo wants.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+# Looked up here, not in the forked child, where the loader's locks may be held by a thread
+# (librdkafka's) that no longer exists.
+_prctl: Any = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def can_die_with_parent() -> bool:
+    # Linux ties the death signal to the thread that forked: a broker started from a short-lived
+    # thread would die with that thread, so only the main thread asks for it.
+    return _prctl is not None and threading.current_thread() is threading.main_thread()
+
+
+def die_with_parent() -> None:
+    """Runs in the child before exec: Linux SIGKILLs it when its parent dies, however it dies."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -69,6 +91,8 @@ class EmbeddedKafka:
                 stderr=subprocess.STDOUT,
                 cwd=self.workdir,
                 start_new_session=True,
+                # A demo killed hard must not leave its broker running.
+                preexec_fn=die_with_parent if can_die_with_parent() else None,
             )
         deadline = time.monotonic() + self.startup_timeout_s
         while not port_open(self.host, self.port):
