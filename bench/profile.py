@@ -206,9 +206,9 @@ def profile_broker(
         stats = poller.stats.snapshot()
         if stats["succeeded"] != records:
             log(f"profile {broker}: only {stats['succeeded']}/{records} records succeeded")
-        lanes = lane_sessions[0] if lane_sessions else None
-        for other in lane_sessions[1:]:
-            lanes = Session.combine(lanes, other)
+        lanes: Any = None
+        for session in lane_sessions:
+            lanes = session if lanes is None else Session.combine(lanes, session)
         stem = f"profile-{broker}-{isolation}"
         if text:
             (folder / f"{stem}-loop.txt").write_text(

@@ -49,7 +49,7 @@ def raw_kafka(spec: dict[str, Any]) -> dict[str, Any]:
                 first = time.time()
             for m in messages:
                 if m.error() is None:
-                    loads(m.value())
+                    loads(m.value() or b"")
                     count += 1
             consumer.commit(asynchronous=True)
         last = time.time()
@@ -71,7 +71,7 @@ def raw_redis(spec: dict[str, Any]) -> dict[str, Any]:
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while count < n and time.monotonic() < deadline:
-            reply = client.xreadgroup(group, "raw", {stream: ">"}, count=BATCH, block=1000)
+            reply: Any = client.xreadgroup(group, "raw", {stream: ">"}, count=BATCH, block=1000)
             if not reply:
                 continue
             if not first:

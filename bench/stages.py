@@ -76,9 +76,9 @@ def _redis_batch(target: Any, ds: Dataset) -> tuple[Any, Callable[[], Any], Call
     client = redis.Redis.from_url(target.source(ds, "")["url"])
     group = f"stages-{time.time_ns()}"
     client.xgroup_create(ds.name, group, id="0")
-    reply = client.xreadgroup(group, "c", {ds.name: ">"}, count=BATCH)
+    reply: Any = client.xreadgroup(group, "c", {ds.name: ">"}, count=BATCH)
     entries = reply[0][1]
-    ids = [e[0] for e in entries]
+    ids: list[Any] = [e[0] for e in entries]
 
     def read() -> Any:
         # The same 500 entries again: XREADGROUP of the consumer's own pending entries.
@@ -237,10 +237,10 @@ def stages(broker: str, target: Target, workdir: Workdir) -> dict[str, float]:
         if candidate(shape, records) != event:
             raise AssertionError(f"candidate {name} builds a different event")
         out[f"candidate: {name}"] = _best_us(lambda c=candidate: c(shape, records), n)  # type: ignore[misc]
-    for name, candidate in CANDIDATE_RECORDS.get(broker, {}).items():
+    for name, build in CANDIDATE_RECORDS.get(broker, {}).items():
         if broker == "redis":
             source._in_flight[ds.name].clear()
-            got = candidate(source, ds.name, entries)
+            got = build(source, ds.name, entries)
             source._in_flight[ds.name].clear()
             want = source._records(ds.name, entries, 0.0)
             if [(r.position, r.key, r.value, r.size, r.meta) for r in got] != [
@@ -248,7 +248,7 @@ def stages(broker: str, target: Target, workdir: Workdir) -> dict[str, float]:
             ]:
                 raise AssertionError(f"candidate {name} builds different records")
 
-            def convert_candidate(c: Any = candidate) -> Any:
+            def convert_candidate(c: Any = build) -> Any:
                 return c(source, ds.name, entries)
 
             def reset_candidate() -> None:
@@ -334,7 +334,7 @@ def redis_records_keyed(source: Any, stream: str, entries: Any) -> list[Any]:
             if entry_id not in held:
                 held[entry_id] = now
                 fresh.append((entry_id, fields))
-    out = []
+    out: list[Any] = []
     append = out.append
     name_of = source._name_of
     key_field = source._key_field
@@ -455,7 +455,8 @@ class _FirstThenBuffered:
         first: list[Any] = self._consumer.consume(1, timeout)
         if not first or num_messages <= 1:
             return first
-        return first + self._consumer.consume(num_messages - 1, 0)
+        rest: list[Any] = self._consumer.consume(num_messages - 1, 0)
+        return first + rest
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._consumer, name)

@@ -118,7 +118,10 @@ class KafkaTarget:
             self._broker = None
 
     def _create_topic(self, name: str) -> None:
-        from confluent_kafka.admin import AdminClient, NewTopic
+        from confluent_kafka.admin import (  # type: ignore[attr-defined]  # no __all__
+            AdminClient,
+            NewTopic,
+        )
 
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
         futures = admin.create_topics([NewTopic(name, num_partitions=1, replication_factor=1)])
