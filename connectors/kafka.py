@@ -61,6 +61,10 @@ DEFAULT_SESSION_TIMEOUT_MS = 45_000
 # How long a fetch waits at the broker for new data (librdkafka's default is 500 ms). A resumed
 # partition joins the next fetch only, so a long wait makes every resume stall the partition.
 DEFAULT_FETCH_WAIT_MAX_MS = 100
+# librdkafka backs the fetcher off for fetch.queue.backoff.ms (1 s by default) whenever its local
+# queue is full; a poller draining fast then waits idle for that second (measured: 1.7x the
+# throughput at 10 ms, bench/results/stages-thread.md).
+DEFAULT_FETCH_QUEUE_BACKOFF_MS = 10
 # A paused partition keeps being read into a hold of at most this many records (or bytes) before
 # librdkafka is told to pause it: its pause drops everything already fetched for the partition
 # and resuming costs a new fetch, which for short pauses (a lane that just took a batch) cut
@@ -186,6 +190,7 @@ class KafkaSource(SourceBase):
             "client.id": f"esm-workers-{mapping.name}-{instance}",
             "partition.assignment.strategy": "cooperative-sticky",
             "fetch.wait.max.ms": DEFAULT_FETCH_WAIT_MAX_MS,
+            "fetch.queue.backoff.ms": DEFAULT_FETCH_QUEUE_BACKOFF_MS,
             **src.client_config,
             # Owned by the runtime (config validation rejects them in client_config): offsets
             # are committed by hand once records settle, and end-of-partition events tell when
@@ -478,8 +483,14 @@ class KafkaSource(SourceBase):
         records = self._ready[:max_records]
         del self._ready[:max_records]
         if len(records) < max_records:
-            wait_s = 0.0 if records else timeout_s
-            records += self._records_from(consumer.consume(max_records - len(records), wait_s))
+            # consume(n, t) waits until n messages or t: take what is there now, and wait only
+            # for a first record when there is none, so a trickle is not held back a full poll.
+            got = consumer.consume(max_records - len(records), 0)
+            if not got and not records:
+                got = consumer.consume(1, timeout_s)
+                if got and max_records > 1:
+                    got += consumer.consume(max_records - 1, 0)
+            records += self._records_from(got)
         self._require()  # a fatal error reported while consuming
         return records
 
@@ -659,7 +670,18 @@ class KafkaSource(SourceBase):
             self._held_bytes.pop(unit, None)
         if hard:
             self._hard_paused.difference_update(hard)
-            self._require().resume(self._partitions(hard))
+            consumer = self._require()
+            partitions = self._partitions(hard)
+            consumer.resume(partitions)
+            # After resume() librdkafka left the partition unfetched for 0.7-0.8 s (measured,
+            # bench/README.md); a seek to the next position starts its fetch at once.
+            for tp in partitions:
+                position = self._next.get(self._unit(tp.topic, tp.partition))
+                if position is not None:
+                    try:
+                        consumer.seek(TopicPartition(tp.topic, tp.partition, position))
+                    except KafkaException as exc:
+                        self._errors.log(logging.WARNING, f"seek after resume: {_reason(exc)}")
 
     def assignment(self) -> frozenset[str]:
         return frozenset(self._assigned)
