@@ -462,6 +462,14 @@ class RedisSource(SourceBase):
                 [(raw_name, value)] = fields.items()
                 named = {name_of(raw_name): value}
                 size = encoded_size(value, extra=len(raw_name) + _FIELD_BYTES)
+            elif key is not None and len(fields) == 2 and _REPLAY_FIELD not in fields:
+                # The keyed case, as lean: the partition key field and one payload field.
+                [(name_a, value_a), (name_b, value_b)] = fields.items()
+                value = value_b if name_a == key_field else value_a
+                named = {name_of(name_a): value_a, name_of(name_b): value_b}
+                size = encoded_size(
+                    b"", extra=_field_size(name_a, value_a) + _field_size(name_b, value_b)
+                )
             else:
                 named = {name_of(k): v for k, v in fields.items()}
                 size = encoded_size(b"", extra=sum(_field_size(k, v) for k, v in fields.items()))
