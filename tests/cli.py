@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,3 +45,27 @@ def run_workers(
         check_log(done.stderr)
     result: dict[str, Any] = orjson.loads(summary.read_bytes())
     return result
+
+
+def interrupted_replay(
+    config: Path, mapping: str, started: Callable[[], bool], *flags: str, wait_s: float = 30.0
+) -> dict[str, Any]:
+    """Start `workers dlq replay`, send SIGTERM once `started()`, insist on exit 0 and return
+    the summary it printed."""
+    command = [sys.executable, "-m", "workers.cli", "dlq", "replay", str(config), mapping, *flags]
+    proc = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + wait_s
+        while not started() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=wait_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    summary: dict[str, Any] = orjson.loads(out.strip().splitlines()[-1])
+    return summary

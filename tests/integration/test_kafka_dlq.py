@@ -7,10 +7,8 @@ and an interrupted replay resumes."""
 from __future__ import annotations
 
 import base64
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from connectors.kafka import REPLAY_STATE_TOPIC, KafkaDeadLetterStore, KafkaSour
 from connectors.shapes import KafkaMeta
 from tests import brokers
 from tests.brokers import KafkaRecord, Tansu, committed_offsets, end_offsets, read_topic
+from tests.cli import interrupted_replay
 from workers import config as cfg
 from workers.records import Record
 
@@ -383,20 +382,7 @@ def test_interrupted_replay_resumes_without_losing_letters(setup: Setup) -> None
     s = setup
     dead_letter_poison(s)
     s.fixed.touch()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "dlq", "replay", str(s.config), MAPPING, *RATE],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while not handled(s) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    first = orjson.loads(out.strip().splitlines()[-1])
+    first = interrupted_replay(s.config, MAPPING, lambda: bool(handled(s)), *RATE)
     assert first["interrupted"] and 1 <= first["letters"] < len(POISON)
     assert len(pending(s)) == len(POISON) - first["letters"]
 

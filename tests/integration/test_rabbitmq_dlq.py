@@ -4,7 +4,6 @@ real broker; and the dead-letter store and source publisher behind them."""
 from __future__ import annotations
 
 import logging
-import signal
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from connectors.rabbitmq import (
 )
 from connectors.shapes import RabbitMeta
 from tests.brokers import rabbitmq_reachable, rabbitmq_url, require, unique_name
+from tests.cli import interrupted_replay
 from workers import config as cfg
 from workers.records import Record
 
@@ -256,25 +256,7 @@ def test_interrupted_replay_resumes_without_losing_records(tmp_path: Path, queue
     s = Setup(tmp_path, queues, poison)
     s.dead_letter(queues, poison)
     s.fixed.touch()
-    replay = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "dlq", "replay", str(s.config), s.queue, *rate],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while len(s.handled()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        replay.send_signal(signal.SIGTERM)
-        out, err = replay.communicate(timeout=30)
-    finally:
-        if replay.poll() is None:
-            replay.kill()
-            replay.communicate()
-    assert replay.returncode == 0, err[-3000:]
-    first = orjson.loads(out.strip().splitlines()[-1])
+    first = interrupted_replay(s.config, s.queue, lambda: len(s.handled()) >= 2, *rate)
     assert first["interrupted"] and 2 <= first["letters"] < len(poison)
     assert queues.ready(s.dlq) == len(poison) - first["letters"]  # what was not done stays
 

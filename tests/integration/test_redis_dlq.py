@@ -5,10 +5,8 @@ and an interrupted replay resumes."""
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ import redis
 import yaml
 
 from tests import brokers
+from tests.cli import interrupted_replay
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
 
@@ -268,30 +267,7 @@ def test_interrupted_replay_resumes_without_losing_letters(setup: Setup) -> None
     s = setup
     dead_letter_poison(s)
     s.fixed.touch()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "dlq",
-            "replay",
-            str(s.config),
-            "orders",
-            "--rate",
-            "2",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 30
-    while not handled(s) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    first = orjson.loads(out.strip().splitlines()[-1])
+    first = interrupted_replay(s.config, "orders", lambda: bool(handled(s)), "--rate", "2")
     assert first["interrupted"] and 1 <= first["letters"] < len(POISON)
     assert len(pending(s)) == len(POISON) - first["letters"]
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from tests.cli import interrupted_replay
 
 ROOT = Path(__file__).resolve().parents[2]
 POISON = [3, 10, 17, 24]
@@ -140,30 +140,9 @@ def test_interrupted_replay_resumes_without_losing_or_repeating(tmp_path: Path) 
     config, handled, fixed = setup(tmp_path)
     dead_letter_poison(config, handled)
     fixed.touch()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "workers.cli",
-            "dlq",
-            "replay",
-            str(config),
-            "orders",
-            "--rate",
-            "2",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    first = interrupted_replay(
+        config, "orders", lambda: bool(ids_handled(handled)), "--rate", "2", wait_s=60
     )
-    deadline = time.monotonic() + 60
-    while len(ids_handled(handled)) < 1 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    first = orjson.loads(out.strip().splitlines()[-1])
     assert first["interrupted"] and 1 <= first["letters"] < len(POISON)
 
     rest = replay(config)
