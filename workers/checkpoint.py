@@ -34,14 +34,7 @@ class CheckpointTracker:
 
     def track(self, unit: str, position: int) -> bool:
         """Register a polled position; False for one at or below the last registered one."""
-        u = self._units.get(unit)
-        if u is None:
-            u = self._units[unit] = _Unit()
-        elif position < self._next[unit]:
-            return False
-        u.outstanding.append(position)
-        self._next[unit] = position + 1
-        return True
+        return bool(self.track_run(unit, [position]))
 
     def track_run(self, unit: str, positions: list[int]) -> list[int]:
         """`track` for increasing positions of one unit; returns those not seen before."""

@@ -37,7 +37,6 @@ class FakeClock:
         self._lock = threading.Lock()
         self._now_s = 0.0
         self._start_ms = start_ms
-        self.waited_s = 0.0
 
     def monotonic(self) -> float:
         with self._lock:
@@ -55,8 +54,6 @@ class FakeClock:
         if event.is_set():
             return True
         self.advance(max(timeout_s, 0.0))
-        with self._lock:
-            self.waited_s += max(timeout_s, 0.0)
         # Yield so other threads can make progress, as a real wait would let them.
         time.sleep(0)
         return event.is_set()
