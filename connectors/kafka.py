@@ -37,7 +37,13 @@ from connectors.base import (
     SourceBase,
     StoredLetter,
 )
-from connectors.shapes import TIMESTAMP_TYPES, KafkaMeta, KafkaShape, encoded_size
+from connectors.shapes import (
+    RECORD_OVERHEAD_BYTES,
+    TIMESTAMP_TYPES,
+    KafkaMeta,
+    KafkaShape,
+    kafka_item,
+)
 from workers import config as cfg
 from workers.deadletter import REPLAY_HEADER, parse_letter
 from workers.records import Record
@@ -504,6 +510,8 @@ class KafkaSource(SourceBase):
         units = self._units
         positions = self._next
         eof_discard = self._eof.discard
+        item = kafka_item
+        overhead = RECORD_OVERHEAD_BYTES  # encoded_size(), inlined
         for m in messages:
             topic = m.topic() or ""
             partition = m.partition() or 0
@@ -527,25 +535,30 @@ class KafkaSource(SourceBase):
                 )
             value = m.value() or b""  # a tombstone's null value is delivered as "" (base64 "")
             key = m.key()
-            headers: list[tuple[str, bytes]] = []
+            headers: Sequence[tuple[str, bytes]] = ()
             extra = 0
             raw_headers = m.headers()
             if raw_headers:
+                headers = []
                 for name, data in cast(_Headers, raw_headers):  # consumers get a list
                     data = data.encode() if isinstance(data, str) else data or b""
                     headers.append((name, data))
                     # Header bytes appear in the event as a JSON list of numbers.
                     extra += len(name) + 4 * len(data) + 8
+            # 0 is "unknown" to the engine (no record-age check), as Kafka's -1 means.
+            ts = ts if ts > 0 and ts_type != TIMESTAMP_NOT_AVAILABLE else 0
             record = Record(
                 unit,
                 offset,
                 value,
                 key,
-                # 0 is "unknown" to the engine (no record-age check), as Kafka's -1 means.
-                ts if ts > 0 and ts_type != TIMESTAMP_NOT_AVAILABLE else 0,
+                ts,
                 headers,
-                size=encoded_size(value, key, extra),
-                meta=meta,
+                0,
+                False,
+                (len(value) + (len(key) if key else 0) + 2) // 3 * 4 + overhead + extra,
+                meta,
+                item(topic, partition, offset, ts, meta.timestamp_type, key, value, headers),
             )
             if held and unit in held:
                 self._hold(unit, record)

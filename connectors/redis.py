@@ -4,6 +4,7 @@ start, dead consumers' by XAUTOCLAIM), a stream destination that can ack atomica
 
 from __future__ import annotations
 
+import binascii
 import logging
 import threading
 import time
@@ -19,9 +20,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from connectors.base import AssignmentListener, Capabilities, SourceBase, StoredLetter
 from connectors.shapes import (
+    RECORD_OVERHEAD_BYTES,
     RedisMeta,
     RedisShape,
-    encoded_size,
     format_stream_id,
     parse_stream_id,
 )
@@ -446,8 +447,9 @@ class RedisSource(SourceBase):
                     fresh.append((entry_id, raw_id, fields))
         out: list[Record] = []
         append = out.append
-        name_of = self._name_of
+        names = self._names
         key_field = self._key_field
+        b2a = binascii.b2a_base64
         newest = -1
         for entry_id, raw_id, fields in fresh:
             ms_text, _, seq_text = entry_id.partition("-")
@@ -455,31 +457,33 @@ class RedisSource(SourceBase):
             position = (ms << 64) | int(seq_text)
             if position > newest:
                 newest = position
+            # One pass over the fields: their names as text, the event's base64 values, and the
+            # bytes they add to the event (encoded_size(), inlined).
+            named: dict[str, bytes] = {}
+            encoded: dict[str, str] = {}
+            size = RECORD_OVERHEAD_BYTES
+            value = b""
+            for raw_name, data in fields.items():
+                name = names.get(raw_name) or self._name_of(raw_name)
+                named[name] = data
+                encoded[name] = b2a(data, newline=False).decode()
+                size += len(raw_name) + (len(data) + 2) // 3 * 4 + _FIELD_BYTES
+                if raw_name != key_field:
+                    value = data
             key = None if key_field is None else fields.get(key_field)
-            headers: list[tuple[str, bytes]] = []
+            headers: Sequence[tuple[str, bytes]] = ()
+            # The common cases are done: one field holding the payload, or the partition key
+            # field and one payload field (the value the loop kept).
             if len(fields) == 1:
-                # The common case, kept lean: one field holding the payload.
-                [(raw_name, value)] = fields.items()
-                named = {name_of(raw_name): value}
-                size = encoded_size(value, extra=len(raw_name) + _FIELD_BYTES)
-            elif key is not None and len(fields) == 2 and _REPLAY_FIELD not in fields:
-                # The keyed case, as lean: the partition key field and one payload field.
-                [(name_a, value_a), (name_b, value_b)] = fields.items()
-                value = value_b if name_a == key_field else value_a
-                named = {name_of(name_a): value_a, name_of(name_b): value_b}
-                size = encoded_size(
-                    b"", extra=_field_size(name_a, value_a) + _field_size(name_b, value_b)
-                )
-            else:
-                named = {name_of(k): v for k, v in fields.items()}
-                size = encoded_size(b"", extra=sum(_field_size(k, v) for k, v in fields.items()))
+                value = data
+            elif key is None or len(fields) != 2 or _REPLAY_FIELD in fields:
                 body = fields
                 replays = fields.get(_REPLAY_FIELD)
                 if replays is not None:
                     # A replayed entry (`workers dlq replay --to source`): the count is a header
                     # for the engine and stays a field for the handler, but the value is what it
                     # was before the replay, so filter patterns match it as they did then.
-                    headers.append((REPLAY_HEADER, replays))
+                    headers = [(REPLAY_HEADER, replays)]
                     body = {k: v for k, v in fields.items() if k != _REPLAY_FIELD}
                 if len(body) == 1:
                     value = next(iter(body.values()))
@@ -487,21 +491,22 @@ class RedisSource(SourceBase):
                     value = next(v for k, v in body.items() if k != key_field)
                 else:
                     value = orjson.dumps(
-                        {name_of(k): v.decode("utf-8", "replace") for k, v in body.items()}
+                        {self._name_of(k): v.decode("utf-8", "replace") for k, v in body.items()}
                     )
             attempts = 0 if counts is None else max(0, counts.get(raw_id, 1) - 1)
             append(
                 Record(
-                    source=stream,
-                    position=position,
-                    value=value,
-                    key=key,
-                    timestamp_ms=ms,
-                    headers=headers,
-                    attempts=attempts,
-                    redelivered=attempts > 0,
-                    size=size,
-                    meta=RedisMeta(stream, entry_id, named),
+                    stream,
+                    position,
+                    value,
+                    key,
+                    ms,
+                    headers,
+                    attempts,
+                    attempts > 0,
+                    size,
+                    RedisMeta(stream, entry_id, named),
+                    {"stream": stream, "id": entry_id, "timestamp": ms, "fields": encoded},
                 )
             )
         if out:
@@ -580,6 +585,12 @@ class RedisSource(SourceBase):
         self._forget(by_stream)
 
     def _xack(self, client: redis.Redis, by_stream: Mapping[str, Collection[str]]) -> None:
+        if len(by_stream) == 1:
+            [(stream, ids)] = by_stream.items()
+            if len(ids) <= CHUNK:
+                # The common case, one command without a pipeline's bookkeeping.
+                client.xack(stream, self.group, *ids)
+                return
         pipe = client.pipeline(transaction=False)
         for stream, ids in by_stream.items():
             for chunk in _chunks(list(ids)):

@@ -67,7 +67,7 @@ def records(event: dict[str, Any]) -> Iterator[EventRecord]:
             source=r.source,
             value=value,
             key=r.key,
-            headers=r.headers,
+            headers=list(r.headers),
             timestamp_ms=r.timestamp_ms,
             item_identifier=shape.item_identifier(r),
             fields=fields,

@@ -6,7 +6,8 @@ what a connector needs to build its Lambda event shape and to settle the record 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -24,7 +25,7 @@ class Record:
     value: bytes
     key: bytes | None = None
     timestamp_ms: int = 0
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    headers: Sequence[tuple[str, bytes]] = ()
     # Deliveries the broker already counted before this one (x-delivery-count, XPENDING).
     attempts: int = 0
     redelivered: bool = False
@@ -32,6 +33,11 @@ class Record:
     size: int = 0
     # Connector-private data (delivery tag, stream id, topic, ...).
     meta: Any = None
+    # The record's item of the Lambda event, when the connector built it while reading (one
+    # pass over the broker's message instead of two). The first event that includes the record
+    # takes it; later ones (retries, bisect halves, dead letters) build it again from the fields
+    # above, so nothing a handler does to its event reaches a retry.
+    item: dict[str, Any] | None = None
 
     @property
     def ident(self) -> tuple[str, int]:

@@ -732,6 +732,19 @@ def test_record_fields_key_and_size(
         assert orjson.loads(records[2].value) == {"k": "b", "x": "1", "y": "2"}
         assert all(r.size > len(r.value) and r.attempts == 0 for r in records)
         assert records[0].meta.fields == {"k": b"a", "v": b"1"}
+        event = source.shape.event(records)
+        items = event["records"][stream]
+        assert [item["fields"] for item in items] == [
+            {"k": "YQ==", "v": "MQ=="},
+            {"only": "eA=="},
+            {"k": "Yg==", "x": "MQ==", "y": "Mg=="},
+        ]
+        # Built once while reading and taken by the first event; a retry builds the same event
+        # from the records' fields, whatever the handler did to the first one.
+        assert all(r.item is None for r in records)
+        rebuilt = orjson.loads(orjson.dumps(event))
+        items[0]["fields"].clear()
+        assert source.shape.event(records) == rebuilt
         source.ack(records)
     finally:
         source.close()
