@@ -60,6 +60,7 @@ STAGES: dict[tuple[str, str], str] = {
     ("workers/environments.py", "*"): "environment round trip",
     ("connectors/shapes.py", "event"): "event building",
     ("connectors/shapes.py", "encoded_size"): "connector: records",
+    ("connectors/shapes.py", "kafka_item"): "connector: event items",
 }
 CONNECTOR_STAGES = {
     "poll": "connector: poll (driver)",
