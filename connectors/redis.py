@@ -1036,11 +1036,6 @@ def probe_redis(src: cfg.RedisSource) -> None:
         client.close()
 
 
-def _field_size(name: bytes, value: bytes) -> int:
-    """Bytes one field adds to the event: its name and its value in base64."""
-    return len(name) + (len(value) + 2) // 3 * 4 + _FIELD_BYTES
-
-
 def _id_key(entry_id: bytes) -> tuple[int, int]:
     ms, _, seq = entry_id.partition(b"-")
     return (int(ms), int(seq or 0))
