@@ -37,13 +37,7 @@ from connectors.base import (
     SourceBase,
     StoredLetter,
 )
-from connectors.shapes import (
-    RECORD_OVERHEAD_BYTES,
-    TIMESTAMP_TYPES,
-    KafkaMeta,
-    KafkaShape,
-    kafka_item,
-)
+from connectors.shapes import TIMESTAMP_TYPES, KafkaMeta, KafkaShape, encoded_size, kafka_item
 from workers import config as cfg
 from workers.deadletter import REPLAY_HEADER, parse_letter
 from workers.records import Record
@@ -511,7 +505,6 @@ class KafkaSource(SourceBase):
         positions = self._next
         eof_discard = self._eof.discard
         item = kafka_item
-        overhead = RECORD_OVERHEAD_BYTES  # encoded_size(), inlined
         for m in messages:
             topic = m.topic() or ""
             partition = m.partition() or 0
@@ -556,7 +549,7 @@ class KafkaSource(SourceBase):
                 headers,
                 0,
                 False,
-                (len(value) + (len(key) if key else 0) + 2) // 3 * 4 + overhead + extra,
+                encoded_size(value, key, extra),
                 meta,
                 item(topic, partition, offset, ts, meta.timestamp_type, key, value, headers),
             )

@@ -25,6 +25,7 @@ from connectors.shapes import (
     RedisShape,
     format_stream_id,
     parse_stream_id,
+    redis_item,
 )
 from workers import config as cfg
 from workers.config import redact_url
@@ -458,7 +459,7 @@ class RedisSource(SourceBase):
             if position > newest:
                 newest = position
             # One pass over the fields: their names as text, the event's base64 values, and the
-            # bytes they add to the event (encoded_size(), inlined).
+            # bytes they add to the event.
             named: dict[str, bytes] = {}
             encoded: dict[str, str] = {}
             size = RECORD_OVERHEAD_BYTES
@@ -466,8 +467,8 @@ class RedisSource(SourceBase):
             for raw_name, data in fields.items():
                 name = names.get(raw_name) or self._name_of(raw_name)
                 named[name] = data
-                encoded[name] = b2a(data, newline=False).decode()
-                size += len(raw_name) + (len(data) + 2) // 3 * 4 + _FIELD_BYTES
+                encoded[name] = text = b2a(data, newline=False).decode()
+                size += len(raw_name) + len(text) + _FIELD_BYTES
                 if raw_name != key_field:
                     value = data
             key = None if key_field is None else fields.get(key_field)
@@ -506,7 +507,7 @@ class RedisSource(SourceBase):
                     attempts > 0,
                     size,
                     RedisMeta(stream, entry_id, named),
-                    {"stream": stream, "id": entry_id, "timestamp": ms, "fields": encoded},
+                    redis_item(stream, entry_id, ms, encoded),
                 )
             )
         if out:
@@ -585,16 +586,14 @@ class RedisSource(SourceBase):
         self._forget(by_stream)
 
     def _xack(self, client: redis.Redis, by_stream: Mapping[str, Collection[str]]) -> None:
-        if len(by_stream) == 1:
-            [(stream, ids)] = by_stream.items()
-            if len(ids) <= CHUNK:
-                # The common case, one command without a pipeline's bookkeeping.
-                client.xack(stream, self.group, *ids)
-                return
+        commands = [(s, chunk) for s, ids in by_stream.items() for chunk in _chunks(list(ids))]
+        if len(commands) == 1:
+            # One command needs no pipeline's bookkeeping: the common case, one stream's batch.
+            client.xack(commands[0][0], self.group, *commands[0][1])
+            return
         pipe = client.pipeline(transaction=False)
-        for stream, ids in by_stream.items():
-            for chunk in _chunks(list(ids)):
-                pipe.xack(stream, self.group, *chunk)
+        for stream, chunk in commands:
+            pipe.xack(stream, self.group, *chunk)
         pipe.execute()
 
     def _forget(self, by_stream: Mapping[str, Collection[str]]) -> None:

@@ -355,6 +355,13 @@ class RedisMeta:
     fields: dict[str, bytes]
 
 
+def redis_item(
+    stream: str, entry_id: str, timestamp_ms: int, encoded_fields: dict[str, str]
+) -> dict[str, Any]:
+    """One record of the `redis:streams` event; its fields already in base64."""
+    return {"stream": stream, "id": entry_id, "timestamp": timestamp_ms, "fields": encoded_fields}
+
+
 class RedisShape:
     """The `redis:streams` event of DESIGN.md, in the spirit of Lambda's stream events."""
 
@@ -370,12 +377,12 @@ class RedisShape:
             item = r.item
             if item is None:
                 meta: RedisMeta = r.meta
-                item = {
-                    "stream": meta.stream,
-                    "id": meta.entry_id,
-                    "timestamp": r.timestamp_ms,
-                    "fields": {k: _b64(v).decode() for k, v in meta.fields.items()},
-                }
+                item = redis_item(
+                    meta.stream,
+                    meta.entry_id,
+                    r.timestamp_ms,
+                    {k: _b2a(v, newline=False).decode() for k, v in meta.fields.items()},
+                )
             else:
                 r.item = None
             stream = item["stream"]
