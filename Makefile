@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install brokers test test-unit test-integration lint format schema bench demo clean
+.PHONY: install brokers test test-unit test-integration test-faults lint format schema bench demo clean
 
 install: $(VENV)/.installed
 
@@ -17,13 +17,18 @@ brokers:
 	bash scripts/brokers.sh
 
 test: install brokers
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not faults_full"
 
 test-unit: install
 	$(BIN)/pytest -q tests/unit
 
 test-integration: install brokers
 	$(BIN)/pytest -q -m integration
+
+# Every fault scenario on every broker; `make test` runs a representative subset of them.
+test-faults: install brokers
+	$(BIN)/pytest -q tests/faults
+	$(BIN)/python -m tests.faults.report
 
 lint: install
 	$(BIN)/ruff check .
