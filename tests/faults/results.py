@@ -142,3 +142,27 @@ def ids_of(values: Iterable[bytes]) -> list[str]:
         if isinstance(doc, dict) and "id" in doc:
             out.append(str(doc["id"]))
     return out
+
+
+def file_letters(directory: Path, mapping: str) -> list[dict[str, Any]]:
+    """The letters a `file` destination holds for `mapping` (whole lines only)."""
+    path = directory / f"{mapping}.jsonl"
+    if not path.exists():
+        return []
+    letters = []
+    for line in path.read_bytes().splitlines():
+        try:
+            letters.append(orjson.loads(line))
+        except orjson.JSONDecodeError:
+            continue
+    return letters
+
+
+def letter_ids(letters: Iterable[dict[str, Any]]) -> list[str]:
+    """Ids of the records that dead letters carry in their payloads."""
+    from workers.events import records
+
+    values = [
+        r.value for letter in letters if "payload" in letter for r in records(letter["payload"])
+    ]
+    return ids_of(values)
