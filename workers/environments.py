@@ -182,10 +182,32 @@ def _error_info(exc: BaseException) -> ErrorInfo:
     return ErrorInfo(type(exc).__name__, _safe_str(exc), _stack(exc))
 
 
-def _function_environment(spec: FunctionSpec, log_stream_name: str) -> dict[str, str]:
-    """The function's variables, then Lambda's reserved ones (which a function cannot override)."""
+# The region a function sees when neither the environment nor the function names one; code
+# that creates an AWS SDK client at import time fails without any.
+DEFAULT_REGION = "us-east-1"
+
+
+def _function_environment(
+    spec: FunctionSpec, log_stream_name: str, task_root: str
+) -> dict[str, str]:
+    """The function's variables, then Lambda's reserved ones (which a function cannot override).
+
+    As in Lambda's Python runtime: AWS_REGION and AWS_DEFAULT_REGION (inherited when set, else
+    us-east-1), AWS_EXECUTION_ENV naming the Python version, and LAMBDA_TASK_ROOT the directory
+    the handler is imported from.
+    """
     environment = {key: str(value) for key, value in spec.environment.items()}
+    region = (
+        environment.get("AWS_REGION")
+        or os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or DEFAULT_REGION
+    )
+    environment.setdefault("AWS_DEFAULT_REGION", os.environ.get("AWS_DEFAULT_REGION", region))
     environment.update(
+        AWS_REGION=region,
+        AWS_EXECUTION_ENV=f"AWS_Lambda_python{sys.version_info.major}.{sys.version_info.minor}",
+        LAMBDA_TASK_ROOT=task_root,
         AWS_LAMBDA_FUNCTION_NAME=spec.name,
         AWS_LAMBDA_FUNCTION_MEMORY_SIZE=str(spec.memory_mb),
         AWS_LAMBDA_FUNCTION_VERSION=LATEST,
@@ -706,7 +728,10 @@ class ProcessInvoker:
         """Start a child in the slot reserved by the caller; on failure the slot is released."""
         started = time.perf_counter()
         log_stream_name = new_log_stream_name()
-        environ = {**self._parent_environ, **_function_environment(self.spec, log_stream_name)}
+        environ = {
+            **self._parent_environ,
+            **_function_environment(self.spec, log_stream_name, self._cwd),
+        }
         config = _ChildConfig(
             function_name=self.spec.name,
             handler=self.spec.handler,
@@ -967,8 +992,8 @@ class ThreadInvoker:
         self.stats = Stats()
         self._log = log or logging.getLogger(f"workers.function.{spec.name}")
         self._log_stream_name = new_log_stream_name()
-        os.environ.update(_function_environment(spec, self._log_stream_name))
         cwd = os.getcwd()
+        os.environ.update(_function_environment(spec, self._log_stream_name, cwd))
         if cwd not in sys.path:
             sys.path.insert(0, cwd)
         self._slots = threading.BoundedSemaphore(spec.concurrency)

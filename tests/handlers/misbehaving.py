@@ -94,9 +94,17 @@ def context_attributes(event: Any, context: Any) -> dict[str, Any]:
         "remaining_ms": context.get_remaining_time_in_millis(),
         "mapping_name": context.mapping_name,
         "attempt": context.attempt,
-        "identity": context.identity,
+        "identity": {
+            "cognito_identity_id": context.identity.cognito_identity_id,
+            "cognito_identity_pool_id": context.identity.cognito_identity_pool_id,
+        },
         "client_context": context.client_context,
+        "tenant_id": context.tenant_id,
     }
+
+
+def logs_through_context(event: Any, context: Any) -> None:
+    context.log("logged through context.log\n")
 
 
 def pid(event: Any, context: Any) -> int:

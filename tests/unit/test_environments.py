@@ -233,8 +233,10 @@ def test_context_has_lambdas_attributes(process_invoker: Factory) -> None:
     assert 0 < context["remaining_ms"] <= 5000
     assert context["mapping_name"] == "orders-from-kafka"
     assert context["attempt"] == 3
-    assert context["identity"] is None
+    # As awslambdaric: an identity object whose fields are None, no client context or tenant.
+    assert context["identity"] == {"cognito_identity_id": None, "cognito_identity_pool_id": None}
     assert context["client_context"] is None
+    assert context["tenant_id"] is None
 
 
 def test_environment_variables_are_visible_to_the_handler(process_invoker: Factory) -> None:
@@ -258,6 +260,46 @@ def test_environment_variables_are_visible_to_the_handler(process_invoker: Facto
             "AWS_LAMBDA_FUNCTION_TIMEOUT": "10",
         }
     )
+
+
+def test_lambda_runtime_variables_are_set(
+    process_invoker: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    names = ["AWS_REGION", "AWS_DEFAULT_REGION", "AWS_EXECUTION_ENV", "LAMBDA_TASK_ROOT"]
+
+    result = process_invoker("reads_env").invoke({"names": names}, request())
+
+    assert isinstance(result, Success)
+    assert result.response["AWS_REGION"] == "us-east-1"
+    assert result.response["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert result.response["AWS_EXECUTION_ENV"].startswith("AWS_Lambda_python3.")
+    assert result.response["LAMBDA_TASK_ROOT"] == str(ROOT)
+
+
+def test_region_is_inherited_from_the_environment(
+    process_invoker: Factory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_REGION", "eu-west-3")
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+
+    result = process_invoker("reads_env").invoke(
+        {"names": ["AWS_REGION", "AWS_DEFAULT_REGION"]}, request()
+    )
+
+    assert result == Success({"AWS_REGION": "eu-west-3", "AWS_DEFAULT_REGION": "eu-west-3"})
+
+
+def test_context_log_reaches_the_log_with_the_request_id(
+    process_invoker: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="workers.function.orders")
+
+    assert process_invoker("logs_through_context").invoke({}, request("req-log")) == Success(None)
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "workers.function.orders"]
+    assert "[req-log] logged through context.log" in lines
 
 
 def test_handler_output_reaches_the_log_with_the_request_id(
