@@ -891,7 +891,11 @@ class Config(_Model):
                     f"mapping {m.name!r} dead-letters to exchange {on_failure.exchange!r} with no"
                     " `queue`: `workers dlq` cannot read those letters back"
                 )
-            if m.maximum_retry_attempts == -1 and m.maximum_record_age_s == -1:
+            if (
+                m.maximum_retry_attempts == -1
+                and m.maximum_record_age_s == -1
+                and m.destination_config is None
+            ):
                 found.append(
                     f"mapping {m.name!r} retries a failing record forever"
                     " (maximum_retry_attempts and maximum_record_age_s are both -1)"

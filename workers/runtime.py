@@ -20,9 +20,17 @@ log = logging.getLogger("workers.runtime")
 DRAIN_MARGIN_S = 5.0
 
 
+# Lambda stops retrying at this many attempts when retries are unlimited (-1) but an on-failure
+# destination is configured, so records reach the destination instead of retrying forever.
+RETRY_CAP_WITH_DESTINATION = 10
+
+
 def policy_of(mapping: EventSourceMapping) -> Policy:
+    retries = mapping.maximum_retry_attempts
+    if retries == -1 and mapping.destination_config is not None:
+        retries = RETRY_CAP_WITH_DESTINATION
     return Policy(
-        maximum_retry_attempts=mapping.maximum_retry_attempts,
+        maximum_retry_attempts=retries,
         bisect_batch_on_function_error=mapping.bisect_batch_on_function_error,
         maximum_record_age_s=mapping.maximum_record_age_s,
         report_batch_item_failures="ReportBatchItemFailures" in mapping.function_response_types,

@@ -795,6 +795,25 @@ def test_warnings() -> None:
     ]
 
 
+def test_unlimited_retries_with_a_destination_stop_at_ten_as_on_lambda() -> None:
+    from workers.runtime import RETRY_CAP_WITH_DESTINATION, policy_of
+
+    doc = copy.deepcopy(BASE)
+    doc["event_source_mappings"][0]["maximum_retry_attempts"] = -1
+    doc["event_source_mappings"][0]["maximum_record_age_s"] = -1
+    doc["event_source_mappings"][0]["destination_config"] = {
+        "on_failure": {"type": "file", "path": "dlq"}
+    }
+    doc["event_source_mappings"][1]["maximum_retry_attempts"] = -1
+    config = config_from_dict(doc)
+
+    assert RETRY_CAP_WITH_DESTINATION == 10
+    assert policy_of(config.mapping("k")).maximum_retry_attempts == 10
+    # Without a destination, -1 keeps its meaning: until success or record age.
+    assert policy_of(config.mapping("r")).maximum_retry_attempts == -1
+    assert not any("'k' retries a failing record forever" in w for w in config.warnings())
+
+
 # ----------------------------------------------------------------------------------------------
 # Secrets
 
