@@ -351,22 +351,30 @@ StartingPosition = Literal["TRIM_HORIZON", "LATEST", "AT_TIMESTAMP"]
 _HANDLER = re.compile(r"(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<function>[A-Za-z_]\w*)")
 
 
+def split_handler(handler: str) -> tuple[str, str] | None:
+    """(module, function) of `module:function` or of Lambda's own `module.function` spelling
+    (the last dot separates the function), or None when it is neither."""
+    found = _HANDLER.fullmatch(handler)
+    if found is None and ":" not in handler:
+        module, dot, function = handler.rpartition(".")
+        found = _HANDLER.fullmatch(f"{module}:{function}") if dot else None
+    return (found["module"], found["function"]) if found else None
+
+
 def _handler_problem(handler: str) -> str | None:
-    if _HANDLER.fullmatch(handler):
+    if split_handler(handler) is not None:
         return None
-    message = f"must be 'module:function' (got {_show(handler)})"
-    module, dot, function = handler.rpartition(".")
-    if dot and ":" not in handler and _HANDLER.fullmatch(f"{module}:{function}"):
-        # Lambda writes "file.function"; point at the spelling this runtime uses.
-        message += f"; did you mean '{module}:{function}'?"
-    return message
+    return f"must be 'module:function' or Lambda's 'module.function' (got {_show(handler)})"
 
 
 class FunctionConfig(_Model):
     """A function: the handler and the limits of its execution environments."""
 
     handler: str = Field(
-        description="'package.module:function'; async def handlers are allowed",
+        description=(
+            "'package.module:function' or Lambda's 'package.module.function';"
+            " async def handlers are allowed"
+        ),
         examples=["app.handlers:handle_orders"],
     )
     timeout_s: Annotated[float, _Range(0, 900, lo_exclusive=True)] = Field(
@@ -432,10 +440,10 @@ def check_handler(spec: FunctionSpec, file: str | Path = "<config>") -> None:
     def fail(message: str) -> NoReturn:
         raise ConfigError(file, [Problem(path, message)])
 
-    problem = _handler_problem(spec.handler)
-    if problem:
-        fail(problem)
-    module_name, _, function_name = spec.handler.partition(":")
+    parts = split_handler(spec.handler)
+    if parts is None:
+        fail(f"must be 'module:function' or Lambda's 'module.function' (got {_show(spec.handler)})")
+    module_name, function_name = parts
     try:
         with _environment(spec.environment):
             module = importlib.import_module(module_name)
@@ -1170,6 +1178,8 @@ def config_from_dict(data: Any, file: str | Path = "<config>") -> Config:
                 )
             ],
         )
+    # Top-level `x-...` keys hold YAML anchors to reuse (the Compose convention): not settings.
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:

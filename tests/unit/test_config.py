@@ -247,10 +247,10 @@ BAD: list[tuple[str, Mutation, str, str]] = [
         "must be 'module:function'",
     ),
     (
-        "Lambda-style handler",
-        put(*ORDERS, "handler", value="app.handlers.handle_orders"),
+        "handler without a function",
+        put(*ORDERS, "handler", value="handlers"),
         "functions.orders.handler",
-        "did you mean 'app.handlers:handle_orders'?",
+        "must be 'module:function' or Lambda's 'module.function' (got 'handlers')",
     ),
     (
         "bad function name",
@@ -795,6 +795,28 @@ def test_warnings() -> None:
     ]
 
 
+def test_top_level_x_keys_hold_anchors_and_are_ignored(tmp_path: Path) -> None:
+    path = tmp_path / "mappings.yaml"
+    path.write_text(
+        """
+x-kafka: &kafka
+  type: kafka
+  bootstrap_servers: 127.0.0.1:9092
+functions:
+  f: {handler: "app:handle"}
+event_source_mappings:
+  - {name: a, function: f, source: {<<: *kafka, topics: [a]}}
+  - {name: b, function: f, source: {<<: *kafka, topics: [b]}}
+"""
+    )
+    config = load_config(path)
+    assert [m.source.topics for m in config.event_source_mappings] == [["a"], ["b"]]
+    # Elsewhere an unknown key is still an error.
+    path.write_text(path.read_text().replace("functions:", "y-extra: 1\nfunctions:"))
+    with pytest.raises(ConfigError, match="y-extra"):
+        load_config(path)
+
+
 def test_unlimited_retries_with_a_destination_stop_at_ten_as_on_lambda() -> None:
     from workers.runtime import RETRY_CAP_WITH_DESTINATION, policy_of
 
@@ -877,8 +899,11 @@ def handlers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
 
 
 @pytest.mark.parametrize("function", ["handle", "handle_async"])
-def test_check_handler_importable(handlers: str, function: str) -> None:
-    spec = FunctionSpec(name="f", handler=f"{handlers}.good:{function}", environment={"TABLE": "t"})
+@pytest.mark.parametrize("separator", [":", "."])
+def test_check_handler_importable(handlers: str, function: str, separator: str) -> None:
+    # "." is how Lambda names a handler (app.lambda_handler): it works unchanged.
+    handler = f"{handlers}.good{separator}{function}"
+    spec = FunctionSpec(name="f", handler=handler, environment={"TABLE": "t"})
     check_handler(spec, "x.yaml")
 
 
@@ -890,7 +915,7 @@ def test_check_handler_importable(handlers: str, function: str) -> None:
         ("cfg_handlers.good:NOT_CALLABLE", "is not callable (it is int)"),
         ("cfg_handlers.broken:handle", "importing 'cfg_handlers.broken' failed: ModuleNotFound"),
         ("cfg_handlers.crashing:handle", "failed: RuntimeError: no config"),
-        ("cfg_handlers.good", "must be 'module:function'"),
+        ("cfg_handlers", "must be 'module:function' or Lambda's 'module.function'"),
     ],
 )
 def test_check_handler_not_importable(handlers: str, handler: str, words: str) -> None:
