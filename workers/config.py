@@ -785,6 +785,20 @@ class EventSourceMapping(_Model):
             destination.bootstrap_servers = source.bootstrap_servers
             if not destination.client_config:
                 destination.client_config = dict(source.client_config)
+        if (
+            isinstance(destination, KafkaDestination)
+            and isinstance(source, KafkaSource)
+            and destination.topic in source.topics
+            and destination.bootstrap_servers == source.bootstrap_servers
+        ):
+            # Lambda refuses this too: every letter would be read again as a record, in a loop.
+            raise _invalid(
+                (
+                    ("destination_config", "on_failure", "topic"),
+                    f"must not be a topic the mapping reads ({destination.topic!r}):"
+                    " its letters would be read back as records",
+                )
+            )
         return self
 
 

@@ -438,6 +438,12 @@ BAD: list[tuple[str, Mutation, str, str]] = [
         "is required when the source is not kafka (it is redis)",
     ),
     (
+        "kafka destination is the source topic",
+        put(*M0, "destination_config", value={"on_failure": {"type": "kafka", "topic": "t"}}),
+        "event_source_mappings[0].destination_config.on_failure.topic",
+        "must not be a topic the mapping reads ('t')",
+    ),
+    (
         "rabbitmq destination without routing key",
         put(
             *M1,
