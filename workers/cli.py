@@ -25,9 +25,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.path.insert(0, os.getcwd())
     parser = build_parser()
     args = parser.parse_args(argv)
-    from workers.supervisor import configure_logging
+    from workers.logs import FORMAT_ENV, configure_logging
 
-    configure_logging(getattr(logging, args.log_level))
+    # Through the environment, so poller processes log in the same format.
+    os.environ[FORMAT_ENV] = args.log_format
+    configure_logging(getattr(logging, args.log_level), fmt=args.log_format)
     from connectors.base import ConnectorConfigError
 
     try:
@@ -52,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("WORKERS_LOG_LEVEL", "INFO").upper(),
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help="log verbosity (default: INFO, or $WORKERS_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default=os.environ.get("WORKERS_LOG_FORMAT", "text"),
+        choices=["text", "json"],
+        help="log lines as text or as JSON objects (default: text, or $WORKERS_LOG_FORMAT)",
     )
     sub = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from workers.backoff import Backoff
+from workers.logs import configure_logging
 
 log = logging.getLogger("workers.supervisor")
 
@@ -50,16 +51,6 @@ MAX_EARLY_DEATHS = 5
 # interval, a batch thread woken by its handler's reply can wait that long for the busy loop
 # thread to give up the GIL; 0.5 ms measured 1.0-1.7x records/s in-process (bench/README.md).
 POLLER_SWITCH_INTERVAL_S = 0.0005
-
-
-def configure_logging(level: int = logging.INFO, tag: str = "") -> None:
-    prefix = f"[{tag}] " if tag else ""
-    logging.basicConfig(
-        level=level,
-        format=f"%(asctime)s %(levelname)s %(name)s {prefix}%(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
 
 
 def poller_main(

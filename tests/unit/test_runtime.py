@@ -207,6 +207,31 @@ event_source_mappings:
     assert handled.read_bytes().count(b"\n") == 250
 
 
+def test_log_format_json_writes_json_lines_from_every_process(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        """
+functions:
+  f: {handler: "tests.handlers.misbehaving:logs_through_context", isolation: process}
+event_source_mappings:
+  - name: sample
+    function: f
+    source: {type: memory, topic: t, partitions: 1, generate: 3}
+""",
+    )
+    result = workers("--log-format", "json", "run", str(config), "--until-idle", "0.5")
+    assert result.returncode == 0, result.stderr
+    entries = [orjson.loads(line) for line in result.stderr.splitlines()]
+    assert all({"time", "level", "logger", "message"} <= e.keys() for e in entries)
+    # The supervisor's lines, the poller's (tagged) and the handler's output all come as JSON.
+    assert any(e["logger"] == "workers.supervisor" for e in entries)
+    assert any(e.get("poller") == "sample#0" for e in entries)
+    assert any(
+        e["logger"] == "workers.function.f" and "logged through context.log" in e["message"]
+        for e in entries
+    )
+
+
 def test_validate_reports_key_path_and_exits_2(tmp_path: Path) -> None:
     config = write_config(
         tmp_path,
