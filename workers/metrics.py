@@ -75,10 +75,15 @@ class SupervisorCollector(Collector):
             "esm_execution_environments", "Live execution environments", labels=["mapping"]
         )
         env_totals: dict[str, int] = {}
+        # One series per (mapping, unit): every consumer of a queue reports the same depth, and
+        # a partition moving between pollers is briefly reported by both.
+        lags: dict[tuple[str, str], int] = {}
         for mapping, _instance, _alive, snap in snaps:
             for unit, n in snap.get("lag", {}).items():
-                lag.add_metric([mapping, unit], n)
+                lags[(mapping, unit)] = max(n, lags.get((mapping, unit), 0))
             env_totals[mapping] = env_totals.get(mapping, 0) + snap.get("environments", 0)
+        for (mapping, unit), n in lags.items():
+            lag.add_metric([mapping, unit], n)
         for mapping, n in env_totals.items():
             envs.add_metric([mapping], n)
         yield lag
