@@ -63,8 +63,19 @@ def open_destination(mapping: cfg.EventSourceMapping) -> Destination | None:
     raise ValueError(f"mapping {mapping.name}: no destination for type {dst.type!r}")
 
 
-def probe(mapping: cfg.EventSourceMapping) -> None:
-    """Connect to the mapping's source and destination and disconnect (`validate --connect`)."""
+def probe(mapping: cfg.EventSourceMapping) -> list[str]:
+    """Connect to the mapping's source and destination and disconnect (`validate --connect`);
+    returns what was checked of the destination (nothing when there is none)."""
+    checked = []
+    if mapping.destination_config is not None:
+        from connectors.probes import probe_destination
+
+        checked.append(probe_destination(mapping.destination_config.on_failure))
+    _probe_source(mapping)
+    return checked
+
+
+def _probe_source(mapping: cfg.EventSourceMapping) -> None:
     src = mapping.source
     if isinstance(src, cfg.KafkaSource):
         from connectors.kafka import probe_kafka

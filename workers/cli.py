@@ -108,13 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="check a configuration file",
         description=(
             "Parse and validate the file, check that every handler imports, print warnings."
-            " With --connect, also connect to every source."
+            " With --connect, also connect to every source and check that every on-failure"
+            " destination exists and can be written."
         ),
         epilog=EPILOG,
     )
     validate.add_argument("config", help="mapping file (YAML)")
     validate.add_argument(
-        "--connect", action="store_true", help="also connect to each mapping's broker"
+        "--connect",
+        action="store_true",
+        help="also connect to each mapping's source and check its on-failure destination",
     )
     validate.set_defaults(command=cmd_validate)
 
@@ -287,12 +290,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
         failed = False
         for mapping in config.event_source_mappings:
             try:
-                probe(mapping)
+                checked = probe(mapping)
             except Exception as exc:
                 failed = True
                 print(f"{mapping.name}: cannot connect: {exc}", file=sys.stderr)
             else:
                 print(f"{mapping.name}: connected")
+                for what in checked:
+                    print(f"{mapping.name}: on-failure destination: {what}")
         if failed:
             return 1
     n = len(config.event_source_mappings)
