@@ -23,6 +23,7 @@ from connectors.shapes import (
     RECORD_OVERHEAD_BYTES,
     RedisMeta,
     RedisShape,
+    field_name,
     format_stream_id,
     parse_stream_id,
     redis_item,
@@ -517,12 +518,13 @@ class RedisSource(SourceBase):
         return out
 
     def _name_of(self, raw_name: bytes) -> str:
-        """A field name as text; names repeat across entries, so decoded ones are kept."""
+        """A field name as the event shows it (`field_name`); names repeat across entries, so
+        the ones seen are kept."""
         name = self._names.get(raw_name)
         if name is None:
             if len(self._names) > 4096:
                 self._names.clear()
-            name = self._names[raw_name] = raw_name.decode("utf-8", "replace")
+            name = self._names[raw_name] = field_name(raw_name)
         return name
 
     def _touch(self, client: redis.Redis, now: float) -> None:
@@ -985,7 +987,9 @@ class RedisSourcePublisher:
                     meta.stream,
                     stream,
                 )
-        return stream, {k.encode(): v for k, v in meta.fields.items() if k != REPLAY_HEADER}
+        fields = meta.raw_fields()
+        fields.pop(_REPLAY_FIELD, None)
+        return stream, fields
 
     def close(self) -> None:
         self._client.close()
