@@ -32,6 +32,7 @@ from workers import config as cfg
 from workers.config import redact_url
 from workers.deadletter import REPLAY_HEADER, parse_letter
 from workers.records import Record
+from workers.redact import describe
 
 log = logging.getLogger("connectors.redis")
 
@@ -184,7 +185,7 @@ class RedisSource(SourceBase):
                 " again",
                 self.mapping,
                 left,
-                exc,
+                describe(exc),
             )
         client.close()
 
@@ -273,7 +274,9 @@ class RedisSource(SourceBase):
             if not str(exc).startswith("NOGROUP"):
                 raise
             # https://redis.io/docs/latest/commands/xreadgroup/ : the key or the group is gone.
-            log.warning("mapping %s: %s; recreating the consumer group", self.mapping, exc)
+            log.warning(
+                "mapping %s: %s; recreating the consumer group", self.mapping, describe(exc)
+            )
             self._reset = True
             return []
         if out:
@@ -582,7 +585,7 @@ class RedisSource(SourceBase):
                 "mapping %s: acking %d entries failed (%s); retrying after reconnecting",
                 self.mapping,
                 len(records),
-                exc,
+                describe(exc),
             )
             return
         self._forget(by_stream)
@@ -761,7 +764,9 @@ class RedisDestination:
         for reply in replies[1:]:
             if isinstance(reply, Exception):
                 log.warning(
-                    "mapping %s: acking dead-lettered entries failed: %s", self.mapping, reply
+                    "mapping %s: acking dead-lettered entries failed: %s",
+                    self.mapping,
+                    describe(reply),
                 )
 
     def close(self) -> None:
