@@ -41,6 +41,7 @@ from connectors.shapes import TIMESTAMP_TYPES, KafkaMeta, KafkaShape, encoded_si
 from workers import config as cfg
 from workers.deadletter import REPLAY_HEADER, parse_letter
 from workers.records import Record
+from workers.redact import describe, redact_text
 
 log = logging.getLogger("connectors.kafka")
 
@@ -93,11 +94,12 @@ class KafkaDeliveryError(RuntimeError):
 
 
 def _reason(exc: BaseException) -> str:
-    """The readable part of a confluent-kafka exception (its KafkaError's text)."""
+    """The readable part of a confluent-kafka exception (its KafkaError's text), never empty,
+    passwords masked."""
     first = exc.args[0] if exc.args else None
-    if isinstance(first, KafkaError):
-        return first.str()
-    return str(exc)
+    if isinstance(first, KafkaError) and first.str():
+        return redact_text(first.str())
+    return describe(exc)
 
 
 class _Throttled:

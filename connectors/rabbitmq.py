@@ -35,6 +35,7 @@ from workers import config as cfg
 from workers.config import redact_url
 from workers.deadletter import REPLAY_HEADER, parse_letter
 from workers.records import Record
+from workers.redact import describe
 
 log = logging.getLogger("connectors.rabbitmq")
 # pika logs each failure it then raises (with tracebacks, on every reconnect attempt); the
@@ -118,7 +119,7 @@ def _close_quietly(connection: BlockingConnection | None) -> None:
     try:
         connection.close()
     except Exception as exc:  # closing a broken connection has nothing left to report
-        log.debug("closing a RabbitMQ connection failed: %r", exc)
+        log.debug("closing a RabbitMQ connection failed: %s", describe(exc))
 
 
 # --- Lambda's basicProperties ------------------------------------------------------------------
@@ -317,7 +318,9 @@ class RabbitMQSource(SourceBase):
             connection = pika.BlockingConnection(params)
         except _AUTH_ERRORS as exc:
             if not self._ever_connected:
-                raise RabbitMQConfigError(f"cannot consume {self._where}: {exc}") from None
+                raise RabbitMQConfigError(
+                    f"cannot consume {self._where}: {describe(exc)}"
+                ) from None
             raise  # after a good start: more likely a broker still booting
         try:
             channel = connection.channel()
@@ -364,7 +367,7 @@ class RabbitMQSource(SourceBase):
         connection, self._connection, self._channel = self._connection, None, None
         _close_quietly(connection)
         if reason is not None:
-            log.warning("mapping %s: lost %s: %r", self.mapping, self._where, reason)
+            log.warning("mapping %s: lost %s: %s", self.mapping, self._where, describe(reason))
         if self._assigned:
             self._assigned = False
             # Records of the dead channel still in the engine can no longer be acked; the
@@ -377,7 +380,7 @@ class RabbitMQSource(SourceBase):
             try:
                 self._flush_acks(final=True)
             except Exception as exc:
-                log.warning("mapping %s: final acks not sent: %r", self.mapping, exc)
+                log.warning("mapping %s: final acks not sent: %s", self.mapping, describe(exc))
         self._assigned = False  # a closing poller needs no revoke
         self._drop(None)
 
@@ -642,7 +645,7 @@ class _ConfirmedChannel:
                 if self._channel.is_open:
                     return self._channel
             except pika.exceptions.AMQPError as exc:
-                log.info("connection to %s lost: %r", self.where, exc)
+                log.info("connection to %s lost: %s", self.where, describe(exc))
             self.reset()
         params = connection_parameters(self.url, self.connection_name)
         if params.blocked_connection_timeout is None:
@@ -652,7 +655,7 @@ class _ConfirmedChannel:
         try:
             connection = pika.BlockingConnection(params)
         except _AUTH_ERRORS as exc:
-            raise RabbitMQConfigError(f"cannot publish to {self.where}: {exc}") from None
+            raise RabbitMQConfigError(f"cannot publish to {self.where}: {describe(exc)}") from None
         try:
             channel = connection.channel()
             channel.confirm_delivery()
@@ -807,8 +810,8 @@ class RabbitMQDeadLetterStore:
         except pika.exceptions.AMQPError as exc:
             self._reset()
             raise LetterNotSettled(
-                f"letter {stored.id} could not be marked replayed in {self._where}: {exc!r};"
-                " the broker keeps it and the next replay offers it again"
+                f"letter {stored.id} could not be marked replayed in {self._where}:"
+                f" {describe(exc)}; the broker keeps it and the next replay offers it again"
             ) from None
         del self._held[tag]
 
@@ -829,7 +832,7 @@ class RabbitMQDeadLetterStore:
         try:
             connection = pika.BlockingConnection(params)
         except _AUTH_ERRORS as exc:
-            raise RabbitMQConfigError(f"cannot read {self._where}: {exc}") from None
+            raise RabbitMQConfigError(f"cannot read {self._where}: {describe(exc)}") from None
         try:
             channel = connection.channel()
         except BaseException:
@@ -850,7 +853,7 @@ class RabbitMQDeadLetterStore:
                 # right after us sees them in the queue.
                 channel.close()
             except Exception as exc:
-                log.debug("closing the dead-letter channel failed: %r", exc)
+                log.debug("closing the dead-letter channel failed: %s", describe(exc))
         _close_quietly(connection)
 
 
@@ -967,7 +970,7 @@ def probe_rabbitmq(src: cfg.RabbitMQSource) -> None:
     try:
         connection = pika.BlockingConnection(params)
     except pika.exceptions.AMQPError as exc:
-        raise RabbitMQConfigError(f"cannot connect for {where}: {exc!r}") from None
+        raise RabbitMQConfigError(f"cannot connect for {where}: {describe(exc)}") from None
     try:
         channel = connection.channel()
         try:

@@ -23,6 +23,7 @@ from connectors.shapes import (
     RECORD_OVERHEAD_BYTES,
     RedisMeta,
     RedisShape,
+    field_name,
     format_stream_id,
     parse_stream_id,
     redis_item,
@@ -31,6 +32,7 @@ from workers import config as cfg
 from workers.config import redact_url
 from workers.deadletter import REPLAY_HEADER, parse_letter
 from workers.records import Record
+from workers.redact import describe
 
 log = logging.getLogger("connectors.redis")
 
@@ -183,7 +185,7 @@ class RedisSource(SourceBase):
                 " again",
                 self.mapping,
                 left,
-                exc,
+                describe(exc),
             )
         client.close()
 
@@ -272,7 +274,9 @@ class RedisSource(SourceBase):
             if not str(exc).startswith("NOGROUP"):
                 raise
             # https://redis.io/docs/latest/commands/xreadgroup/ : the key or the group is gone.
-            log.warning("mapping %s: %s; recreating the consumer group", self.mapping, exc)
+            log.warning(
+                "mapping %s: %s; recreating the consumer group", self.mapping, describe(exc)
+            )
             self._reset = True
             return []
         if out:
@@ -517,12 +521,13 @@ class RedisSource(SourceBase):
         return out
 
     def _name_of(self, raw_name: bytes) -> str:
-        """A field name as text; names repeat across entries, so decoded ones are kept."""
+        """A field name as the event shows it (`field_name`); names repeat across entries, so
+        the ones seen are kept."""
         name = self._names.get(raw_name)
         if name is None:
             if len(self._names) > 4096:
                 self._names.clear()
-            name = self._names[raw_name] = raw_name.decode("utf-8", "replace")
+            name = self._names[raw_name] = field_name(raw_name)
         return name
 
     def _touch(self, client: redis.Redis, now: float) -> None:
@@ -580,7 +585,7 @@ class RedisSource(SourceBase):
                 "mapping %s: acking %d entries failed (%s); retrying after reconnecting",
                 self.mapping,
                 len(records),
-                exc,
+                describe(exc),
             )
             return
         self._forget(by_stream)
@@ -759,7 +764,9 @@ class RedisDestination:
         for reply in replies[1:]:
             if isinstance(reply, Exception):
                 log.warning(
-                    "mapping %s: acking dead-lettered entries failed: %s", self.mapping, reply
+                    "mapping %s: acking dead-lettered entries failed: %s",
+                    self.mapping,
+                    describe(reply),
                 )
 
     def close(self) -> None:
@@ -985,7 +992,9 @@ class RedisSourcePublisher:
                     meta.stream,
                     stream,
                 )
-        return stream, {k.encode(): v for k, v in meta.fields.items() if k != REPLAY_HEADER}
+        fields = meta.raw_fields()
+        fields.pop(_REPLAY_FIELD, None)
+        return stream, fields
 
     def close(self) -> None:
         self._client.close()

@@ -348,11 +348,46 @@ def format_stream_id(position: int) -> str:
     return f"{position >> 64}-{position & ((1 << 64) - 1)}"
 
 
+# Marks a Redis field name written as the base64 of its bytes (see `field_name`).
+B64_NAME_PREFIX = "b64:"
+
+
+def field_name(raw: bytes) -> str:
+    """A Redis field name as the event shows it: its UTF-8 text, or `b64:` and the base64 of its
+    bytes when it is not UTF-8.
+
+    Decoding with replacement characters would make `\\xff` and `\\xfe` the same name, and one
+    value would silently replace the other. A UTF-8 name that itself starts with `b64:` is
+    encoded too, so that every name in an event reads back to exactly one byte string.
+    """
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return B64_NAME_PREFIX + _b64(raw).decode()
+    if name.startswith(B64_NAME_PREFIX):
+        return B64_NAME_PREFIX + _b64(raw).decode()
+    return name
+
+
+def field_bytes(name: str) -> bytes:
+    """The bytes of a field name as `field_name` wrote it."""
+    if name.startswith(B64_NAME_PREFIX):
+        try:
+            return base64.b64decode(name[len(B64_NAME_PREFIX) :], validate=True)
+        except binascii.Error:
+            pass  # not written by field_name (an event made by hand): the text is the name
+    return name.encode("utf-8", "surrogateescape")
+
+
 @dataclass(slots=True)  # not frozen: one per record, and a frozen __init__ costs more
 class RedisMeta:
     stream: str
     entry_id: str
-    fields: dict[str, bytes]
+    fields: dict[str, bytes]  # keyed by the names as the event shows them (`field_name`)
+
+    def raw_fields(self) -> dict[bytes, bytes]:
+        """The entry's fields under their original names, as the stream held them."""
+        return {field_bytes(name): value for name, value in self.fields.items()}
 
 
 def redis_item(

@@ -12,7 +12,9 @@ from typing import Any
 
 import orjson
 
+from workers import config as cfg
 from workers.config import Config, ConfigError, load_config
+from workers.redact import describe, redact_url
 
 log = logging.getLogger("workers")
 
@@ -37,7 +39,40 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ConnectorConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        # `workers dlq` mostly fails on a destination it cannot reach: that is one line for the
+        # user, not a traceback (which --log-level DEBUG still shows).
+        if getattr(args, "dlq_command", None) is None:
+            raise
+        log.debug("workers dlq %s failed", args.dlq_command, exc_info=True)
+        where = _destination_label(args)
+        print(
+            f"error: dlq {args.dlq_command} {args.mapping}{where}: {describe(exc)}",
+            file=sys.stderr,
+        )
+        return 1
     return code
+
+
+def _destination_label(args: argparse.Namespace) -> str:
+    """` (<type> destination <where>)` of the mapping's on-failure destination, if it has one."""
+    try:
+        mapping = load_config(args.config).mapping(args.mapping)
+    except ConfigError:
+        return ""
+    if mapping.destination_config is None:
+        return ""
+    dst = mapping.destination_config.on_failure
+    if isinstance(dst, cfg.RabbitMQDestination):
+        where = f"{redact_url(dst.url)} queue {dst.letters_queue!r}"
+    elif isinstance(dst, cfg.RedisDestination):
+        where = f"{redact_url(dst.url)} stream {dst.stream!r}"
+    elif isinstance(dst, cfg.KafkaDestination):
+        servers = str(dst.bootstrap_servers or getattr(mapping.source, "bootstrap_servers", ""))
+        where = f"{redact_url(servers)} topic {dst.topic!r}"
+    else:
+        where = dst.path
+    return f" (on-failure destination {dst.type} {where})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,7 +220,7 @@ def _add_dlq(sub: Any) -> None:
     common(lst)
     filters(lst)
     lst.add_argument("--json", action="store_true", help="print JSON Lines instead of a table")
-    lst.set_defaults(command=cmd_dlq_list)
+    lst.set_defaults(command=cmd_dlq_list, dlq_command="list")
 
     show = dsub.add_parser(
         "show",
@@ -194,7 +229,7 @@ def _add_dlq(sub: Any) -> None:
     )
     common(show)
     show.add_argument("id", help="the letter's id (its requestContext.requestId)")
-    show.set_defaults(command=cmd_dlq_show)
+    show.set_defaults(command=cmd_dlq_show, dlq_command="show")
 
     replay = dsub.add_parser(
         "replay",
@@ -222,7 +257,7 @@ def _add_dlq(sub: Any) -> None:
     replay.add_argument(
         "--rate", type=float, metavar="PER_S", help="at most this many records per second"
     )
-    replay.set_defaults(command=cmd_dlq_replay)
+    replay.set_defaults(command=cmd_dlq_replay, dlq_command="replay")
 
 
 def _mappings_to_run(config: Config, names: list[str] | None) -> list[tuple[str, int]]:
@@ -293,7 +328,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 checked = probe(mapping)
             except Exception as exc:
                 failed = True
-                print(f"{mapping.name}: cannot connect: {exc}", file=sys.stderr)
+                print(f"{mapping.name}: cannot connect: {describe(exc)}", file=sys.stderr)
             else:
                 print(f"{mapping.name}: connected")
                 for what in checked:

@@ -16,6 +16,7 @@ import sys
 import types
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,7 +43,9 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
+from workers.amqp_url import query_problems
 from workers.invoker import FunctionSpec
+from workers.redact import REDACTED, is_secret_name, redact_client_config, redact_text, redact_url
 
 __all__ = [
     "Config",
@@ -92,7 +95,8 @@ class ConfigError(Exception):
 
     def __init__(self, file: str | Path, problems: Sequence[Problem]) -> None:
         self.file = str(file)
-        self.problems = tuple(problems)
+        # Whatever a message quotes, a password in it is masked (workers.redact's one rule).
+        self.problems = tuple(Problem(p.path, redact_text(p.message)) for p in problems)
         super().__init__("\n".join(f"{self.file}: {problem}" for problem in self.problems))
 
     def __reduce__(self) -> tuple[type[ConfigError], tuple[str, tuple[Problem, ...]]]:
@@ -116,37 +120,12 @@ def _here(message: str) -> PydanticCustomError:
 
 
 # --------------------------------------------------------------------------------------------
-# Secrets
+# Secrets: one rule, in workers.redact. Values that came from `${VAR}` are shown as written.
 
-_SECRET_QUERY = re.compile(r"((?:^|&)[^=&]*(?:pass|secret|token)[^=&]*=)[^&]*", re.IGNORECASE)
-_SECRET_KEY = re.compile(r"pass|secret|token|jaas|credential|private|\.pem$", re.IGNORECASE)
-_REDACTED = "***"
-
-
-def redact_url(url: str) -> str:
-    """`url` with its password (and password-like query parameters) replaced by `***`."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    end = len(rest)
-    for stop in "/?#":
-        index = rest.find(stop)
-        if index != -1:
-            end = min(end, index)
-    # rpartition, as urllib does: an unescaped "@" inside a password still ends up redacted.
-    netloc, tail = rest[:end], rest[end:]
-    userinfo, at, host = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:{_REDACTED}@{host}"
-    path, qmark, query = tail.partition("?")
-    if qmark:
-        query, hash_, fragment = query.partition("#")
-        query = _SECRET_QUERY.sub(rf"\g<1>{_REDACTED}", query) + hash_ + fragment
-    return f"{scheme}://{netloc}{path}{qmark}{query}"
-
-
-def _redact_client_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _REDACTED if _SECRET_KEY.search(k) else v for k, v in config.items()}
+# While a file is validated: each string that `${VAR}` substitution produced -> as written.
+_AS_WRITTEN: ContextVar[Mapping[str, str]] = ContextVar(
+    "_AS_WRITTEN", default=types.MappingProxyType({})
+)
 
 
 class _Model(BaseModel):
@@ -159,7 +138,7 @@ class _Model(BaseModel):
             if name == "url" and isinstance(value, str):
                 yield name, redact_url(value)
             elif name == "client_config" and isinstance(value, Mapping):
-                yield name, _redact_client_config(value)
+                yield name, redact_client_config(value)
             else:
                 yield name, value
 
@@ -275,7 +254,7 @@ def _url_checker(*schemes: str, path_schemes: tuple[str, ...] = ()) -> AfterVali
     allowed = f"{', '.join(names[:-1])} or {names[-1]}"
 
     def check(value: str) -> str:
-        shown = _show(redact_url(value))
+        shown = _show(value)
         try:
             parts = urlsplit(value)
             parts.port  # noqa: B018 - raises ValueError for a port that is not a number
@@ -293,7 +272,14 @@ def _url_checker(*schemes: str, path_schemes: tuple[str, ...] = ()) -> AfterVali
     return AfterValidator(check)
 
 
-AmqpUrl = Annotated[str, _url_checker("amqp", "amqps")]
+def _check_amqp_query(value: str) -> str:
+    problems = query_problems(value)
+    if problems:
+        raise _here("bad URL: " + "; ".join(problems))
+    return value
+
+
+AmqpUrl = Annotated[str, _url_checker("amqp", "amqps"), AfterValidator(_check_amqp_query)]
 RedisUrl = Annotated[str, _url_checker("redis", "rediss", path_schemes=("unix",))]
 
 # 1973-03-03 in epoch ms: anything smaller was almost certainly written in seconds.
@@ -940,6 +926,8 @@ def _show(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "a list"
     if isinstance(value, str):
+        # Before cutting it short: a secret cut in half would no longer be recognised.
+        value = redact_text(_AS_WRITTEN.get().get(value, value))
         return repr(value if len(value) <= 60 else value[:57] + "...")
     return repr(value)
 
@@ -1040,10 +1028,8 @@ def _message(error: Any, at: _Located) -> tuple[Loc, str]:
     value = error.get("input")
     ctx = error.get("ctx") or {}
     last = next((p for p in reversed(at.loc) if isinstance(p, str)), "")
-    if last == "url" and isinstance(value, str):
-        value = redact_url(value)
-    elif _SECRET_KEY.search(last):
-        value = _REDACTED
+    if is_secret_name(last):
+        value = REDACTED
     got = f" (got {_show(value)})"
     if kind == "missing":
         return at.loc, "is required"
@@ -1133,17 +1119,27 @@ _REFERENCE = re.compile(
 
 
 def _substitute(
-    node: Any, environ: Mapping[str, str], loc: Loc, problems: list[tuple[Loc, str]]
+    node: Any,
+    environ: Mapping[str, str],
+    loc: Loc,
+    problems: list[tuple[Loc, str]],
+    as_written: dict[str, str] | None = None,
 ) -> Any:
     """Replace `${VAR}` / `${VAR:-default}` in every string value; `$${` is a literal `${`.
 
     Done on parsed values, not on the text, so a value can hold any character without breaking
     the YAML. Keys are left alone. As in the shell, `:-` also applies when VAR is set but empty.
+    Each string changed is noted in `as_written` (result -> text in the file), so that error
+    messages can show what the file says rather than what the environment put there.
     """
     if isinstance(node, dict):
-        return {k: _substitute(v, environ, (*loc, k), problems) for k, v in node.items()}
+        return {
+            k: _substitute(v, environ, (*loc, k), problems, as_written) for k, v in node.items()
+        }
     if isinstance(node, list):
-        return [_substitute(v, environ, (*loc, i), problems) for i, v in enumerate(node)]
+        return [
+            _substitute(v, environ, (*loc, i), problems, as_written) for i, v in enumerate(node)
+        ]
     if not isinstance(node, str) or "${" not in node:
         return node
 
@@ -1176,7 +1172,10 @@ def _substitute(
             return text
         return value
 
-    return _REFERENCE.sub(replace, node)
+    result = _REFERENCE.sub(replace, node)
+    if as_written is not None and result != node:
+        as_written[result] = node
+    return result
 
 
 def config_from_dict(data: Any, file: str | Path = "<config>") -> Config:
@@ -1224,10 +1223,15 @@ def parse_config(
     name = str(file)
     data = _parse_yaml(text, name)
     problems: list[tuple[Loc, str]] = []
-    data = _substitute(data, os.environ if environ is None else environ, (), problems)
+    as_written: dict[str, str] = {}
+    data = _substitute(data, os.environ if environ is None else environ, (), problems, as_written)
     if problems:
         raise ConfigError(name, [Problem(_render(loc), message) for loc, message in problems])
-    return config_from_dict(data, name)
+    token = _AS_WRITTEN.set(as_written)
+    try:
+        return config_from_dict(data, name)
+    finally:
+        _AS_WRITTEN.reset(token)
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:

@@ -17,6 +17,7 @@ from workers.backoff import Backoff
 from workers.clock import Clock
 from workers.outcomes import ErrorInfo
 from workers.records import Record
+from workers.redact import describe
 from workers.stats import MappingStats
 
 log = logging.getLogger("workers.deadletter")
@@ -169,7 +170,7 @@ class DeadLetters:
                     "mapping %s: on-failure destination refused %d record(s): %s; retry in %.1fs",
                     self.mapping,
                     len(records),
-                    exc,
+                    describe(exc),
                     delay,
                 )
                 if self.clock.wait(stop, delay):

@@ -18,7 +18,8 @@ written fresh, which then runs unchanged on Kafka, RabbitMQ and Redis Streams ma
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
 import orjson
@@ -36,13 +37,22 @@ class EventRecord:
     headers: list[tuple[str, bytes]]
     timestamp_ms: int
     item_identifier: dict[str, Any]  # what batchItemFailures wants for this record
-    fields: dict[str, bytes] = field(default_factory=dict)  # Redis entries' fields
+    # Redis entries' fields under their original names: as text when the name is UTF-8, else
+    # decoded with "surrogateescape" (name.encode("utf-8", "surrogateescape") is its bytes), so
+    # names that are not UTF-8 stay apart. The event itself writes those as "b64:<base64>".
+    fields: dict[str, bytes] = dataclass_field(default_factory=dict)
 
     def text(self) -> str:
         return self.value.decode("utf-8")
 
     def json(self) -> Any:
         return orjson.loads(self.value)
+
+    def field(self, name: str | bytes) -> bytes | None:
+        """The value of Redis field `name` (text, or the name's bytes), or None."""
+        if isinstance(name, bytes):
+            name = name.decode("utf-8", "surrogateescape")
+        return self.fields.get(name)
 
     def header(self, name: str) -> bytes | None:
         """The last value of header `name`, or None."""
@@ -60,7 +70,10 @@ def records(event: dict[str, Any]) -> Iterator[EventRecord]:
         fields: dict[str, bytes] = {}
         value = r.value
         if isinstance(r.meta, RedisMeta):
-            fields = dict(r.meta.fields)
+            fields = {
+                name.decode("utf-8", "surrogateescape"): value
+                for name, value in r.meta.raw_fields().items()
+            }
             if len(fields) == 1:
                 value = next(iter(fields.values()))
         yield EventRecord(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from workers.redact import redact_text
+
 
 @dataclass(frozen=True, slots=True)
 class ErrorInfo:
@@ -15,10 +17,12 @@ class ErrorInfo:
     stack_trace: list[str] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
+        """The triple as letters and `workers invoke` show it, passwords masked: a handler's
+        error often quotes the URL it could not reach."""
         return {
             "errorType": self.error_type,
-            "errorMessage": self.message,
-            "stackTrace": list(self.stack_trace),
+            "errorMessage": redact_text(self.message),
+            "stackTrace": [redact_text(line) for line in self.stack_trace],
         }
 
 

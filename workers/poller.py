@@ -26,6 +26,7 @@ from workers.deadletter import DeadLetters
 from workers.invoker import Invoker
 from workers.policy import BatchRunner, Policy
 from workers.records import Record
+from workers.redact import describe
 from workers.stats import MappingStats
 
 log = logging.getLogger("workers.poller")
@@ -163,7 +164,7 @@ class Poller:
                     log.warning(
                         "mapping %s: broker error: %s; retrying in %.1fs",
                         self.settings.mapping,
-                        exc,
+                        describe(exc),
                         delay,
                     )
                     self.clock.wait(self.stop_event, delay)

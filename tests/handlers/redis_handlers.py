@@ -8,6 +8,7 @@ slows every invocation down. An entry with the field `poison` set to `1` fails i
 from __future__ import annotations
 
 import base64
+import json
 import os
 import time
 from typing import Any
@@ -37,3 +38,21 @@ def log_ids(event: dict[str, Any], context: Any) -> None:
 
 def noop(event: dict[str, Any], context: Any) -> None:
     return None
+
+
+def dump_fields_then_fail(event: dict[str, Any], context: Any) -> None:
+    """Append each entry's fields, as the event has them and as `workers.events` reads them
+    (names in hex), to `REDIS_TEST_LOG` as JSON lines, then fail the batch."""
+    from workers.events import records
+
+    lines = []
+    items = _items(event)
+    for item, record in zip(items, records(event), strict=True):
+        read = {
+            name.encode("utf-8", "surrogateescape").hex(): value.decode()
+            for name, value in record.fields.items()
+        }
+        lines.append(json.dumps({"event": item["fields"], "read": read}) + "\n")
+    with open(os.environ["REDIS_TEST_LOG"], "a") as f:
+        f.write("".join(lines))
+    raise ValueError("dead-letter every entry")

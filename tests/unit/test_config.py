@@ -625,7 +625,7 @@ def test_substituted_value_is_still_validated() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(with_mapping(batch_size="${BATCH}"), "x.yaml", {"BATCH": "lots"})
     assert str(caught.value) == (
-        "x.yaml: event_source_mappings[0].batch_size: must be an integer (got 'lots')"
+        "x.yaml: event_source_mappings[0].batch_size: must be an integer (got '${BATCH}')"
     )
 
 

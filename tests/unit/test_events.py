@@ -9,6 +9,8 @@ from connectors.shapes import (
     RabbitShape,
     RedisMeta,
     RedisShape,
+    field_bytes,
+    field_name,
     parse_stream_id,
 )
 from workers.events import batch_response, records
@@ -60,3 +62,25 @@ def test_rabbitmq_and_redis_records() -> None:
     )
     (r,) = records(many)
     assert r.fields == {"a": b"1", "b": b"x"} and r.json() == {"a": "1", "b": "x"}
+
+
+def test_redis_field_names_that_are_not_utf8_keep_their_identity() -> None:
+    raw = {b"\xff": b"1", b"\xfe": b"2", b"ok": b"3", b"b64:eA==": b"4", "é".encode(): b"5"}
+    names = {field_name(name): value for name, value in raw.items()}
+    assert len(names) == len(raw)
+    assert names["ok"] == b"3" and names["é"] == b"5"
+    assert names["b64:/w=="] == b"1" and names["b64:/g=="] == b"2"
+    assert names["b64:YjY0OmVBPT0="] == b"4"  # a UTF-8 name starting with b64: is encoded too
+    assert {field_bytes(name): value for name, value in names.items()} == raw
+    # A b64: name that is no base64 (an event written by hand) is taken as written.
+    assert field_bytes("b64:not base64!") == b"b64:not base64!"
+
+    entry = "1-1"
+    [r] = records(
+        RedisShape("").event(
+            [Record("s", parse_stream_id(entry), b"", meta=RedisMeta("s", entry, names))]
+        )
+    )
+    assert r.fields == {k.decode("utf-8", "surrogateescape"): v for k, v in raw.items()}
+    assert r.field(b"\xff") == b"1" and r.field(b"\xfe") == b"2" and r.field("ok") == b"3"
+    assert r.field("b64:eA==") == b"4"
