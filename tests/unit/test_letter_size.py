@@ -352,3 +352,15 @@ def test_a_letter_without_payload_is_listed_and_replay_skips_it() -> None:
     assert store.done_ids == [] and invoker.calls == []
     assert summary.as_json()["skipped_no_payload"] == 1
     assert summary.letters == 0 and summary.records == 0
+
+
+def test_rabbitmq_size_refusal_is_read_from_the_channel_close() -> None:
+    from connectors.rabbitmq import size_refusal_limit
+
+    text = (
+        "PRECONDITION_FAILED - message size 134217729 is larger than configured max size 134217728"
+    )
+    assert size_refusal_limit(406, text) == 134_217_728
+    assert size_refusal_limit(406, "PRECONDITION_FAILED - inequivalent arg 'durable'") is None
+    assert size_refusal_limit(404, text) is None
+    assert size_refusal_limit(406, "") is None
