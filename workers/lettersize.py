@@ -3,6 +3,7 @@ and the letter of a record too large for any letter, kept without its payload.""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -79,6 +80,7 @@ class LetterLimit:
     def __init__(self, stated: Callable[[], int | None] | None = None) -> None:
         self._stated = stated
         self._learned: int | None = None
+        self._lock = threading.Lock()  # lanes of one mapping share their dead letters
 
     def bytes(self) -> int | None:
         stated = self._stated() if self._stated is not None else None
@@ -89,4 +91,5 @@ class LetterLimit:
         """A letter of `size_bytes` was refused (the refusal naming `limit_bytes`, or None):
         no letter that large or larger fits."""
         bound = size_bytes - 1 if limit_bytes is None else min(size_bytes - 1, limit_bytes)
-        self._learned = bound if self._learned is None else min(self._learned, bound)
+        with self._lock:
+            self._learned = bound if self._learned is None else min(self._learned, bound)

@@ -15,6 +15,7 @@ import base64
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ class Run:
     summary: dict[str, Any]
     log: str
     handled: set[tuple[str, int]]
+    config: Path
 
 
 def letters(bootstrap: str, topic: str) -> list[tuple[int, dict[str, Any]]]:
@@ -187,6 +189,7 @@ def run(kafka_broker: Tansu, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         orjson.loads(summary.read_bytes()),
         log,
         handled,
+        config,
     )
 
 
@@ -283,3 +286,33 @@ def test_the_destination_states_its_limit_and_refuses_a_letter_over_it(
     assert [orjson.loads(m.value() or b"") for m in read_topic(bootstrap, dlq)] == [
         {"requestContext": {"requestId": "small"}}
     ]
+
+
+def cli(*args: str) -> tuple[str, str]:
+    """stdout and stderr of `workers ARGS`, which must exit 0."""
+    done = subprocess.run(
+        [sys.executable, "-m", "workers.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, done.stderr
+
+
+def test_dlq_lists_and_shows_a_letter_without_payload_and_replay_skips_it(run: Run) -> None:
+    config, unit = str(run.config), f"{run.limited_source}-0"
+    listed, _ = cli("dlq", "list", config, "topic-limit", "--json")
+    rows = [orjson.loads(line) for line in listed.splitlines()]
+    assert len(rows) == 11
+    [row] = [r for r in rows if r["condition"] == "MaximumPayloadSizeExceeded"]
+    assert row["source"] == f"{unit}@13 (no payload)" and row["records"] == 1
+
+    shown, _ = cli("dlq", "show", config, "topic-limit", row["id"])
+    assert orjson.loads(shown)["omitted"]["itemIdentifier"] == {"partition": unit, "offset": 13}
+
+    out, log = cli("dlq", "replay", config, "topic-limit", "--dry-run")
+    assert f"{row['id']} cannot be replayed" in log and f"{unit}@13" in log
+    summary = orjson.loads(out.strip().splitlines()[-1])
+    assert summary["letters"] == 10 and summary["skipped_no_payload"] == 1
