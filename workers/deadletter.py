@@ -16,7 +16,13 @@ import orjson
 from connectors.base import Destination, EventShape, LetterTooLarge, SizeLimited
 from workers.backoff import Backoff
 from workers.clock import Clock
-from workers.lettersize import PAYLOAD_OMITTED, LetterLimit, letter_bytes, without_payload
+from workers.lettersize import (
+    PAYLOAD_OMITTED,
+    LetterLimit,
+    letter_bytes,
+    with_bounded_error,
+    without_payload,
+)
 from workers.outcomes import ErrorInfo
 from workers.records import Record
 from workers.stats import MappingStats
@@ -201,6 +207,11 @@ class DeadLetters:
         while True:
             limit = self._limit.bytes()
             if limit is not None and size > limit and not letter.get(PAYLOAD_OMITTED):
+                # A huge error (a handler putting the record in its exception) is cut first.
+                bounded = with_bounded_error(letter)
+                if bounded is not None:
+                    letter, size = bounded, letter_bytes(bounded)
+            if limit is not None and size > limit and not letter.get(PAYLOAD_OMITTED):
                 if len(records) > 1:
                     log.warning(
                         "mapping %s: a letter of %d records (%d bytes) is over the on-failure"
@@ -253,9 +264,8 @@ class DeadLetters:
                 if self.clock.wait(stop, delay):
                     return None
                 continue
-            self.stats.add(dead_lettered=len(records))
-            if letter.get(PAYLOAD_OMITTED):
-                self.stats.add(payload_omitted=len(records))
+            omitted = len(records) if letter.get(PAYLOAD_OMITTED) else 0
+            self.stats.add(dead_lettered=len(records), payload_omitted=omitted)
             return True
 
     def _without_payload(

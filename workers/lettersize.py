@@ -54,6 +54,16 @@ def without_payload(
     return out
 
 
+def with_bounded_error(letter: dict[str, Any]) -> dict[str, Any] | None:
+    """`letter` with its error cut to ERROR_KEEP_CHARS, or None when it has nothing to cut:
+    tried before leaving out a payload, which the letter needs to be replayed."""
+    error = letter.get("error")
+    if not isinstance(error, dict) or error.get("truncated"):
+        return None
+    bounded = _bounded(error)
+    return {**letter, "error": bounded} if bounded.get("truncated") else None
+
+
 def _bounded(error: dict[str, Any]) -> dict[str, Any]:
     message = str(error.get("errorMessage", ""))
     trace = [str(line) for line in error.get("stackTrace") or []]

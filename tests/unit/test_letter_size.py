@@ -227,19 +227,25 @@ def test_a_destination_refusing_even_the_letter_without_payload_stalls_it() -> N
     assert dest.stalled and dest.letters == [] and stats.dead_lettered == 0
 
 
-def test_a_huge_error_is_bounded_in_the_letter_without_payload() -> None:
-    dest = SizedDestination(20_000, states_limit=True)
+@pytest.mark.parametrize("states_limit", [True, False], ids=["stated", "refused"])
+def test_a_huge_error_is_cut_before_a_payload_is_left_out(states_limit: bool) -> None:
+    # A handler that puts the record in its exception: the error, not the record, is too large.
+    dest = SizedDestination(20_000, states_limit=states_limit)
     huge_error = ErrorInfo("ValueError", "x" * 1_000_000, ["frame\n"] * 100_000)
     dl = dead_letters(dest)
+    records = [rec(1, 100), rec(2, 100), rec(3, 50_000)]
 
-    assert dl.send([rec(1, 10)], Condition.RETRY_ATTEMPTS_EXHAUSTED, huge_error, 1, dest.stop)
+    assert dl.send(records, Condition.RETRY_ATTEMPTS_EXHAUSTED, huge_error, 1, dest.stop)
 
-    (letter,) = dest.letters
-    assert letter["payloadOmitted"] is True
-    assert letter["error"]["errorType"] == "ValueError"
-    assert letter["error"]["errorMessage"] == "x" * 4096
-    assert letter["error"]["truncated"] is True
-    assert 0 < len(letter["error"]["stackTrace"]) < 1000
+    assert not dest.stalled
+    first, second, huge = dest.letters
+    assert offsets(first) == [1] and offsets(second) == [2]  # their payload kept
+    assert huge["payloadOmitted"] is True
+    for letter in (first, second, huge):
+        assert letter["error"]["errorType"] == "ValueError"
+        assert letter["error"]["errorMessage"] == "x" * 4096
+        assert letter["error"]["truncated"] is True
+        assert 0 < len(letter["error"]["stackTrace"]) < 1000
 
 
 def test_a_record_over_maximum_batch_bytes_goes_through_the_same_size_handling() -> None:
