@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from workers.records import Record
 
@@ -132,14 +132,40 @@ class Source(Protocol):
     def close(self) -> None: ...
 
 
+class LetterTooLarge(Exception):
+    """The destination refused a letter for its size: sending the same letter again cannot help.
+
+    `limit_bytes` is the largest letter (its JSON body) the destination is now known to take,
+    or None when the refusal did not say; the engine then splits the letter or drops its payload.
+    """
+
+    def __init__(self, message: str, limit_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.limit_bytes = limit_bytes
+
+
 class Destination(Protocol):
-    """An on-failure destination: stores a dead-letter record durably."""
+    """An on-failure destination: stores a dead-letter record durably.
+
+    A destination that refuses a letter for its size raises `LetterTooLarge`; one that knows
+    its limit beforehand also implements `SizeLimited`, so the engine splits before sending.
+    """
 
     def deliver(self, letter: dict[str, Any], records: Sequence[Record]) -> None:
         """Returns once the letter is durable (confirmed); raises if it could not be stored."""
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class SizeLimited(Protocol):
+    """Optional part of a `Destination`: the largest letter it is known to take."""
+
+    def max_letter_bytes(self) -> int | None:
+        """Bytes of a letter's JSON body the destination accepts, with room left for its own
+        envelope (headers, key), or None when it knows no limit. May ask the broker once."""
+        ...
 
 
 @dataclass(slots=True)

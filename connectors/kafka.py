@@ -34,12 +34,15 @@ from connectors.base import (
     AssignmentListener,
     Capabilities,
     ConnectorConfigError,
+    LetterTooLarge,
     SourceBase,
     StoredLetter,
 )
+from connectors.kafka_limits import RecordLimit, is_size_error, record_bytes
 from connectors.shapes import TIMESTAMP_TYPES, KafkaMeta, KafkaShape, encoded_size, kafka_item
 from workers import config as cfg
 from workers.deadletter import REPLAY_HEADER, parse_letter
+from workers.lettersize import PAYLOAD_OMITTED
 from workers.records import Record
 from workers.redact import describe, redact_text
 
@@ -91,6 +94,10 @@ class KafkaFatalError(RuntimeError):
 
 class KafkaDeliveryError(RuntimeError):
     """A dead letter was not confirmed by the cluster."""
+
+
+class KafkaRecordTooLarge(KafkaDeliveryError):
+    """The producer or the broker refused a record for its size; the same record never fits."""
 
 
 def _reason(exc: BaseException) -> str:
@@ -727,6 +734,9 @@ class KafkaSource(SourceBase):
 
 # The header naming the mapping a dead letter belongs to (a topic may hold several mappings').
 MAPPING_HEADER = "esm-mapping"
+# Room `max_letter_bytes` leaves for a letter's headers (mapping, condition, error type, source
+# topic, partition and offset) and its framing; `deliver` checks the exact size.
+LETTER_ENVELOPE_BYTES = 1024
 
 # Consumer-only properties a destination inherits with the source's client_config; a producer
 # warns about each of them, so they are left out.
@@ -785,7 +795,9 @@ class _ConfirmedProducer:
                     producer.produce(**message, on_delivery=on_delivery)
             except (KafkaException, BufferError) as exc:
                 self._discard(producer)
-                raise KafkaDeliveryError(
+                first = exc.args[0] if exc.args else None
+                too_large = isinstance(first, KafkaError) and is_size_error(first)
+                raise (KafkaRecordTooLarge if too_large else KafkaDeliveryError)(
                     f"{self.what} not accepted for {where}: {_reason(exc)}"
                 ) from None
             producer.flush(self.timeout_s)
@@ -798,7 +810,10 @@ class _ConfirmedProducer:
             if errors:
                 if any(err.fatal() or err.code() in _RESET_CODES for err in errors):
                     self._producer = None
-                raise KafkaDeliveryError(f"{self.what} refused by {where}: {errors[0].str()}")
+                too_large = any(is_size_error(err) for err in errors)
+                raise (KafkaRecordTooLarge if too_large else KafkaDeliveryError)(
+                    f"{self.what} refused by {where}: {errors[0].str()}"
+                )
 
     def _discard(self, producer: Producer) -> None:
         producer.purge(in_queue=True, in_flight=True)
@@ -841,6 +856,15 @@ class KafkaDestination:
         # Dead letters are rare: one at a time.
         self._sender = _ConfirmedProducer(self.config, "dead letter")
         self.timeout_s = self._sender.timeout_s
+        self._limit = RecordLimit(self.config, self.topic, self._admin_config)
+
+    def _admin_config(self) -> dict[str, Any]:
+        return {k: v for k, v in self.config.items() if not _PRODUCER_ONLY.match(k)}
+
+    def max_letter_bytes(self) -> int | None:
+        """The topic's limit less room for the headers (a key as large again is checked when
+        the letter is delivered)."""
+        return max(0, self._limit.bytes() - LETTER_ENVELOPE_BYTES)
 
     def _on_error(self, err: KafkaError) -> None:
         self._errors.log(logging.ERROR if err.fatal() else logging.WARNING, err.str())
@@ -867,8 +891,27 @@ class KafkaDestination:
                 ("esm-source-partition", str(partition).encode()),
                 ("esm-source-offset", str(first.position).encode()),
             ]
+        size = record_bytes(body, key, headers)
+        limit = self._limit.bytes()
+        if size > limit and key is not None and letter.get(PAYLOAD_OMITTED):
+            # The key only spreads letters over partitions: a letter without payload that its
+            # record's key alone makes too large goes without it.
+            key = None
+            size = record_bytes(body, key, headers)
+        where = f"topic {self.topic!r} at {self.servers}"
+        if size > limit:
+            # librdkafka would refuse it too (message.max.bytes), or a broker enforcing the
+            # topic's max.message.bytes: sending it cannot succeed.
+            raise LetterTooLarge(
+                f"a letter of {size} bytes is over the limit of {limit} bytes for {where}",
+                limit - (size - len(body)),
+            )
         message = {"topic": self.topic, "value": body, "key": key, "headers": headers}
-        self._sender.send([message], f"topic {self.topic!r} at {self.servers}")
+        try:
+            self._sender.send([message], where)
+        except KafkaRecordTooLarge as exc:
+            limit = self._limit.refused(size)
+            raise LetterTooLarge(str(exc), limit - (size - len(body))) from None
 
     def close(self) -> None:
         self._sender.close()

@@ -27,6 +27,7 @@ from connectors.base import (
     AssignmentListener,
     Capabilities,
     ConnectorConfigError,
+    LetterTooLarge,
     SourceBase,
     StoredLetter,
 )
@@ -599,6 +600,19 @@ def _queue_error(exc: pika.exceptions.ChannelClosedByBroker, where: str) -> Exce
 # --- destination -------------------------------------------------------------------------------
 
 
+# RabbitMQ (3.8+) closes the channel of a publish whose body is over `max_message_size`
+# (128 MiB by default, 16 MiB from 4.0) with 406 and this text (rabbit_channel:check_msg_size).
+_SIZE_REFUSAL = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+
+
+def size_refusal_limit(reply_code: int, reply_text: str) -> int | None:
+    """The broker's max message size when a channel close refused a message for its size."""
+    if reply_code != 406:
+        return None
+    found = _SIZE_REFUSAL.search(reply_text or "")
+    return int(found.group(2)) if found else None
+
+
 class _ConfirmedChannel:
     """One connection and channel in confirm mode for a publisher, reopened when lost.
 
@@ -632,6 +646,11 @@ class _ConfirmedChannel:
             raise DeliveryRefused(f"the broker refused (nack) {what} for {self.where}") from None
         except pika.exceptions.ChannelClosedByBroker as exc:
             self.reset()
+            limit = size_refusal_limit(exc.reply_code, exc.reply_text)
+            if limit is not None:
+                raise LetterTooLarge(
+                    f"publishing {what} to {self.where}: {exc.reply_text}", limit
+                ) from None
             raise DeliveryRefused(f"publishing {what} to {self.where}: {exc.reply_text}") from None
         except pika.exceptions.AMQPError:
             self.reset()

@@ -18,7 +18,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from connectors.base import AssignmentListener, Capabilities, SourceBase, StoredLetter
+from connectors.base import (
+    AssignmentListener,
+    Capabilities,
+    LetterTooLarge,
+    SourceBase,
+    StoredLetter,
+)
 from connectors.shapes import (
     RECORD_OVERHEAD_BYTES,
     RedisMeta,
@@ -710,6 +716,12 @@ class RedisSource(SourceBase):
         return out
 
 
+# How long the destination trusts the proto-max-bulk-len it read (or its failure to read it).
+LIMIT_READ_EVERY_S = 300.0
+# What a server says (before closing the connection) of a field over proto-max-bulk-len.
+_BULK_REFUSAL = "invalid bulk length"
+
+
 class RedisDestination:
     """Dead letters XADDed to a stream: the letter as JSON in `letter`, plus `mapping`,
     `condition` and `errorType` fields to filter on without parsing it.
@@ -725,6 +737,8 @@ class RedisDestination:
         self.maxlen = dst.maxlen
         self.mapping = mapping.name
         self._client = redis_client(dst.url)
+        self._bulk_limit: int | None = None
+        self._bulk_read_at: float | None = None
         src = mapping.source
         same = isinstance(src, cfg.RedisSource) and server_of(src.url) == server_of(dst.url)
         self._ack_group = src.consumer_group if isinstance(src, cfg.RedisSource) and same else None
@@ -760,6 +774,10 @@ class RedisDestination:
         # the letter is not stored. A failed XACK is left to the source's own ack.
         replies = pipe.execute(raise_on_error=False)
         if isinstance(replies[0], Exception):
+            if isinstance(replies[0], ResponseError) and _BULK_REFUSAL in str(replies[0]):
+                raise LetterTooLarge(
+                    f"stream {self.stream}: {replies[0]}", self._bulk_limit
+                ) from None
             raise replies[0]
         for reply in replies[1:]:
             if isinstance(reply, Exception):
@@ -768,6 +786,29 @@ class RedisDestination:
                     self.mapping,
                     describe(reply),
                 )
+
+    def max_letter_bytes(self) -> int | None:
+        """The server's proto-max-bulk-len (512 MB by default), the largest field it takes.
+
+        A larger field makes the server drop the connection, which inside MULTI reaches the
+        client as a reset connection rather than a refusal: so the limit is read beforehand.
+        None where CONFIG is not allowed (managed servers)."""
+        now = time.monotonic()
+        if self._bulk_read_at is None or now - self._bulk_read_at >= LIMIT_READ_EVERY_S:
+            self._bulk_read_at = now
+            try:
+                reply = self._client.config_get("proto-max-bulk-len")
+                value = next(iter(reply.values()), None) if isinstance(reply, dict) else None
+                self._bulk_limit = int(value) if value is not None else None
+            except (RedisError, ValueError, TypeError) as exc:
+                log.info(
+                    "mapping %s: proto-max-bulk-len not readable (%s); dead letters are sized"
+                    " by the server's refusals",
+                    self.mapping,
+                    exc,
+                )
+                self._bulk_limit = None
+        return self._bulk_limit
 
     def close(self) -> None:
         self._client.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -12,9 +13,16 @@ from typing import Any
 
 import orjson
 
-from connectors.base import Destination, EventShape
+from connectors.base import Destination, EventShape, LetterTooLarge, SizeLimited
 from workers.backoff import Backoff
 from workers.clock import Clock
+from workers.lettersize import (
+    PAYLOAD_OMITTED,
+    LetterLimit,
+    letter_bytes,
+    with_bounded_error,
+    without_payload,
+)
 from workers.outcomes import ErrorInfo
 from workers.records import Record
 from workers.redact import describe
@@ -94,9 +102,16 @@ def parse_letter(raw: bytes | None) -> tuple[dict[str, Any] | None, str]:
         return None, "no requestContext.requestId"
     if not request["requestId"]:
         return None, "empty requestContext.requestId"
-    if not isinstance(letter.get("payload"), dict):
+    # A letter without its payload (too large for its destination) is listed and shown all the
+    # same; `workers dlq replay` skips it, saying why.
+    if not isinstance(letter.get("payload"), dict) and letter.get(PAYLOAD_OMITTED) is not True:
         return None, "no payload to replay"
     return letter, ""
+
+
+def payload_omitted(letter: dict[str, Any]) -> bool:
+    """True for the letter of a record too large for its destination, kept without payload."""
+    return letter.get(PAYLOAD_OMITTED) is True and not isinstance(letter.get("payload"), dict)
 
 
 class DeadLetters:
@@ -104,6 +119,9 @@ class DeadLetters:
 
     Delivery is retried with backoff until it is confirmed or the caller is stopping: a record is
     checkpointed only after its letter is durable, so a destination outage stalls, never loses.
+    A letter too large for the destination (over the limit it states, or refused for its size)
+    is never sent again as it is: it is split into one letter per record, and a record whose
+    letter alone is too large is dead-lettered without its payload, so no partition stalls.
     """
 
     def __init__(
@@ -127,6 +145,9 @@ class DeadLetters:
         self.backoff_cap_s = backoff_cap_s
         # Set when these records come from a replay: a letter written again counts it.
         self.replay_count = replay_count
+        self._limit = LetterLimit(
+            destination.max_letter_bytes if isinstance(destination, SizeLimited) else None
+        )
 
     def send(
         self,
@@ -145,10 +166,32 @@ class DeadLetters:
                 self.mapping,
                 len(records),
                 condition,
-                ", ".join(f"{r.source}@{r.position}" for r in records[:10]),
+                _where(records),
             )
             self.stats.add(dropped=len(records))
             return True
+        groups: deque[Sequence[Record]] = deque([records])
+        while groups:
+            group = groups.popleft()
+            delivered = self._deliver(group, condition, error, invoke_count, stop)
+            if delivered is None:
+                return False
+            if not delivered:
+                # In record order, each its own letter: a too-large batch never stalls.
+                groups.extendleft(reversed([[r] for r in group]))
+        return True
+
+    def _deliver(
+        self,
+        records: Sequence[Record],
+        condition: Condition,
+        error: ErrorInfo | None,
+        invoke_count: int,
+        stop: threading.Event,
+    ) -> bool | None:
+        """True once delivered; False if `records` (more than one) must be split; None if
+        stopping first."""
+        assert self.destination is not None
         letter = build_letter(
             mapping=self.mapping,
             function=self.function,
@@ -160,10 +203,56 @@ class DeadLetters:
             now_ms=self.clock.wall_ms(),
             replay_count=max(self.replay_count, *(_replay_count(r) for r in records)),
         )
+        size = letter_bytes(letter)
         backoff = Backoff(base_s=0.2, cap_s=self.backoff_cap_s)
         while True:
+            limit = self._limit.bytes()
+            if limit is not None and size > limit and not letter.get(PAYLOAD_OMITTED):
+                # A huge error (a handler putting the record in its exception) is cut first.
+                bounded = with_bounded_error(letter)
+                if bounded is not None:
+                    letter, size = bounded, letter_bytes(bounded)
+            if limit is not None and size > limit and not letter.get(PAYLOAD_OMITTED):
+                if len(records) > 1:
+                    log.warning(
+                        "mapping %s: a letter of %d records (%d bytes) is over the on-failure"
+                        " destination's limit of %d bytes: one letter per record instead",
+                        self.mapping,
+                        len(records),
+                        size,
+                        limit,
+                    )
+                    return False
+                letter = self._without_payload(letter, records[0], size, limit)
+                size = letter_bytes(letter)
             try:
                 self.destination.deliver(letter, records)
+            except LetterTooLarge as exc:
+                self._limit.refused(size, exc.limit_bytes)
+                if len(records) > 1 or not letter.get(PAYLOAD_OMITTED):
+                    log.warning(
+                        "mapping %s: on-failure destination refused a letter of %d record(s)"
+                        " (%d bytes) for its size: %s",
+                        self.mapping,
+                        len(records),
+                        size,
+                        exc,
+                    )
+                    continue  # split or shrunk at the top of the loop, sent again at once
+                # Even without payload: the limit is absurdly low; stall and say so.
+                delay = backoff.next_delay()
+                log.error(
+                    "mapping %s: on-failure destination refused even the letter without payload"
+                    " of %s (%d bytes): %s; raise its size limit; retry in %.1fs",
+                    self.mapping,
+                    _where(records),
+                    size,
+                    exc,
+                    delay,
+                )
+                if self.clock.wait(stop, delay):
+                    return None
+                continue
             except Exception as exc:
                 delay = backoff.next_delay()
                 log.error(
@@ -174,10 +263,37 @@ class DeadLetters:
                     delay,
                 )
                 if self.clock.wait(stop, delay):
-                    return False
+                    return None
                 continue
-            self.stats.add(dead_lettered=len(records))
+            omitted = len(records) if letter.get(PAYLOAD_OMITTED) else 0
+            self.stats.add(dead_lettered=len(records), payload_omitted=omitted)
             return True
+
+    def _without_payload(
+        self, letter: dict[str, Any], record: Record, size: int, limit: int
+    ) -> dict[str, Any]:
+        log.warning(
+            "mapping %s: the letter of %s alone (%d bytes) is over the on-failure destination's"
+            " limit of %d bytes: dead-lettered without its payload (%s)",
+            self.mapping,
+            _where([record]),
+            size,
+            limit,
+            Condition.MAXIMUM_PAYLOAD_SIZE_EXCEEDED,
+        )
+        return without_payload(
+            letter,
+            self.shape.item_identifier(record),
+            condition=str(Condition.MAXIMUM_PAYLOAD_SIZE_EXCEEDED),
+            letter_bytes=size,
+            limit_bytes=limit,
+        )
+
+
+def _where(records: Sequence[Record]) -> str:
+    return ", ".join(f"{r.source}@{r.position}" for r in records[:10]) + (
+        f" and {len(records) - 10} more" if len(records) > 10 else ""
+    )
 
 
 REPLAY_HEADER = "esm-replay-count"

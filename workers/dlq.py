@@ -21,8 +21,9 @@ import orjson
 from connectors.base import DeadLetterStore, Destination, SourcePublisher, StoredLetter
 from connectors.shapes import shape_for_event
 from workers.clock import SYSTEM_CLOCK, Clock
-from workers.deadletter import DeadLetters
+from workers.deadletter import DeadLetters, payload_omitted
 from workers.invoker import Invoker
+from workers.lettersize import OMITTED
 from workers.policy import BatchRunner, Policy
 from workers.records import Record
 from workers.stats import MappingStats
@@ -76,6 +77,8 @@ def payload_records(letter: dict[str, Any]) -> list[Record]:
 
 def coordinates(letter: dict[str, Any]) -> str:
     """Where the letter's records came from, e.g. 'orders-0@17-19' or 'orders(3)'."""
+    if payload_omitted(letter):
+        return omitted_coordinates(letter)
     spans: dict[str, list[int]] = {}
     records = payload_records(letter)
     for r in records:
@@ -93,6 +96,21 @@ def coordinates(letter: dict[str, Any]) -> str:
     )
 
 
+def omitted_coordinates(letter: dict[str, Any]) -> str:
+    """The record of a letter without payload, from its itemIdentifier: 'orders-0@17',
+    'orders@1700000000000-0', 'orders#5' (a RabbitMQ delivery tag), marked '(no payload)'."""
+    ident = (letter.get(OMITTED) or {}).get("itemIdentifier") or {}
+    if "partition" in ident:
+        where = f"{ident['partition']}@{ident.get('offset')}"
+    elif "stream" in ident:
+        where = f"{ident['stream']}@{ident.get('id')}"
+    elif "queue" in ident:
+        where = f"{ident['queue']}#{ident.get('deliveryTag')}"
+    else:
+        where = "?"
+    return f"{where} (no payload)"
+
+
 def summary_row(stored: StoredLetter) -> dict[str, Any]:
     letter = stored.letter
     ctx = letter.get("requestContext") or {}
@@ -101,7 +119,7 @@ def summary_row(stored: StoredLetter) -> dict[str, Any]:
         "time": letter.get("timestamp", ""),
         "condition": ctx.get("condition", ""),
         "error": (letter.get("error") or {}).get("errorType", ""),
-        "records": len(payload_records(letter)),
+        "records": 1 if payload_omitted(letter) else len(payload_records(letter)),
         "replays": letter.get("replayCount", 0),
         "source": coordinates(letter),
     }
@@ -144,11 +162,14 @@ class ReplaySummary:
     records: int = 0
     succeeded: int = 0  # records the handler took (or the source confirmed)
     failed_again: int = 0  # records written back to the destination (or dropped)
+    # Letters kept without their payload (too large for the destination): nothing to replay,
+    # so they stay pending and are skipped with a message.
+    no_payload: int = 0
     interrupted: bool = False
     dry_run: bool = False
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "letters": self.letters,
             "records": self.records,
             "succeeded": self.succeeded,
@@ -156,6 +177,9 @@ class ReplaySummary:
             "interrupted": self.interrupted,
             "dry_run": self.dry_run,
         }
+        if self.no_payload:
+            out["skipped_no_payload"] = self.no_payload
+        return out
 
 
 class Replayer:
@@ -207,6 +231,16 @@ class Replayer:
                     break
                 if self.limit is not None and summary.letters >= self.limit:
                     break
+                if payload_omitted(stored.letter):
+                    summary.no_payload += 1
+                    log.warning(
+                        "letter %s cannot be replayed: it was stored without its payload (%s,"
+                        " too large for the destination); the record is at %s",
+                        stored.id,
+                        (stored.letter.get("requestContext") or {}).get("condition", ""),
+                        omitted_coordinates(stored.letter),
+                    )
+                    continue
                 records = payload_records(stored.letter)
                 if self.rate_per_s and summary.records:
                     due = started + summary.records / self.rate_per_s

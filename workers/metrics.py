@@ -36,6 +36,11 @@ COUNTER_METRICS = (
         "dead_lettered",
         "Records delivered to the on-failure destination",
     ),
+    (
+        "esm_payload_omitted_events",
+        "payload_omitted",
+        "Records dead-lettered without their payload, too large for the destination",
+    ),
 )
 
 

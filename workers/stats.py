@@ -21,6 +21,8 @@ class MappingStats:
     bisected: int = 0  # batch splits
     dead_lettered: int = 0
     dropped: int = 0  # exhausted records with no destination configured
+    # Dead-lettered without their payload: too large for the destination even alone.
+    payload_omitted: int = 0
     failed_invocations: int = 0
     checkpoints: dict[str, Any] = field(default_factory=dict)
     # Refreshed by the poller's loop: what it owns and how far behind each unit is.

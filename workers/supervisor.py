@@ -42,6 +42,7 @@ COUNTERS = (
     "bisected",
     "dead_lettered",
     "dropped",
+    "payload_omitted",
     "failed_invocations",
 )
 # A poller that keeps dying before it ever reports is given up on in --until-idle runs.
