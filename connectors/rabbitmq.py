@@ -4,12 +4,12 @@ back and records published back onto the source queue, for `workers dlq`."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import re
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -508,17 +508,14 @@ class RabbitMQSource(SourceBase):
         )
 
     def fingerprint(self, record: Record) -> str:
-        """Delivery tags change on redelivery: the message is known by its body and properties
-        (without what the broker adds on redelivery)."""
-        digest = hashlib.blake2b(record.value, digest_size=16)
+        """Delivery tags change on redelivery: the message is known by its body and the
+        properties a publisher sets (not headers, which quorum queues change on redelivery).
+        CRC-32s rather than a cryptographic hash: this runs for every record invoked."""
         meta = record.meta
-        if isinstance(meta, RabbitMeta):
-            props = dict(meta.properties)
-            headers = props.get("headers")
-            if isinstance(headers, dict):
-                props["headers"] = {k: v for k, v in headers.items() if not _broker_header(k)}
-            digest.update(orjson.dumps(props, option=orjson.OPT_SORT_KEYS, default=str))
-        return f"{record.source}:{digest.hexdigest()}"
+        props = meta.properties if isinstance(meta, RabbitMeta) else {}
+        stamp = f"{props.get('messageId')}|{props.get('timestamp')}|{props.get('correlationId')}"
+        body = record.value
+        return f"{record.source}:{len(body)}:{zlib.crc32(body):08x}{zlib.crc32(stamp.encode()):08x}"
 
     # --- acks ------------------------------------------------------------------------------------
 

@@ -231,3 +231,70 @@ def test_pollers_and_environments_die_with_a_killed_supervisor(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(supervisor.pid, signal.SIGKILL)
+
+
+@pytest.mark.rabbitmq
+def test_a_message_that_kills_its_poller_is_dead_lettered_after_three_deaths_on_rabbitmq(
+    rabbitmq_url: str, tmp_path: Path
+) -> None:
+    import base64
+
+    import pika
+
+    queue = brokers.unique_name("rmq-crash")
+    dlq = f"{queue}.dlq"
+    connection = pika.BlockingConnection(pika.URLParameters(rabbitmq_url))
+    channel = connection.channel()
+    try:
+        channel.queue_declare(queue)
+        channel.queue_declare(dlq)
+        channel.confirm_delivery()
+        values = [f"m{i}" for i in range(30)]
+        for value in values:
+            channel.basic_publish("", queue, value.encode())
+        events = tmp_path / "events.jsonl"
+        config = {
+            "functions": {
+                "f": {
+                    "handler": "tests.handlers.crash_handlers:exit_on_poison",
+                    "timeout_s": 10,
+                    "isolation": "thread",
+                    "environment": {"CRASH_EVENTS": str(events), "CRASH_POISON": "m11"},
+                }
+            },
+            "event_source_mappings": [
+                {
+                    "name": queue,
+                    "function": "f",
+                    "source": {"type": "rabbitmq", "url": rabbitmq_url, "queue": queue},
+                    "batch_size": 10,
+                    "maximum_batching_window_s": 0.05,
+                    "bisect_batch_on_function_error": True,
+                    "maximum_retry_attempts": 2,
+                    "destination_config": {
+                        "on_failure": {"type": "rabbitmq", "url": rabbitmq_url, "routing_key": dlq}
+                    },
+                }
+            ],
+        }
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        done = run(path, tmp_path)
+
+        assert done.returncode == 1, done.stderr[-3000:]
+        handled = set()
+        for line in events.read_bytes().splitlines():
+            for items in orjson.loads(line)["rmqMessagesByQueue"].values():
+                handled |= {base64.b64decode(i["data"]).decode() for i in items}
+        assert handled == set(values) - {"m11"}
+        method, _, body = channel.basic_get(dlq, auto_ack=True)
+        assert method is not None
+        letter = orjson.loads(body)
+        assert letter["error"]["errorType"] == "Runtime.PollerDied"
+        [item] = [i for q in letter["payload"]["rmqMessagesByQueue"].values() for i in q]
+        assert base64.b64decode(item["data"]) == b"m11"
+        assert channel.queue_declare(queue, passive=True).method.message_count == 0
+    finally:
+        channel.queue_delete(queue)
+        channel.queue_delete(dlq)
+        connection.close()
