@@ -224,3 +224,24 @@ def test_in_flight_file_names_running_invocations_for_the_death_counts(tmp_path:
     assert read_in_flight(path) == [["id", "x"]]
     path.write_bytes(b"[[")
     assert read_in_flight(path) == []
+
+
+def test_an_identifier_of_digits_int_cannot_read_fails_the_batch_not_the_poller() -> None:
+    broker = filled(2)
+    responses = iter(
+        [{"batchItemFailures": [{"itemIdentifier": {"partition": "t-0", "offset": "²"}}]}, None]
+    )
+    invoker = DirectInvoker(lambda event, request: next(responses))
+    source = MemoryLogSource(broker, "t", "g")
+    poller = Poller(
+        PollerSettings(mapping="m", function="f"),
+        source=source,
+        invoker=invoker,
+        policy=Policy(maximum_retry_attempts=1, report_batch_item_failures=True),
+        destination=MemoryDestination(),
+        clock=broker.clock,
+    )
+    poller.run(until_idle_s=1.0)
+
+    assert len(invoker.calls) == 2  # an invalid response, then a retry that succeeds
+    assert broker.committed_offsets("g", "t") == {"t-0": 2}
