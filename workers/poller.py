@@ -254,10 +254,12 @@ class Poller:
                     if len(fresh) != len(run):  # redeliveries of records this poller holds
                         run = [r for r in run if r.position in fresh]
                 if matches is not None:
+                    # A record its connector could not convert is no document to match: it goes
+                    # on, to be dead-lettered.
                     try:
-                        kept = [r for r in run if matches(view(r))]
+                        kept = [r for r in run if r.fault is not None or matches(view(r))]
                     except Exception:
-                        kept = [r for r in run if self._matches(r)]
+                        kept = [r for r in run if r.fault is not None or self._matches(r)]
                     if len(kept) != len(run):
                         keep = {id(r) for r in kept}
                         filtered.extend(r for r in run if id(r) not in keep)
@@ -354,7 +356,7 @@ class Poller:
                     batch = self._take(lane) if due == 0.0 and not lane.stop.is_set() else []
         except BaseException as exc:
             log.exception("mapping %s: batch runner failed", self.settings.mapping)
-            if self.in_flight is not None:
+            if self.in_flight is not None and batch:
                 # Counted as a death on these records, as if the process had died of them.
                 self.in_flight.failed(batch)
             self._failure = exc

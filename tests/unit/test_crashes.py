@@ -245,3 +245,22 @@ def test_an_identifier_of_digits_int_cannot_read_fails_the_batch_not_the_poller(
 
     assert len(invoker.calls) == 2  # an invalid response, then a retry that succeeds
     assert broker.committed_offsets("g", "t") == {"t-0": 2}
+
+
+def test_a_record_the_connector_could_not_convert_is_never_filtered_out() -> None:
+    broker = filled(3)
+
+    def mangle(r: Record) -> Record:
+        if r.value != b"1":
+            return r
+        return undecodable(r.source, r.position, b"\xff", ValueError("broken"), meta=r.meta)
+
+    invoker = DirectInvoker(lambda event, request: None)
+    dlq = MemoryDestination()
+    poller, _ = poller_for(broker, invoker, dlq, mangle, record_filter=lambda view: False)
+    poller.run(until_idle_s=1.0)
+
+    assert invoker.calls == []
+    [letter] = dlq.letters
+    assert letter["requestContext"]["condition"] == "InvalidRecord"
+    assert broker.committed_offsets("g", "t") == {"t-0": 3}
