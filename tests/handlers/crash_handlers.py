@@ -61,3 +61,11 @@ def break_engine_once(event: dict[str, Any], context: Any) -> None:
             if isinstance(obj, Poller):
                 obj.runner.settle = broken
     record_events(event, context)
+
+
+def busy(event: dict[str, Any], context: Any) -> None:
+    """Says it started (CRASH_EVENTS), then stays busy for a minute."""
+    record_events(event, context)
+    import time
+
+    time.sleep(60)

@@ -298,3 +298,44 @@ def test_a_message_that_kills_its_poller_is_dead_lettered_after_three_deaths_on_
         channel.queue_delete(queue)
         channel.queue_delete(dlq)
         connection.close()
+
+
+def test_busy_execution_environments_die_with_their_killed_poller(
+    redis_url: str, client: redis.Redis, stream: str, tmp_path: Path
+) -> None:
+    for n in range(4):
+        client.xadd(stream, {"n": str(n)})
+    events = tmp_path / "events.jsonl"
+    config = write_config(
+        tmp_path / "config.yaml",
+        redis_url,
+        stream,
+        "tests.handlers.crash_handlers:busy",
+        {"CRASH_EVENTS": str(events)},
+        timeout_s=120,
+    )
+    command = workers_run(config, tmp_path / "summary.json")
+    command = command[: command.index("--until-idle")]
+    supervisor = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: len(handled_ns(events)) >= 1, 60, "a handler to start")
+        [poller] = [
+            pid
+            for pid in _children()[supervisor.pid]
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        family = descendants(poller)  # the forkserver and the busy environment
+        assert len(family) >= 2, family
+        os.kill(poller, signal.SIGKILL)
+        wait_for(
+            lambda: not any(alive(pid) for pid in family), 10, "the poller's environments to end"
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(supervisor.pid, signal.SIGKILL)
