@@ -339,3 +339,63 @@ def test_busy_execution_environments_die_with_their_killed_poller(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(supervisor.pid, signal.SIGKILL)
+
+
+@pytest.mark.kafka
+def test_a_record_that_kills_its_poller_is_dead_lettered_after_three_deaths_on_kafka(
+    kafka_broker: Any, tmp_path: Path
+) -> None:
+    import base64
+
+    from tests.brokers import KafkaRecord, read_topic
+
+    bootstrap = kafka_broker.bootstrap
+    topic = brokers.unique_name("kafka-crash")
+    dlq = f"{topic}.dlq"
+    brokers.create_topic(bootstrap, topic, 1)
+    brokers.create_topic(bootstrap, dlq, 1)
+    values = [f"v{i}" for i in range(30)]
+    brokers.produce(bootstrap, topic, [KafkaRecord(v) for v in values])
+    events = tmp_path / "events.jsonl"
+    config = {
+        "functions": {
+            "f": {
+                "handler": "tests.handlers.crash_handlers:exit_on_poison",
+                "timeout_s": 10,
+                "isolation": "thread",
+                "environment": {"CRASH_EVENTS": str(events), "CRASH_POISON": "v13"},
+            }
+        },
+        "event_source_mappings": [
+            {
+                "name": topic,
+                "function": "f",
+                "source": {
+                    "type": "kafka",
+                    "bootstrap_servers": bootstrap,
+                    "topics": [topic],
+                    "client_config": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
+                },
+                "batch_size": 10,
+                "maximum_batching_window_s": 0.05,
+                "maximum_retry_attempts": 0,
+                "destination_config": {"on_failure": {"type": "kafka", "topic": dlq}},
+            }
+        ],
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    done = run(path, tmp_path, timeout_s=240)
+
+    assert done.returncode == 1, done.stderr[-3000:]
+    handled = set()
+    for line in events.read_bytes().splitlines():
+        for items in orjson.loads(line)["records"].values():
+            handled |= {base64.b64decode(i["value"]).decode() for i in items}
+    assert handled == set(values) - {"v13"}
+    [message] = read_topic(bootstrap, dlq)
+    letter = orjson.loads(message.value() or b"")
+    assert letter["error"]["errorType"] == "Runtime.PollerDied"
+    [item] = letter["payload"]["records"][f"{topic}-0"]
+    assert item["offset"] == 13
+    assert brokers.committed_offsets(bootstrap, topic, topic) == {0: 30}
