@@ -11,7 +11,11 @@ from collections.abc import Collection, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from workers.outcomes import ErrorInfo
 from workers.records import Record
+
+# errorType of the letter of a message the connector could not convert.
+UNDECODABLE_ERROR_TYPE = "Runtime.UndecodableRecord"
 
 
 class ConnectorConfigError(RuntimeError):
@@ -32,6 +36,9 @@ class Capabilities:
     pausable: bool = False
     # The broker counts deliveries, so attempt counts survive restarts (Record.attempts).
     delivery_counts: bool = False
+    # (source, position) names the same message on every delivery (a Kafka offset, a Redis
+    # entry id). Otherwise `Source.fingerprint` tells a message again after a redelivery.
+    stable_positions: bool = True
 
 
 class EventShape(Protocol):
@@ -129,6 +136,10 @@ class Source(Protocol):
         """Records not yet read per unit, where the broker can tell."""
         ...
 
+    def fingerprint(self, record: Record) -> str:
+        """A name for the message that survives redelivery (where positions do not)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -142,6 +153,16 @@ class LetterTooLarge(Exception):
     def __init__(self, message: str, limit_bytes: int | None = None) -> None:
         super().__init__(message)
         self.limit_bytes = limit_bytes
+
+
+def undecodable(
+    source: str, position: int, raw: bytes, exc: BaseException, **fields: Any
+) -> Record:
+    """A record for a message that could not be converted, with its coordinates, its raw bytes
+    and why; the engine dead-letters it without invoking. `fields` are further `Record` fields
+    (meta, timestamp_ms, ...) the connector could still fill in."""
+    error = ErrorInfo(UNDECODABLE_ERROR_TYPE, f"{type(exc).__name__}: {exc}"[:1000])
+    return Record(source, position, raw, **fields, fault=error)
 
 
 class Destination(Protocol):
@@ -230,6 +251,9 @@ class SourceBase:
 
     def lag(self) -> Mapping[str, int]:
         return {}
+
+    def fingerprint(self, record: Record) -> str:
+        return f"{record.source}@{record.position}"
 
     def close(self) -> None:
         pass

@@ -37,6 +37,7 @@ from connectors.base import (
     LetterTooLarge,
     SourceBase,
     StoredLetter,
+    undecodable,
 )
 from connectors.kafka_limits import RecordLimit, is_size_error, record_bytes
 from connectors.shapes import TIMESTAMP_TYPES, KafkaMeta, KafkaShape, encoded_size, kafka_item
@@ -530,43 +531,68 @@ class KafkaSource(SourceBase):
             ts_type, ts = m.timestamp()
             if skip and unit in skip and self._skip_older(unit, ts):
                 continue
-            meta = metas.get((topic, partition, ts_type))
-            if meta is None:
-                meta = metas[(topic, partition, ts_type)] = KafkaMeta(
-                    topic, partition, TIMESTAMP_TYPES.get(ts_type, "NO_TIMESTAMP_TYPE")
+            try:
+                meta = metas.get((topic, partition, ts_type))
+                if meta is None:
+                    meta = metas[(topic, partition, ts_type)] = KafkaMeta(
+                        topic, partition, TIMESTAMP_TYPES.get(ts_type, "NO_TIMESTAMP_TYPE")
+                    )
+                value = m.value() or b""  # a tombstone's null value is delivered as "" (base64 "")
+                key = m.key()
+                headers: Sequence[tuple[str, bytes]] = ()
+                extra = 0
+                raw_headers = m.headers()
+                if raw_headers:
+                    headers = []
+                    for name, data in cast(_Headers, raw_headers):  # consumers get a list
+                        data = data.encode() if isinstance(data, str) else data or b""
+                        headers.append((name, data))
+                        # Header bytes appear in the event as a JSON list of numbers.
+                        extra += len(name) + 4 * len(data) + 8
+                # 0 is "unknown" to the engine (no record-age check), as Kafka's -1 means.
+                ts = ts if ts > 0 and ts_type != TIMESTAMP_NOT_AVAILABLE else 0
+                record = Record(
+                    unit,
+                    offset,
+                    value,
+                    key,
+                    ts,
+                    headers,
+                    0,
+                    False,
+                    encoded_size(value, key, extra),
+                    meta,
+                    item(topic, partition, offset, ts, meta.timestamp_type, key, value, headers),
                 )
-            value = m.value() or b""  # a tombstone's null value is delivered as "" (base64 "")
-            key = m.key()
-            headers: Sequence[tuple[str, bytes]] = ()
-            extra = 0
-            raw_headers = m.headers()
-            if raw_headers:
-                headers = []
-                for name, data in cast(_Headers, raw_headers):  # consumers get a list
-                    data = data.encode() if isinstance(data, str) else data or b""
-                    headers.append((name, data))
-                    # Header bytes appear in the event as a JSON list of numbers.
-                    extra += len(name) + 4 * len(data) + 8
-            # 0 is "unknown" to the engine (no record-age check), as Kafka's -1 means.
-            ts = ts if ts > 0 and ts_type != TIMESTAMP_NOT_AVAILABLE else 0
-            record = Record(
-                unit,
-                offset,
-                value,
-                key,
-                ts,
-                headers,
-                0,
-                False,
-                encoded_size(value, key, extra),
-                meta,
-                item(topic, partition, offset, ts, meta.timestamp_type, key, value, headers),
-            )
+            except Exception as exc:  # no message may stop the partition: it becomes a letter
+                record = self._undecodable(unit, topic, partition, offset, m, exc)
             if held and unit in held:
                 self._hold(unit, record)
             else:
                 out.append(record)
         return out
+
+    def _undecodable(
+        self, unit: str, topic: str, partition: int, offset: int, m: Message, exc: Exception
+    ) -> Record:
+        log.error(
+            "mapping %s: %s@%d cannot be read (%s: %s); it goes to the on-failure destination",
+            self.mapping,
+            unit,
+            offset,
+            type(exc).__name__,
+            exc,
+        )
+        value = m.value() or b""
+        return undecodable(
+            unit,
+            offset,
+            value,
+            exc,
+            key=m.key(),
+            size=encoded_size(value, m.key()),
+            meta=KafkaMeta(topic, partition, "NO_TIMESTAMP_TYPE"),
+        )
 
     def _skip_older(self, unit: str, ts: int) -> bool:
         """True for a record before the starting timestamp on a partition still being skipped."""

@@ -9,6 +9,7 @@ import logging
 import re
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -23,6 +24,7 @@ import pika.exceptions
 import pika.spec
 from pika.adapters.blocking_connection import BlockingChannel, BlockingConnection
 
+from connectors import pika_compat
 from connectors.base import (
     AssignmentListener,
     Capabilities,
@@ -30,11 +32,12 @@ from connectors.base import (
     LetterTooLarge,
     SourceBase,
     StoredLetter,
+    undecodable,
 )
 from connectors.shapes import RabbitMeta, RabbitShape, encoded_size
 from workers import config as cfg
 from workers.config import redact_url
-from workers.deadletter import REPLAY_HEADER, parse_letter
+from workers.deadletter import REPLAY_HEADER, parse_letter, utc_datetime
 from workers.records import Record
 from workers.redact import describe
 
@@ -43,6 +46,8 @@ log = logging.getLogger("connectors.rabbitmq")
 # engine logs the raised error once. Left alone if the application configured pika itself.
 if logging.getLogger("pika").level == logging.NOTSET:
     logging.getLogger("pika").setLevel(logging.CRITICAL)
+# A header field pika cannot decode would drop the connection in a loop (see pika_compat).
+pika_compat.install()
 
 # Prefetch sized from the engine's appetite when the mapping does not set one: two rounds of
 # batches in flight keep the consumer busy while a round settles.
@@ -127,8 +132,9 @@ def _close_quietly(connection: BlockingConnection | None) -> None:
 
 
 def java_date(epoch_s: int) -> str:
-    """An AMQP timestamp as Lambda's Java runtime prints it ("Jan 1, 1970, 12:33:41 AM", UTC)."""
-    dt = datetime.fromtimestamp(epoch_s, tz=UTC)
+    """An AMQP timestamp as Lambda's Java runtime prints it ("Jan 1, 1970, 12:33:41 AM", UTC);
+    outside years 1-9999 (AMQP's 64 bits allow any), the nearest instant within."""
+    dt = utc_datetime(epoch_s * 1000)
     hour = dt.hour % 12 or 12
     half = "AM" if dt.hour < 12 else "PM"
     clock = f"{hour}:{dt.minute:02d}:{dt.second:02d} {half}"
@@ -263,7 +269,11 @@ class RabbitMQSource(SourceBase):
     """
 
     capabilities = Capabilities(
-        ordered=False, checkpoint="ack", pausable=False, delivery_counts=True
+        ordered=False,
+        checkpoint="ack",
+        pausable=False,
+        delivery_counts=True,
+        stable_positions=False,
     )
     retryable_errors = RETRYABLE_ERRORS
 
@@ -446,36 +456,70 @@ class RabbitMQSource(SourceBase):
             method, props, body = pending.popleft()
             tag: int = method.delivery_tag
             position = next(self._positions)
-            headers = props.headers
-            extra = _PROPERTIES_BYTES
-            attempts = 1 if method.redelivered else 0
-            record_headers: list[tuple[str, bytes]] = []
-            if headers:
-                # Quorum queues count deliveries: https://www.rabbitmq.com/docs/quorum-queues#poison-message-handling
-                count = headers.get("x-delivery-count")
-                if isinstance(count, int) and not isinstance(count, bool):
-                    attempts = count
-                record_headers, size = _record_headers(headers)
-                extra += size
-            ts = props.timestamp
-            out.append(
-                Record(
-                    source=queue,
-                    position=position,
-                    value=body,
-                    # AMQP timestamps are whole seconds; without one, the time it reached us.
-                    timestamp_ms=ts * 1000 if isinstance(ts, int) and ts > 0 else now_ms,
-                    headers=record_headers,
-                    attempts=attempts,
-                    redelivered=bool(method.redelivered),
-                    size=encoded_size(body, extra=extra),
-                    meta=RabbitMeta(queue, vhost, tag, basic_properties(props, len(body))),
+            try:
+                headers = props.headers
+                extra = _PROPERTIES_BYTES
+                attempts = 1 if method.redelivered else 0
+                record_headers: list[tuple[str, bytes]] = []
+                if headers:
+                    # Quorum queues count deliveries: https://www.rabbitmq.com/docs/quorum-queues#poison-message-handling
+                    count = headers.get("x-delivery-count")
+                    if isinstance(count, int) and not isinstance(count, bool):
+                        attempts = count
+                    record_headers, size = _record_headers(headers)
+                    extra += size
+                ts = props.timestamp
+                out.append(
+                    Record(
+                        source=queue,
+                        position=position,
+                        value=body,
+                        # AMQP timestamps are whole seconds; without one, the time it reached us.
+                        timestamp_ms=ts * 1000 if isinstance(ts, int) and ts > 0 else now_ms,
+                        headers=record_headers,
+                        attempts=attempts,
+                        redelivered=bool(method.redelivered),
+                        size=encoded_size(body, extra=extra),
+                        meta=RabbitMeta(queue, vhost, tag, basic_properties(props, len(body))),
+                    )
                 )
-            )
+            except Exception as exc:  # no message may stop the queue: it becomes a letter
+                out.append(self._undecodable(position, tag, method, body, exc))
             live.append((position, tag))
         with self._lock:
             self._live.update(live)
         return out
+
+    def _undecodable(
+        self, position: int, tag: int, method: Any, body: bytes, exc: Exception
+    ) -> Record:
+        log.error(
+            "mapping %s: message with delivery tag %d cannot be read (%s: %s); it goes to the"
+            " on-failure destination",
+            self.mapping,
+            tag,
+            type(exc).__name__,
+            exc,
+        )
+        return undecodable(
+            self.queue,
+            position,
+            body,
+            exc,
+            redelivered=bool(method.redelivered),
+            size=encoded_size(body, extra=_PROPERTIES_BYTES),
+            meta=RabbitMeta(self.queue, self.vhost, tag, {"bodySize": len(body)}),
+        )
+
+    def fingerprint(self, record: Record) -> str:
+        """Delivery tags change on redelivery: the message is known by its body and the
+        properties a publisher sets (not headers, which quorum queues change on redelivery).
+        CRC-32s rather than a cryptographic hash: this runs for every record invoked."""
+        meta = record.meta
+        props = meta.properties if isinstance(meta, RabbitMeta) else {}
+        stamp = f"{props.get('messageId')}|{props.get('timestamp')}|{props.get('correlationId')}"
+        body = record.value
+        return f"{record.source}:{len(body)}:{zlib.crc32(body):08x}{zlib.crc32(stamp.encode()):08x}"
 
     # --- acks ------------------------------------------------------------------------------------
 

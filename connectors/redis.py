@@ -24,6 +24,7 @@ from connectors.base import (
     LetterTooLarge,
     SourceBase,
     StoredLetter,
+    undecodable,
 )
 from connectors.shapes import (
     RECORD_OVERHEAD_BYTES,
@@ -456,6 +457,27 @@ class RedisSource(SourceBase):
                 if entry_id not in held:
                     held[entry_id] = now
                     fresh.append((entry_id, raw_id, fields))
+        try:
+            return self._convert(stream, fresh, counts)
+        except Exception:
+            pass
+        # Some entry cannot be converted: one at a time, and that one becomes a letter, so that
+        # no entry stops its stream.
+        out: list[Record] = []
+        for entry in fresh:
+            try:
+                out += self._convert(stream, [entry], counts)
+            except Exception as exc:
+                out.append(self._undecodable(stream, entry[0], entry[2], exc))
+        return out
+
+    def _convert(
+        self,
+        stream: str,
+        fresh: list[tuple[str, bytes, dict[bytes, bytes]]],
+        counts: Mapping[bytes, int] | None,
+    ) -> list[Record]:
+        """Engine records for entries not in flight before, with their event items."""
         out: list[Record] = []
         append = out.append
         names = self._names
@@ -525,6 +547,34 @@ class RedisSource(SourceBase):
             if last is None or newest > parse_stream_id(last):
                 self._last_seen[stream] = format_stream_id(newest)
         return out
+
+    def _undecodable(
+        self, stream: str, entry_id: str, fields: dict[bytes, bytes], exc: Exception
+    ) -> Record:
+        log.error(
+            "mapping %s: %s %s cannot be read (%s: %s); it goes to the on-failure destination",
+            self.mapping,
+            stream,
+            entry_id,
+            type(exc).__name__,
+            exc,
+        )
+        # Its fields as they came, names and values in base64: nothing about them is assumed.
+        b64 = binascii.b2a_base64
+        raw = orjson.dumps(
+            {
+                b64(k, newline=False).decode(): b64(v, newline=False).decode()
+                for k, v in fields.items()
+            }
+        )
+        return undecodable(
+            stream,
+            parse_stream_id(entry_id),
+            raw,
+            exc,
+            size=RECORD_OVERHEAD_BYTES + len(raw),
+            meta=RedisMeta(stream, entry_id, {}),
+        )
 
     def _name_of(self, raw_name: bytes) -> str:
         """A field name as the event shows it (`field_name`); names repeat across entries, so

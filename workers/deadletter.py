@@ -7,7 +7,7 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -37,15 +37,37 @@ class Condition(StrEnum):
     RETRY_ATTEMPTS_EXHAUSTED = "RetryAttemptsExhausted"
     RECORD_AGE_EXCEEDED = "RecordAgeExceeded"
     MAXIMUM_PAYLOAD_SIZE_EXCEEDED = "MaximumPayloadSizeExceeded"
+    # The record could not be turned into an event (by its connector or its event shape): it
+    # is dead-lettered without being invoked.
+    INVALID_RECORD = "InvalidRecord"
 
 
 def function_arn(function: str) -> str:
     return f"arn:aws:lambda:local:000000000000:function:{function}"
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# The instants a datetime (and an ISO-8601 string with a four-digit year) can show.
+MIN_EPOCH_MS = (datetime(1, 1, 1, tzinfo=UTC) - _EPOCH) // timedelta(milliseconds=1)
+MAX_EPOCH_MS = (datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC) - _EPOCH) // timedelta(
+    milliseconds=1
+)
+
+
+def utc_datetime(epoch_ms: int) -> datetime:
+    """`epoch_ms` as a UTC datetime, clamped to years 1-9999: brokers hand over any number
+    (negative, 0, past year 9999), and no timestamp may stop a record from being handled."""
+    return _EPOCH + timedelta(milliseconds=min(max(epoch_ms, MIN_EPOCH_MS), MAX_EPOCH_MS))
+
+
 def iso_ms(epoch_ms: int) -> str:
-    dt = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{epoch_ms % 1000:03d}Z"
+    """ISO-8601 in UTC with milliseconds; outside years 1-9999 the nearest instant within."""
+    dt = utc_datetime(epoch_ms)
+    # Not strftime: glibc's %Y does not pad years before 1000 to four digits.
+    return (
+        f"{dt.year:04d}-{dt.month:02d}-{dt.day:02d}T{dt.hour:02d}:{dt.minute:02d}:"
+        f"{dt.second:02d}.{dt.microsecond // 1000:03d}Z"
+    )
 
 
 def build_letter(
@@ -77,14 +99,41 @@ def build_letter(
             "executedVersion": "$LATEST",
             "functionError": "Unhandled",
         }
-    info = {"batchSize": len(records), **shape.batch_info(records)}
+    try:
+        info = {"batchSize": len(records), **shape.batch_info(records)}
+    except Exception:  # a record the shape cannot describe still gets its letter
+        log.exception("mapping %s: batch info of %s", mapping, _named(records))
+        info = {"batchSize": len(records), "records": [_coordinates(shape, r) for r in records]}
     letter[shape.batch_info_name] = info
     letter["mapping"] = mapping
     if error is not None:
         letter["error"] = error.as_json()
     letter["replayCount"] = replay_count
-    letter["payload"] = shape.event(records)
+    try:
+        payload = shape.event(records)
+        orjson.dumps(payload)  # what every destination does with it
+    except Exception as exc:
+        # No record may stop its own letter: it goes without payload, with its coordinates.
+        log.exception("mapping %s: the payload of %s cannot be built", mapping, _named(records))
+        letter["payloadOmitted"] = True
+        letter["omitted"] = {
+            "itemIdentifiers": [_coordinates(shape, r) for r in records],
+            "reason": f"{type(exc).__name__}: {exc}"[:1000],
+        }
+    else:
+        letter["payload"] = payload
     return letter
+
+
+def _coordinates(shape: EventShape, record: Record) -> dict[str, Any]:
+    try:
+        return shape.item_identifier(record)
+    except Exception:
+        return {"source": record.source, "position": record.position}
+
+
+def _named(records: Sequence[Record]) -> str:
+    return ", ".join(f"{r.source}@{r.position}" for r in records[:10])
 
 
 def parse_letter(raw: bytes | None) -> tuple[dict[str, Any] | None, str]:

@@ -36,6 +36,7 @@ import orjson
 
 from workers.context import LATEST, LambdaContext, log_group_name, new_log_stream_name
 from workers.invoker import FunctionSpec, InvocationRequest, Invoker
+from workers.lifeline import die_with_parent
 from workers.outcomes import (
     Crash,
     ErrorInfo,
@@ -333,6 +334,8 @@ def _child_main(conn: Connection, config: _ChildConfig) -> None:
     # Ctrl-C reaches the whole process group, but the worker drains in-flight invocations on
     # SIGINT: the environments must outlive it. SIGTERM keeps its default so stray ones can go.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # But not their poller: an environment busy in a handler would never see its pipe close.
+    die_with_parent()
     os.environ.clear()
     os.environ.update(config.environ)
     if not sys.path or sys.path[0] != config.cwd:

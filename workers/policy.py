@@ -7,6 +7,7 @@ case the unsettled records are left for the broker to deliver again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
@@ -15,10 +16,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from connectors.base import EventShape
 from workers.backoff import Backoff
 from workers.clock import Clock
 from workers.deadletter import Condition, DeadLetters
+from workers.flight import MAX_DEATHS, POLLER_DIED_ERROR_TYPE, Gate, InFlightFile, Suspects
 from workers.invoker import InvocationRequest, Invoker
 from workers.outcomes import (
     Crash,
@@ -95,10 +99,26 @@ def _invalid(message: str) -> InvalidResponse:
 class _Work:
     """A run of records invoked together, with the retries they have used."""
 
-    __slots__ = ("invocations", "last_error", "records", "retries", "tried")
+    __slots__ = (
+        "doomed",
+        "event_error",
+        "invocations",
+        "last_error",
+        "records",
+        "retries",
+        "solo",
+        "tried",
+    )
 
     def __init__(
-        self, records: list[Record], retries: int, invocations: int, tried: bool = False
+        self,
+        records: list[Record],
+        retries: int,
+        invocations: int,
+        tried: bool = False,
+        *,
+        solo: bool = False,
+        doomed: tuple[Condition, ErrorInfo] | None = None,
     ) -> None:
         self.records = records
         self.retries = retries
@@ -107,6 +127,17 @@ class _Work:
         # since a redelivery after a lost connection does not mean the handler failed.
         self.tried = tried
         self.last_error: ErrorInfo | None = None
+        # A record a poller died on: invoked with no other invocation running beside it.
+        self.solo = solo
+        # Dead-lettered without invoking: a record that cannot become an event, or one that
+        # pollers died on too often.
+        self.doomed = doomed
+        # Building or encoding the event raised: some record of the batch may be at fault.
+        self.event_error: Exception | None = None
+
+
+def _max_attempts(records: Sequence[Record]) -> int:
+    return max((r.attempts for r in records), default=0)
 
 
 class BatchRunner:
@@ -125,6 +156,8 @@ class BatchRunner:
         settle: Callable[[Sequence[Record]], None],
         clock: Clock,
         stats: MappingStats,
+        suspects: Suspects | None = None,
+        in_flight: InFlightFile | None = None,
     ) -> None:
         self.mapping = mapping
         self.function = function
@@ -136,15 +169,65 @@ class BatchRunner:
         self.settle = settle
         self.clock = clock
         self.stats = stats
+        self.suspects = suspects if suspects else None
+        self.in_flight = in_flight
+        # Only a poller that has suspects needs to keep their invocations apart.
+        self._gate = Gate() if self.suspects is not None else None
 
     def run(self, records: list[Record], stop: threading.Event) -> bool:
         """Invoke until every record settled; False if `stop` cut it short (some left unsettled)."""
-        prior = max((r.attempts for r in records), default=0)
-        queue: deque[_Work] = deque([_Work(records, retries=prior, invocations=prior)])
+        queue = deque(self._plan(records))
         while queue:
             if not self._run_one(queue.popleft(), queue, stop):
                 return False
         return True
+
+    def _plan(self, records: list[Record]) -> list[_Work]:
+        """The batch as work in record order: records that cannot become an event and records
+        pollers died on too often to be dead-lettered, suspects to run alone, the rest together."""
+        suspects = self.suspects
+        if suspects is None and not any(r.fault is not None for r in records):
+            prior = _max_attempts(records)
+            return [_Work(records, retries=prior, invocations=prior)]
+        plan: list[_Work] = []
+        run: list[Record] = []
+
+        def flush() -> None:
+            if run:
+                prior = _max_attempts(run)
+                plan.append(_Work(list(run), retries=prior, invocations=prior))
+                run.clear()
+
+        for r in records:
+            deaths = 0 if suspects is None else suspects.deaths(r)
+            if r.fault is None and deaths == 0:
+                run.append(r)
+                continue
+            flush()
+            if r.fault is not None:
+                doomed = (Condition.INVALID_RECORD, r.fault)
+                plan.append(_Work([r], r.attempts, 0, doomed=doomed))
+            elif deaths >= MAX_DEATHS:
+                error = ErrorInfo(
+                    POLLER_DIED_ERROR_TYPE,
+                    f"the poller died {deaths} times while this record was being processed;"
+                    " it is not invoked again",
+                )
+                plan.append(
+                    _Work([r], deaths, deaths, doomed=(Condition.RETRY_ATTEMPTS_EXHAUSTED, error))
+                )
+            else:
+                log.warning(
+                    "mapping %s: %s@%s was in flight when a poller died (%d time(s)); running it"
+                    " alone",
+                    self.mapping,
+                    r.source,
+                    r.position,
+                    deaths,
+                )
+                plan.append(_Work([r], r.attempts, r.attempts, solo=True))
+        flush()
+        return plan
 
     def _run_one(self, work: _Work, queue: deque[_Work], stop: threading.Event) -> bool:
         backoff = Backoff(
@@ -155,11 +238,21 @@ class BatchRunner:
                 return False
             if not work.records:
                 return True
+            if work.doomed is not None:
+                condition, error = work.doomed
+                return self._dead_letter_records(work, work.records, condition, error, stop)
             if work.tried and self.policy.exhausted(work.retries):
                 return self._dead_letter(work, work.records, work.last_error, stop)
             if stop.is_set():
                 return False
             outcome = self._invoke(work)
+            if work.event_error is not None:
+                invalid = self._invalid_records(work)
+                if invalid:
+                    # Those records are at fault, not the handler: no retry is used.
+                    if not self._dead_letter_invalid(work, invalid, stop):
+                        return False
+                    continue
             match outcome:
                 case Success():
                     self._succeed(work.records)
@@ -211,13 +304,23 @@ class BatchRunner:
         is_retry = work.invocations > 0
         work.invocations += 1
         work.tried = True
+        work.event_error = None
         started = self.clock.monotonic()
-        try:
-            event = self.shape.event(work.records)
-            result = self.invoker.invoke(event, request)
-        except Exception as exc:  # an invoker must not raise; if one does, fail the batch
-            log.exception("mapping %s: invocation %s failed", self.mapping, request.request_id)
-            result = FunctionError(ErrorInfo(type(exc).__name__, str(exc)))
+        gate = self._gate
+        with contextlib.ExitStack() as scope:
+            if gate is not None:
+                scope.enter_context(gate.exclusive() if work.solo else gate.shared())
+            token = self.in_flight.begin(work.records) if self.in_flight is not None else 0
+            try:
+                event = self.shape.event(work.records)
+                result = self.invoker.invoke(event, request)
+            except Exception as exc:  # an invoker must not raise; if one does, fail the batch
+                log.exception("mapping %s: invocation %s failed", self.mapping, request.request_id)
+                result = FunctionError(ErrorInfo(type(exc).__name__, str(exc)))
+                # Building the event, or encoding it for the environment, may have failed.
+                work.event_error = exc
+            if self.in_flight is not None:
+                self.in_flight.end(token)
         self.stats.observe_duration(self.clock.monotonic() - started)
         outcome: Outcome = result
         if isinstance(result, Success):
@@ -243,6 +346,36 @@ class BatchRunner:
                 _describe(outcome),
             )
         return outcome
+
+    def _invalid_records(self, work: _Work) -> list[tuple[Record, Exception]]:
+        """Records of `work` whose own event cannot be built or encoded, and why."""
+        invalid = []
+        for r in work.records:
+            try:
+                orjson.dumps(self.shape.event([r]))
+            except Exception as exc:
+                invalid.append((r, exc))
+        return invalid
+
+    def _dead_letter_invalid(
+        self, work: _Work, invalid: list[tuple[Record, Exception]], stop: threading.Event
+    ) -> bool:
+        for r, exc in invalid:
+            log.error(
+                "mapping %s: %s@%s cannot be turned into an event (%s: %s); dead-lettering it",
+                self.mapping,
+                r.source,
+                r.position,
+                type(exc).__name__,
+                exc,
+            )
+            error = ErrorInfo("Runtime.EventBuildError", f"{type(exc).__name__}: {exc}"[:1000])
+            if not self._dead_letter_records(work, [r], Condition.INVALID_RECORD, error, stop):
+                return False
+        bad = {id(r) for r, _ in invalid}
+        work.records = [r for r in work.records if id(r) not in bad]
+        work.event_error = None
+        return True
 
     def _drop_unsendable(self, work: _Work, stop: threading.Event) -> bool:
         """Dead-letter records too old or too large to invoke; False if stopping meanwhile."""

@@ -15,6 +15,7 @@ import zlib
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from connectors.base import Destination, Source
@@ -23,6 +24,7 @@ from workers.batcher import BatchLimits, LaneBuffer
 from workers.checkpoint import CheckpointTracker
 from workers.clock import SYSTEM_CLOCK, Clock
 from workers.deadletter import DeadLetters
+from workers.flight import InFlightFile, SuspectList, Suspects
 from workers.invoker import Invoker
 from workers.policy import BatchRunner, Policy
 from workers.records import Record
@@ -66,6 +68,10 @@ def _runs(records: Sequence[Record]) -> list[tuple[str, list[Record]]]:
     return runs
 
 
+class PollerFailed(RuntimeError):
+    """A batch failed in the engine itself: records it held were left unsettled."""
+
+
 class _Lane:
     __slots__ = ("buffer", "busy", "stop", "unit")
 
@@ -90,6 +96,8 @@ class Poller:
         record_filter: RecordFilter | None = None,
         clock: Clock = SYSTEM_CLOCK,
         stats: MappingStats | None = None,
+        in_flight_path: Path | None = None,
+        suspects: SuspectList | None = None,
     ) -> None:
         self.settings = settings
         self.source = source
@@ -122,6 +130,11 @@ class Poller:
             clock=clock,
             stats=self.stats,
         )
+        stable = source.capabilities.stable_positions
+        # Under a supervisor: what is in flight, for it to read if this process dies.
+        self.in_flight = (
+            InFlightFile(in_flight_path, stable, source.fingerprint) if in_flight_path else None
+        )
         self.runner = BatchRunner(
             mapping=settings.mapping,
             function=settings.function,
@@ -133,6 +146,8 @@ class Poller:
             settle=self._settle,
             clock=clock,
             stats=self.stats,
+            suspects=Suspects(suspects or [], source.fingerprint),
+            in_flight=self.in_flight,
         )
 
     # --- the loop --------------------------------------------------------------------------------
@@ -178,6 +193,12 @@ class Poller:
                         break
         finally:
             self._shutdown(opened)
+        if self._failure is not None:
+            # Not a clean end: the supervisor restarts this poller and the run exits 1.
+            raise PollerFailed(
+                f"mapping {self.settings.mapping}: a batch failed in the engine; its records were"
+                " left unsettled"
+            ) from self._failure
 
     def stop(self) -> None:
         """Stop polling; in-flight invocations finish, nothing new starts."""
@@ -234,9 +255,15 @@ class Poller:
                     if len(fresh) != len(run):  # redeliveries of records this poller holds
                         run = [r for r in run if r.position in fresh]
                 if matches is not None:
-                    kept = [r for r in run if matches(view(r))]
+                    # A record its connector could not convert is no document to match: it goes
+                    # on, to be dead-lettered.
+                    try:
+                        kept = [r for r in run if r.fault is not None or matches(view(r))]
+                    except Exception:
+                        kept = [r for r in run if r.fault is not None or self._matches(r)]
                     if len(kept) != len(run):
-                        filtered.extend(r for r in run if not matches(view(r)))
+                        keep = {id(r) for r in kept}
+                        filtered.extend(r for r in run if id(r) not in keep)
                     run = kept
                 if not run:
                     continue
@@ -249,6 +276,24 @@ class Poller:
         self.stats.add(polled=len(records), filtered_out=len(filtered))
         if filtered:
             self._settle(filtered)
+
+    def _matches(self, record: Record) -> bool:
+        """The filter's verdict; a record it cannot judge is kept, for the handler (or, when its
+        event cannot be built either, the destination) to deal with."""
+        assert self.record_filter is not None
+        try:
+            return self.record_filter(self.source.shape.filter_view(record))
+        except Exception as exc:
+            log.warning(
+                "mapping %s: filter criteria cannot be applied to %s@%s (%s: %s); not filtering"
+                " it out",
+                self.settings.mapping,
+                record.source,
+                record.position,
+                type(exc).__name__,
+                exc,
+            )
+            return True
 
     def _slot(self, record: Record) -> int:
         if not self._ordered:
@@ -312,6 +357,9 @@ class Poller:
                     batch = self._take(lane) if due == 0.0 and not lane.stop.is_set() else []
         except BaseException as exc:
             log.exception("mapping %s: batch runner failed", self.settings.mapping)
+            if self.in_flight is not None and batch:
+                # Counted as a death on these records, as if the process had died of them.
+                self.in_flight.failed(batch)
             self._failure = exc
             self.stop()
         finally:
@@ -416,6 +464,8 @@ class Poller:
                 self.source.close()
             except Exception:
                 log.exception("mapping %s: closing the source failed", self.settings.mapping)
+        if self.in_flight is not None and self._failure is None:
+            self.in_flight.close()
         log.info(
             "mapping %s: stopped; checkpoints %s", self.settings.mapping, self.stats.checkpoints
         )

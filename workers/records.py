@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from workers.outcomes import ErrorInfo
+
 
 @dataclass(slots=True, eq=False)
 class Record:
@@ -38,6 +40,9 @@ class Record:
     # takes it; later ones (retries, bisect halves, dead letters) build it again from the fields
     # above, so nothing a handler does to its event reaches a retry.
     item: dict[str, Any] | None = None
+    # Set when the connector could not turn the broker's message into a record of its event
+    # shape (see connectors.base.undecodable): the engine dead-letters it without invoking.
+    fault: ErrorInfo | None = None
 
     @property
     def ident(self) -> tuple[str, int]:

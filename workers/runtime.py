@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from connectors.registry import open_destination, open_source
 from workers.batcher import BatchLimits
@@ -10,6 +11,7 @@ from workers.clock import SYSTEM_CLOCK, Clock
 from workers.config import Config, EventSourceMapping
 from workers.environments import create_invoker
 from workers.filters import compile_filters
+from workers.flight import SuspectList
 from workers.invoker import Invoker
 from workers.policy import Policy
 from workers.poller import Poller, PollerSettings
@@ -45,6 +47,8 @@ def build_poller(
     instance: int = 0,
     invoker: Invoker | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    in_flight_path: Path | None = None,
+    suspects: SuspectList | None = None,
 ) -> tuple[Poller, Invoker]:
     """A ready-to-run poller for `mapping` and the invoker it owns (close it after the run)."""
     spec = config.function_spec(mapping.function)
@@ -70,5 +74,7 @@ def build_poller(
         destination=open_destination(mapping),
         record_filter=compile_filters(patterns),
         clock=clock,
+        in_flight_path=in_flight_path,
+        suspects=suspects,
     )
     return poller, invoker

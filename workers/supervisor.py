@@ -12,8 +12,10 @@ import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ from typing import Any
 import orjson
 
 from workers.backoff import Backoff
+from workers.flight import DeathCounts, SuspectList, read_in_flight
+from workers.lifeline import on_parent_death
 from workers.logs import configure_logging
 
 log = logging.getLogger("workers.supervisor")
@@ -52,6 +56,9 @@ MAX_EARLY_DEATHS = 5
 # interval, a batch thread woken by its handler's reply can wait that long for the busy loop
 # thread to give up the GIL; 0.5 ms measured 1.0-1.7x records/s in-process (bench/README.md).
 POLLER_SWITCH_INTERVAL_S = 0.0005
+# A poller whose supervisor is gone drains like on SIGTERM, but gives up after this long: nobody
+# is left to stop it harder.
+ORPHAN_DRAIN_S = 10.0
 
 
 def poller_main(
@@ -61,6 +68,8 @@ def poller_main(
     until_idle_s: float | None,
     status: Any,
     log_level: int,
+    in_flight_path: str | None = None,
+    suspects: SuspectList | None = None,
 ) -> None:
     """Entry point of a poller process."""
     configure_logging(log_level, f"{mapping_name}#{instance}")
@@ -70,14 +79,29 @@ def poller_main(
 
     config = load_config(config_path)
     mapping = config.mapping(mapping_name)
-    poller, invoker = build_poller(config, mapping, instance=instance)
+    poller, invoker = build_poller(
+        config,
+        mapping,
+        instance=instance,
+        in_flight_path=Path(in_flight_path) if in_flight_path else None,
+        suspects=suspects,
+    )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: draining", signum)
         poller.stop()
 
+    def orphaned(parent_pid: int) -> None:
+        # Nobody would stop, restart or count this poller any more: drain as on SIGTERM.
+        log.warning("supervisor (pid %d) is gone: draining and exiting", parent_pid)
+        poller.stop()
+        timer = threading.Timer(ORPHAN_DRAIN_S, os._exit, args=(1,))
+        timer.daemon = True
+        timer.start()
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    on_parent_death(orphaned)
     done = threading.Event()
 
     def report(final: bool = False) -> None:
@@ -111,6 +135,7 @@ class _Child:
     reported: bool = False
     early_deaths: int = 0
     snapshot: dict[str, Any] = field(default_factory=dict)
+    in_flight_path: Path | None = None
 
     @property
     def name(self) -> str:
@@ -136,6 +161,11 @@ class Supervisor:
         self.stopping = threading.Event()
         self.started_at = time.monotonic()
         self._lock = threading.Lock()
+        # Pollers' in-flight files, and deaths per record of each mapping (workers.flight).
+        self._run_dir = Path(tempfile.mkdtemp(prefix="esm-workers-run-"))
+        for index, child in enumerate(self.children):
+            child.in_flight_path = self._run_dir / f"poller-{index}.inflight"
+        self.deaths: dict[str, DeathCounts] = {c.mapping: DeathCounts() for c in self.children}
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -150,7 +180,16 @@ class Supervisor:
         signal.signal(signal.SIGINT, on_signal)
 
     def run(self, on_tick: Any = None) -> int:
-        """Run until every poller finished (or was stopped); the exit code for `workers run`."""
+        """Run until every poller finished (or was stopped); the exit code for `workers run`.
+
+        1 when a poller died (records it held were not settled by it) or failed to start.
+        """
+        try:
+            return self._run(on_tick)
+        finally:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
+
+    def _run(self, on_tick: Any) -> int:
         failed = False
         forwarded_at: float | None = None
         for child in self.children:
@@ -187,6 +226,8 @@ class Supervisor:
                 self.until_idle_s,
                 self.status,
                 self.log_level,
+                str(child.in_flight_path) if child.in_flight_path else None,
+                self.deaths[child.mapping].suspects(),
             ),
             name=f"poller-{child.name}",
         )
@@ -218,6 +259,9 @@ class Supervisor:
         if self.stopping.is_set():
             child.finished = True
             return code != 0 and code != -signal.SIGTERM
+        died = code != 0
+        if died:
+            self._count_death(child)
         child.early_deaths = 0 if child.reported else child.early_deaths + 1
         if self.until_idle_s is not None and child.early_deaths >= MAX_EARLY_DEATHS:
             log.error("poller %s keeps failing at start-up; giving up", child.name)
@@ -227,7 +271,23 @@ class Supervisor:
         log.error("poller %s exited with %s; restarting in %.1fs", child.name, code, delay)
         child.restart_at = now + delay
         child.reported = False
-        return False
+        # It did not settle what it held: whoever settles it after the restart, the run failed.
+        return died
+
+    def _count_death(self, child: _Child) -> None:
+        """A death for every record the poller had in flight (read from its file)."""
+        if child.in_flight_path is None:
+            return
+        entries = read_in_flight(child.in_flight_path)
+        if entries:
+            self.deaths[child.mapping].add(entries)
+            log.warning(
+                "poller %s died with %d batch entr%s in flight: %s",
+                child.name,
+                len(entries),
+                "y" if len(entries) == 1 else "ies",
+                ", ".join(str(e[1:]) for e in entries[:5]),
+            )
 
     def _drain_status(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
