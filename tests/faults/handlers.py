@@ -53,3 +53,15 @@ def poison_aware(event: dict[str, Any], context: Any) -> dict[str, Any]:
             done.append(i)
     journal(done)
     return batch_response(failed)
+
+
+SLEEP_ENV = "ESM_FAULTS_SLEEP_S"
+
+
+def slow_recording(event: dict[str, Any], context: Any) -> None:
+    """`recording` after `$ESM_FAULTS_SLEEP_S` seconds per invocation, so that a batch is in
+    flight most of the time and a kill or a cut lands mid-batch."""
+    import time
+
+    time.sleep(float(os.environ.get(SLEEP_ENV) or 0))
+    recording(event, context)
