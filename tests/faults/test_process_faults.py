@@ -22,8 +22,6 @@ COUNT = 1200
 RATE_PER_S = 150.0
 BATCH_SIZE = 20
 TIMEOUT_S = 10
-# Lanes a mapping runs at once: each may hold a batch handled but not yet checkpointed.
-LANES = 6
 
 
 def full(kind: str) -> object:
@@ -116,7 +114,10 @@ def test_kill9_mid_batch_then_restart(rig: Rig, tmp_path: Path) -> None:
     if in_flight is not None:
         # Only records the broker still held as taken but unsettled may come back.
         assert dups <= in_flight & set(before), sorted(dups - in_flight)[:20]
-    tally.check(max_duplicates=LANES * BATCH_SIZE, key_of=load.key_of)
+    # RabbitMQ cannot tell by id: at most its prefetch window (2 x batch_size, at least 100)
+    # was unacked.
+    bound = max(100, 2 * BATCH_SIZE) if in_flight is None else len(in_flight & set(before))
+    tally.check(max_duplicates=bound, key_of=load.key_of)
     tally.record()
 
 
