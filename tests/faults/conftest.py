@@ -37,6 +37,10 @@ class Rig:
         unacked messages at once)."""
         return None
 
+    def assert_checkpointed(self) -> None:
+        """Every record of the source is checkpointed (after a run that settled them all)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -58,6 +62,10 @@ class KafkaRig(Rig):
 
     def committed(self) -> dict[int, int]:
         return brokers.committed_offsets(self.bootstrap, self.name, self.name)
+
+    def assert_checkpointed(self) -> None:
+        ends = brokers.end_offsets(self.bootstrap, self.name)
+        assert self.committed() == {p: e for p, e in ends.items() if e > 0}, ends
 
     def uncheckpointed(self, sender: Sender) -> set[str] | None:
         assert isinstance(sender, KafkaSender)
@@ -92,6 +100,14 @@ class RedisRig(Rig):
 
     def sender(self) -> Sender:
         return RedisSender(self.url, self.name)
+
+    def assert_checkpointed(self) -> None:
+        summary: Any = self.client.xpending(self.name, self.name)
+        assert summary["pending"] == 0, summary
+        groups: Any = self.client.xinfo_groups(self.name)
+        last = next(g for g in groups if g["name"].decode() == self.name)["last-delivered-id"]
+        info: Any = self.client.xinfo_stream(self.name)
+        assert last == info["last-generated-id"], (last, info["last-generated-id"])
 
     def uncheckpointed(self, sender: Sender) -> set[str] | None:
         assert isinstance(sender, RedisSender)
@@ -135,6 +151,17 @@ class RabbitRig(Rig):
 
     def sender(self) -> Sender:
         return RabbitSender(self.url, self.name)
+
+    def assert_checkpointed(self) -> None:
+        import pika
+
+        connection = pika.BlockingConnection(pika.URLParameters(self.url))
+        try:
+            ok = connection.channel().queue_declare(self.name, passive=True)
+        finally:
+            connection.close()
+        # Nothing ready, and no consumer left that could hold unacked messages.
+        assert (ok.method.message_count, ok.method.consumer_count) == (0, 0), ok.method
 
     def close(self) -> None:
         import pika

@@ -118,6 +118,7 @@ def test_kill9_mid_batch_then_restart(rig: Rig, tmp_path: Path) -> None:
     # was unacked.
     bound = max(100, 2 * BATCH_SIZE) if in_flight is None else len(in_flight & set(before))
     tally.check(max_duplicates=bound, key_of=load.key_of)
+    rig.assert_checkpointed()
     tally.record()
 
 
@@ -202,4 +203,5 @@ def test_sigterm_drains_then_a_second_run_handles_the_rest(
     if in_flight is not None:
         # A clean drain checkpoints everything it handled.
         assert not in_flight & set(before), sorted(in_flight & set(before))[:20]
+    rig.assert_checkpointed()
     tally.record()
