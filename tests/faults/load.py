@@ -41,7 +41,8 @@ class Item:
 
 
 class Sender:
-    """Writes one record durably, retrying through outages; `where` notes its position."""
+    """Writes one record durably, retrying through outages. Kafka and Redis senders also note
+    where each id landed (`where`: partition and offset, or entry id)."""
 
     def __init__(self) -> None:
         # Confirmed ids, in confirmation order (per key, the order the source holds them).
@@ -173,6 +174,13 @@ class KafkaSender(Sender):
     def finish(self, timeout_s: float) -> None:
         remaining = self.producer.flush(timeout_s)
         assert remaining == 0 and not self.failed, f"unconfirmed {remaining}, failed {self.failed}"
+
+    def close(self) -> None:
+        # Dropping the producer closes its connections, so a broker stopping after the test
+        # need not wait for them.
+        if self.producer is not None:
+            self.producer.flush(5)
+            self.producer = None
 
 
 class RedisSender(Sender):

@@ -247,7 +247,9 @@ def test_destination_down_then_back_with_a_kill_in_the_outage(
     is killed during the outage; once the destination is back a new run writes every letter."""
     dlq = brokers.unique_name("faults-dlq")
     sender = rig.sender()
-    load = Load(sender, rig.name, 600, RATE_PER_S, poison_every=25)
+    # Six seconds of load: the destination goes down at the first letter, well before the end,
+    # so that later poison records need letters during the outage.
+    load = Load(sender, rig.name, 900, RATE_PER_S, poison_every=25)
 
     def config(run: str) -> tuple[Path, Path]:
         journal = tmp_path / f"{run}.journal"
