@@ -169,6 +169,14 @@ class PrivateRabbit:
             )
         return done.stdout
 
+    def stop(self) -> None:
+        """`rabbitmqctl stop`, as an operator would: clients are told the connection is closing."""
+        self.ctl("stop")
+        process, self.process = self.process, None
+        if process is not None:
+            process.wait(60)
+            _kill_group(process)  # anything the node left behind (epmd is not in its group)
+
     def kill(self) -> None:
         """SIGKILL the whole node, as a crash: confirmed persistent messages survive."""
         process, self.process = self.process, None

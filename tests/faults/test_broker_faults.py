@@ -150,12 +150,18 @@ def test_redis_restarted_mid_run(private_redis: PrivateRedis, tmp_path: Path) ->
 
 
 @pytest.mark.faults_full
-def test_rabbitmq_node_restarted_mid_run(private_rabbit: PrivateRabbit, tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["kill", "stop"])
+def test_rabbitmq_node_restarted_mid_run(
+    private_rabbit: PrivateRabbit, how: str, tmp_path: Path
+) -> None:
     rig = RabbitRig(brokers.unique_name("faults-rmq-restart"), private_rabbit.url)
     measured: dict[str, object] = {}
 
     def restart() -> None:
-        private_rabbit.kill()
+        if how == "kill":
+            private_rabbit.kill()
+        else:
+            private_rabbit.stop()
         time.sleep(DOWN_S)
         measured["node_start_s"] = round(private_rabbit.start(), 2)
 
@@ -163,9 +169,10 @@ def test_rabbitmq_node_restarted_mid_run(private_rabbit: PrivateRabbit, tmp_path
         under_load(
             rig,
             tmp_path,
-            "broker restart",
+            "broker restart" if how == "kill" else "broker stop and start",
             restart,
-            notes="private RabbitMQ node SIGKILLed and started again",
+            notes=f"private RabbitMQ node {'SIGKILLed' if how == 'kill' else 'stopped'}"
+            " and started again",
             # Unacked messages (at most the prefetch window, 100) come back after the restart.
             max_duplicates=100,
             expect_in_log="broker error",
