@@ -20,7 +20,7 @@ from tests.faults.load import Load, Worker, journals, redis_letter_ids, wait_unt
 from tests.faults.private import PrivateRabbit, PrivateRedis, ProxiedTansu
 from tests.faults.results import Tally, read_journal
 
-pytestmark = [pytest.mark.faults, pytest.mark.integration]
+pytestmark = pytest.mark.faults
 
 COUNT = 1200
 RATE_PER_S = 150.0

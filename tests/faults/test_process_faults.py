@@ -15,7 +15,7 @@ from tests.faults.load import Load, Worker, journals, wait_until, write_config
 from tests.faults.results import Tally, read_journal
 from workers.runtime import DRAIN_MARGIN_S
 
-pytestmark = [pytest.mark.faults, pytest.mark.integration]
+pytestmark = pytest.mark.faults
 
 SLOW = "tests.faults.handlers:slow_recording"
 COUNT = 1200
