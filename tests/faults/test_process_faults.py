@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.conftest import Rig
-from tests.faults.handlers import SLEEP_ENV
+from tests.faults.handlers import SLEEP_ENV, STARTED_SUFFIX
 from tests.faults.load import Load, Worker, journals, wait_until, write_config
 from tests.faults.results import Tally, read_journal
 from workers.runtime import DRAIN_MARGIN_S
@@ -67,16 +67,26 @@ def test_kill9_mid_batch_then_restart(rig: Rig, tmp_path: Path) -> None:
     first_config, first_journal = config(rig, tmp_path, "first")
     load.start()
     worker = Worker(first_config, tmp_path / "first.log")
+    started = first_journal.with_name(first_journal.name + STARTED_SUFFIX)
+
+    def in_progress() -> set[str]:
+        return set(read_journal(started)) - set(read_journal(first_journal))
+
     try:
+        # Mid-batch: once 30% is handled, at a moment an invocation has started and not ended.
         wait_until(
-            lambda: len(read_journal(first_journal)) >= COUNT * 0.3 or not worker.alive(),
+            lambda: (
+                (len(read_journal(first_journal)) >= COUNT * 0.3 and bool(in_progress()))
+                or not worker.alive()
+            ),
             150,
-            "the first run to handle 30% of the load",
+            "the first run to handle 30% of the load, with a batch in flight",
         )
         assert worker.alive(), worker.tail()
         worker.kill9()
     finally:
         worker.close()
+    interrupted = in_progress()
     before = read_journal(first_journal)
     # Read before the restart: what the broker still holds as taken but not checkpointed.
     in_flight = rig.uncheckpointed(sender)
@@ -106,6 +116,8 @@ def test_kill9_mid_batch_then_restart(rig: Rig, tmp_path: Path) -> None:
         notes="worker process group SIGKILLed under load, restarted with --until-idle",
         extra={
             "handled_before_kill": len(set(before)),
+            # Records of invocations the kill interrupted (started, never completed).
+            "interrupted": len(interrupted),
             # Handled before the kill but not checkpointed: the most that may come back twice.
             "at_risk": None if in_flight is None else len(in_flight & set(before)),
         },
