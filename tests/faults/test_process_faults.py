@@ -50,6 +50,26 @@ def config(
     return path, journal
 
 
+def in_progress(journal: Path) -> set[str]:
+    """Ids of invocations that started and have not completed (see `slow_recording`)."""
+    started = journal.with_name(journal.name + STARTED_SUFFIX)
+    return set(read_journal(started)) - set(read_journal(journal))
+
+
+def wait_mid_batch(worker: Worker, journal: Path) -> None:
+    """Wait until 30% of the load is handled, at a moment an invocation has started and not
+    ended, so that the fault that follows lands mid-batch."""
+    wait_until(
+        lambda: (
+            (len(read_journal(journal)) >= COUNT * 0.3 and bool(in_progress(journal)))
+            or not worker.alive()
+        ),
+        150,
+        "the first run to handle 30% of the load, with a batch in flight",
+    )
+    assert worker.alive(), worker.tail()
+
+
 def duplicated(handled: list[str]) -> set[str]:
     seen: set[str] = set()
     dups = set()
@@ -67,26 +87,12 @@ def test_kill9_mid_batch_then_restart(rig: Rig, tmp_path: Path) -> None:
     first_config, first_journal = config(rig, tmp_path, "first")
     load.start()
     worker = Worker(first_config, tmp_path / "first.log")
-    started = first_journal.with_name(first_journal.name + STARTED_SUFFIX)
-
-    def in_progress() -> set[str]:
-        return set(read_journal(started)) - set(read_journal(first_journal))
-
     try:
-        # Mid-batch: once 30% is handled, at a moment an invocation has started and not ended.
-        wait_until(
-            lambda: (
-                (len(read_journal(first_journal)) >= COUNT * 0.3 and bool(in_progress()))
-                or not worker.alive()
-            ),
-            150,
-            "the first run to handle 30% of the load, with a batch in flight",
-        )
-        assert worker.alive(), worker.tail()
+        wait_mid_batch(worker, first_journal)
         worker.kill9()
     finally:
         worker.close()
-    interrupted = in_progress()
+    interrupted = in_progress(first_journal)
     before = read_journal(first_journal)
     # Read before the restart: what the broker still holds as taken but not checkpointed.
     in_flight = rig.uncheckpointed(sender)
@@ -170,12 +176,8 @@ def test_sigterm_drains_then_a_second_run_handles_the_rest(
     load.start()
     worker = Worker(first_config, tmp_path / "first.log")
     try:
-        wait_until(
-            lambda: len(read_journal(first_journal)) >= COUNT * 0.3 or not worker.alive(),
-            150,
-            "the first run to handle 30% of the load",
-        )
-        assert worker.alive(), worker.tail()
+        wait_mid_batch(worker, first_journal)
+        running = in_progress(first_journal)
         asked = time.monotonic()
         worker.terminate()
         budget_s = TIMEOUT_S + DRAIN_MARGIN_S
@@ -187,6 +189,8 @@ def test_sigterm_drains_then_a_second_run_handles_the_rest(
     assert code == 0, worker.tail()
     assert drain_s <= budget_s + 20, drain_s
     before = read_journal(first_journal)
+    # The invocations running when SIGTERM came finished before the exit.
+    assert running <= set(before), sorted(running - set(before))[:20]
     in_flight = rig.uncheckpointed(sender)
 
     second_config, second_journal = config(rig, tmp_path, "second", 0.0, **lanes_config)
@@ -208,6 +212,7 @@ def test_sigterm_drains_then_a_second_run_handles_the_rest(
         extra={
             "drain_s": round(drain_s, 2),
             "handled_before_stop": len(set(before)),
+            "running_at_sigterm": len(running),
             "parallelization_factor": lanes,
         },
     )
