@@ -53,3 +53,28 @@ def poison_aware(event: dict[str, Any], context: Any) -> dict[str, Any]:
             done.append(i)
     journal(done)
     return batch_response(failed)
+
+
+SLEEP_ENV = "ESM_FAULTS_SLEEP_S"
+
+
+STARTED_SUFFIX = ".started"
+
+
+def slow_recording(event: dict[str, Any], context: Any) -> None:
+    """`recording` after `$ESM_FAULTS_SLEEP_S` seconds per invocation, so that a batch is in
+    flight most of the time and a kill or a cut lands mid-batch. The ids are also journaled
+    when the invocation starts, to `$ESM_FAULTS_JOURNAL.started`: started but not completed
+    means in flight."""
+    import time
+
+    ids = [i for r in records(event) if (i := record_id(r)) is not None]
+    if ids:
+        path = os.environ[JOURNAL_ENV] + STARTED_SUFFIX
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, orjson.dumps(ids) + b"\n")
+        finally:
+            os.close(fd)
+    time.sleep(float(os.environ.get(SLEEP_ENV) or 0))
+    journal(ids)
