@@ -5,6 +5,7 @@ so a line means the invocation succeeded for those ids."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import orjson
@@ -53,3 +54,82 @@ def poison_aware(event: dict[str, Any], context: Any) -> dict[str, Any]:
             done.append(i)
     journal(done)
     return batch_response(failed)
+
+
+def refs(event: dict[str, Any]) -> list[str]:
+    """A reference per record that needs no payload: Kafka "topic-partition@offset", Redis
+    "stream@id", RabbitMQ the `messageId` property; hostile records have no usable JSON id."""
+    out: list[str] = []
+    if "rmqMessagesByQueue" in event:
+        for items in event["rmqMessagesByQueue"].values():
+            out += [str((item.get("basicProperties") or {}).get("messageId")) for item in items]
+        return out
+    for unit, items in event.get("records", {}).items():
+        key = "offset" if event.get("eventSource") == "SelfManagedKafka" else "id"
+        out += [f"{unit}@{item[key]}" for item in items]
+    return out
+
+
+def recording_refs(event: dict[str, Any], context: Any) -> None:
+    """Succeeds for every record, whatever its payload, and journals their references."""
+    journal(refs(event))
+
+
+# What `hostile` does when a record of its batch asks for it (`"act"` in the JSON payload).
+_MEMORY_MB_PAST_LIMIT = 1024
+
+
+def hostile(event: dict[str, Any], context: Any) -> Any:
+    """Misbehaves as the first record carrying `"act"` says; otherwise journals the ids.
+
+    raise: ValueError; hang: sleeps past any timeout; exit: os._exit(3); string / list: returns
+    one; unknown: a batchItemFailures naming a record not in the batch; memory: allocates
+    more than any `memory_mb` the suite configures.
+    """
+    ids = []
+    for r in records(event):
+        try:
+            doc = orjson.loads(r.value)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(doc, dict):
+            continue
+        act = doc.get("act")
+        if act == "raise":
+            raise ValueError(f"poison record {doc.get('id')}")
+        if act == "hang":
+            time.sleep(3600)
+        if act == "exit":
+            os._exit(3)
+        if act == "string":
+            return "not a response"
+        if act == "list":
+            return [doc.get("id")]
+        if act == "unknown":
+            # Well formed for every shape, naming no record of this batch.
+            unknown = {"partition": "none-0", "offset": 10**9, "queue": "none"}
+            unknown |= {"deliveryTag": 10**9, "stream": "none", "id": "0-1"}
+            return {"batchItemFailures": [{"itemIdentifier": unknown}]}
+        if act == "memory":
+            block = bytearray(_MEMORY_MB_PAST_LIMIT * 1024 * 1024)
+            # Touch every page so the memory is used, not just reserved.
+            for offset in range(0, len(block), 4096):
+                block[offset] = 1
+        if "id" in doc:
+            ids.append(str(doc["id"]))
+    journal(ids)
+    return None
+
+
+EVENTS_ENV = "ESM_FAULTS_EVENTS"
+
+
+def keeping_events(event: dict[str, Any], context: Any) -> None:
+    """`recording_refs` that also appends each event, whole, to `$ESM_FAULTS_EVENTS`, for
+    scenarios that check what the handler was given."""
+    fd = os.open(os.environ[EVENTS_ENV], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, orjson.dumps(event) + b"\n")
+    finally:
+        os.close(fd)
+    journal(refs(event))

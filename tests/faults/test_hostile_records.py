@@ -1,0 +1,340 @@
+"""Hostile records among good ones, on every broker, through `workers run --until-idle`: every
+good record handled once and in order per key, every hostile record handled or dead-lettered,
+the run ends with exit 0.
+
+Tests marked xfail(strict) reproduce issue 12 cases that are being fixed; once a fix merges,
+they pass, pytest reports XPASS as a failure, and the marker goes.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pika.data
+import pytest
+import redis
+
+from tests import brokers
+from tests.brokers import KafkaRecord, Tansu, unique_name
+from tests.faults.handlers import EVENTS_ENV
+from tests.faults.hostile import (
+    FaultRun,
+    Message,
+    RabbitQueues,
+    kafka_ref,
+    kafka_source,
+    rabbit,
+    rabbitmq_source,
+    redis_client,
+    redis_source,
+    run_mapping,
+    stream,
+    xadd,
+)
+from tests.faults.results import Tally, letter_ids
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
+__all__ = ["rabbit", "redis_client", "stream"]  # fixtures
+
+HOSTILE = "tests.faults.handlers:hostile"
+# Payload cap per invocation in these scenarios, and a record past it.
+BATCH_BYTES = 6 * 1024 * 1024  # Lambda's default, room for a 1 MB header as JSON numbers
+TOO_LARGE = b"x" * (BATCH_BYTES + 1)
+HUGE_HEADER = b"h" * (1024 * 1024)
+# AMQP properties must fit in one frame (RabbitMQ's frame_max is 128 KB by default).
+HUGE_AMQP_HEADER = "h" * (120 * 1024)
+NOT_UTF8 = b"\xff\xfe\x80 not utf-8 \xc3\x28"
+# 2**50 ms is past the year 9999 (issue 12 case 2); 2**40 s as an AMQP timestamp (case 3).
+ABSURD_MS = 2**50
+ABSURD_S = 2**40
+# A Kafka producer that may send records larger than librdkafka's default 1 MB.
+BIG_PRODUCER = {"message.max.bytes": 16 * 1024 * 1024}
+
+
+def good(n: int) -> bytes:
+    return orjson.dumps({"id": n, "ok": True})
+
+
+def poison(n: int) -> bytes:
+    """A record the `hostile` handler fails on, so that it is dead-lettered."""
+    return orjson.dumps({"id": n, "act": "raise"})
+
+
+def tally(scenario: str, broker: str, produced: list[str], run: FaultRun) -> Tally:
+    return Tally(
+        scenario,
+        broker,
+        produced,
+        run.handled,
+        run.dead_lettered(),
+        recovery_s=run.elapsed_s,
+        extra={"exit": run.returncode},
+    )
+
+
+def by_payload_id(scenario: str, broker: str, produced: int, run: FaultRun) -> Tally:
+    """A tally by the ids in JSON payloads (ids 0..produced-1), for runs of `hostile`."""
+    return Tally(
+        scenario,
+        broker,
+        [str(i) for i in range(produced)],
+        run.handled,
+        letter_ids(run.letters),
+        recovery_s=run.elapsed_s,
+        extra={"exit": run.returncode},
+    )
+
+
+def check_and_record(result: Tally, run: FaultRun, *, key_of: dict[str, str] | None = None) -> None:
+    run.assert_ended_cleanly()
+    result.check(key_of=key_of)
+    # A record is either handled or dead-lettered, never both (that would be a duplicate).
+    both = set(result.handled) & set(result.dead_lettered)
+    assert not both, f"handled and dead-lettered: {sorted(both)[:10]}"
+    result.record()
+
+
+# --- Kafka -----------------------------------------------------------------------------------
+
+
+def produce_kafka(bootstrap: str, topic: str, records: list[KafkaRecord]) -> list[str]:
+    coords = brokers.produce(bootstrap, topic, records, config=BIG_PRODUCER)
+    return [kafka_ref(topic, p, o) for p, o in coords]
+
+
+@pytest.mark.kafka
+def test_kafka_hostile_records(kafka_broker: Tansu, tmp_path: Path) -> None:
+    topic = kafka_broker.create_topic(unique_name("hostile-records"))
+    keys = [f"k{i % 3}" for i in range(30)]
+    hostile = {
+        3: KafkaRecord(NOT_UTF8, key="k0"),
+        6: KafkaRecord(b"", key="k0"),  # empty value
+        9: KafkaRecord(good(9), key=None),  # null key
+        12: KafkaRecord(None, key="k0"),  # tombstone
+        15: KafkaRecord(TOO_LARGE, key="k0"),
+        18: KafkaRecord(good(18), key="k0", headers=[(f"h{i}", b"v") for i in range(1000)]),
+        21: KafkaRecord(good(21), key="k0", headers=[("huge", HUGE_HEADER)]),
+        24: KafkaRecord(good(24), key="k0", timestamp_ms=1),
+        27: KafkaRecord(good(27), key="k0", timestamp_ms=-5),
+        28: KafkaRecord(NOT_UTF8, key=NOT_UTF8, headers=[("bin", NOT_UTF8)]),
+    }
+    records = [hostile.get(i) or KafkaRecord(good(i), key=keys[i]) for i in range(30)]
+    produced = produce_kafka(kafka_broker.bootstrap, topic, records)
+    run = run_mapping(
+        tmp_path,
+        name=unique_name("hostile-kafka"),
+        source=kafka_source(kafka_broker.bootstrap, topic),
+        batch_size=10,
+        maximum_batch_bytes=BATCH_BYTES,
+    )
+    result = tally("hostile records", "kafka", produced, run)
+    key_of = {ref: str(r.key) for ref, r in zip(produced, records, strict=True) if r.key}
+    check_and_record(result, run, key_of=key_of)
+    too_large = produced[15]
+    assert run.conditions() == {too_large: "MaximumPayloadSizeExceeded"}
+
+
+@pytest.mark.kafka
+@pytest.mark.xfail(strict=True, reason="issue 12 case 2")
+def test_kafka_timestamp_past_year_9999(kafka_broker: Tansu, tmp_path: Path) -> None:
+    """One record stamped 2**50 ms is handled, another fails and must become a letter (whose
+    batch info shows the timestamp); the records behind them on the partition still flow."""
+    topic = kafka_broker.create_topic(unique_name("hostile-ts"))
+    records = [KafkaRecord(good(i), key=f"k{i % 2}") for i in range(20)]
+    records[5] = KafkaRecord(good(5), key="k1", timestamp_ms=ABSURD_MS)
+    records[7] = KafkaRecord(poison(7), key="k1", timestamp_ms=ABSURD_MS)
+    brokers.produce(kafka_broker.bootstrap, topic, records)
+    run = run_mapping(
+        tmp_path,
+        name=unique_name("hostile-kafka-ts"),
+        source=kafka_source(kafka_broker.bootstrap, topic),
+        handler=HOSTILE,
+        batch_size=5,
+        timeout_s=60,
+    )
+    result = by_payload_id("absurd timestamp", "kafka", 20, run)
+    check_and_record(result, run, key_of={str(i): f"k{i % 2}" for i in range(20)})
+    assert letter_ids(run.letters) == ["7"]
+
+
+# --- Redis -----------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+def test_redis_hostile_entries(
+    redis_client: redis.Redis, redis_url: str, stream: str, tmp_path: Path
+) -> None:
+    entries: list[Any] = [{"v": good(i)} for i in range(30)]
+    entries[3] = {"v": NOT_UTF8}
+    entries[6] = {"v": b""}  # empty value
+    entries[9] = {f"f{i}": str(i) for i in range(1000)}  # many fields
+    entries[12] = {"huge": b"h" * (1024 * 1024), "v": good(12)}  # a huge field
+    entries[15] = {"v": TOO_LARGE}
+    entries[18] = {"k": NOT_UTF8, "v": NOT_UTF8}
+    entries[21] = {"": b"empty field name"}
+    entries[24] = {"k": "k0", "v": good(24), "other": b"\x00\x01"}
+    produced = xadd(redis_client, stream, entries)
+    run = run_mapping(
+        tmp_path,
+        name=unique_name("hostile-redis"),
+        source=redis_source(redis_url, stream),
+        batch_size=10,
+        maximum_batch_bytes=BATCH_BYTES,
+    )
+    result = tally("hostile records", "redis", produced, run)
+    check_and_record(result, run, key_of=dict.fromkeys(produced, stream))
+    assert run.conditions() == {produced[15]: "MaximumPayloadSizeExceeded"}
+    assert not redis_client.xpending(stream, run.mapping)["pending"]
+
+
+@pytest.mark.redis
+@pytest.mark.xfail(strict=True, reason="issue 12 case 2")
+def test_redis_entry_id_past_year_9999(
+    redis_client: redis.Redis, redis_url: str, stream: str, tmp_path: Path
+) -> None:
+    """An entry with id 2**50-0 fails and must become a letter; the entries after it (whose
+    ids Redis takes from the same millisecond, so absurd too) are handled."""
+    entries: list[Any] = [{"v": good(i)} for i in range(10)]
+    entries += [(f"{ABSURD_MS}-0", {"v": poison(10)})] + [{"v": good(i)} for i in range(11, 20)]
+    xadd(redis_client, stream, entries)
+    run = run_mapping(
+        tmp_path,
+        name=unique_name("hostile-redis-ts"),
+        source=redis_source(redis_url, stream),
+        handler=HOSTILE,
+        batch_size=5,
+        timeout_s=60,
+    )
+    result = by_payload_id("absurd timestamp", "redis", 20, run)
+    check_and_record(result, run, key_of={str(i): stream for i in range(20)})
+    assert letter_ids(run.letters) == ["10"]
+
+
+@pytest.mark.redis
+@pytest.mark.xfail(strict=True, reason="issue 12 case 7")
+def test_redis_field_names_not_utf8_keep_their_identity(
+    redis_client: redis.Redis, redis_url: str, stream: str, tmp_path: Path
+) -> None:
+    produced = xadd(redis_client, stream, [{"v": good(0)}, {b"\xff": b"one", b"\xfe": b"two"}])
+    events = tmp_path / "events.jsonl"
+    run = run_mapping(
+        tmp_path,
+        name=unique_name("hostile-redis-names"),
+        source=redis_source(redis_url, stream),
+        handler="tests.faults.handlers:keeping_events",
+        environment={EVENTS_ENV: str(events)},
+    )
+    result = tally("non-UTF-8 field names", "redis", produced, run)
+    check_and_record(result, run, key_of=dict.fromkeys(produced, stream))
+    items = [
+        item
+        for line in events.read_bytes().splitlines()
+        for items in orjson.loads(line)["records"].values()
+        for item in items
+    ]
+    fields = [item["fields"] for item in items if item["id"] == produced[1].split("@")[1]]
+    assert fields, "the entry never reached the handler"
+    values = sorted(base64.b64decode(v) for v in fields[0].values())
+    assert values == [b"one", b"two"], fields[0]
+
+
+# --- RabbitMQ --------------------------------------------------------------------------------
+
+
+@pytest.mark.rabbitmq
+def test_rabbitmq_hostile_messages(rabbit: RabbitQueues, rabbitmq_url: str, tmp_path: Path) -> None:
+    queue = rabbit.declare(unique_name("hostile-records"))
+    messages = [Message(f"m{i}", good(i)) for i in range(30)]
+    messages[3] = Message("m3", NOT_UTF8)
+    messages[6] = Message("m6", b"")  # empty body
+    messages[9] = Message("m9", good(9), headers={f"h{i}": i for i in range(1000)})
+    messages[12] = Message("m12", good(12), headers={"huge": HUGE_AMQP_HEADER})
+    messages[15] = Message("m15", TOO_LARGE)
+    messages[18] = Message("m18", good(18), headers={"bin": NOT_UTF8, "nested": {"a": [1, "b"]}})
+    messages[21] = Message("m21", good(21), timestamp=0)
+    messages[24] = Message("m24", NOT_UTF8, extra={"content_type": "application/json"})
+    produced = rabbit.publish(queue, messages)
+    run = run_mapping(
+        tmp_path,
+        name=unique_name("hostile-rmq"),
+        source=rabbitmq_source(rabbitmq_url, queue),
+        batch_size=10,
+        maximum_batch_bytes=BATCH_BYTES,
+    )
+    result = tally("hostile records", "rabbitmq", produced, run)
+    check_and_record(result, run)
+    assert run.conditions() == {"m15": "MaximumPayloadSizeExceeded"}
+    assert rabbit.ready(queue) == 0
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.xfail(strict=True, reason="issue 12 case 3")
+def test_rabbitmq_timestamp_property_past_year_9999(
+    rabbit: RabbitQueues, rabbitmq_url: str, tmp_path: Path
+) -> None:
+    queue = rabbit.declare(unique_name("hostile-ts"))
+    messages = [Message(f"m{i}", good(i)) for i in range(20)]
+    messages[5] = Message("m5", good(5), timestamp=ABSURD_S)
+    messages[7] = Message("m7", poison(7), timestamp=ABSURD_S)
+    rabbit.publish(queue, messages)
+    run = run_mapping(
+        tmp_path,
+        name=unique_name("hostile-rmq-ts"),
+        source=rabbitmq_source(rabbitmq_url, queue),
+        batch_size=5,
+        handler=HOSTILE,
+        timeout_s=30,
+    )
+    result = by_payload_id("absurd timestamp", "rabbitmq", 20, run)
+    check_and_record(result, run)
+    assert letter_ids(run.letters) == ["7"]
+
+
+class _AbsurdTimestamp:
+    """A header value that goes on the wire as an AMQP timestamp field of `ABSURD_S` seconds,
+    which no `datetime` can hold (so pika itself cannot publish it)."""
+
+
+@pytest.fixture
+def absurd_timestamp_encoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    encode = pika.data.encode_value
+
+    def encode_value(pieces: list[bytes], value: Any) -> int:
+        if isinstance(value, _AbsurdTimestamp):
+            pieces.append(struct.pack(">cQ", b"T", ABSURD_S))
+            return 9
+        return int(encode(pieces, value))
+
+    monkeypatch.setattr(pika.data, "encode_value", encode_value)
+    yield _AbsurdTimestamp()
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.xfail(strict=True, reason="issue 12 case 3")
+def test_rabbitmq_timestamp_header_field_past_year_9999(
+    rabbit: RabbitQueues, rabbitmq_url: str, tmp_path: Path, absurd_timestamp_encoder: object
+) -> None:
+    queue = rabbit.declare(unique_name("hostile-ts-header"))
+    messages = [Message(f"m{i}", good(i)) for i in range(20)]
+    messages[5] = Message("m5", good(5), headers={"when": absurd_timestamp_encoder})
+    messages[7] = Message("m7", poison(7), headers={"when": absurd_timestamp_encoder})
+    # A sane timestamp header beside it must still come through as a date.
+    messages[8] = Message("m8", good(8), headers={"when": dt.datetime(2026, 1, 1, tzinfo=dt.UTC)})
+    rabbit.publish(queue, messages)
+    run = run_mapping(
+        tmp_path,
+        name=unique_name("hostile-rmq-tsh"),
+        source=rabbitmq_source(rabbitmq_url, queue),
+        batch_size=5,
+        handler=HOSTILE,
+        timeout_s=30,
+    )
+    result = by_payload_id("absurd timestamp header", "rabbitmq", 20, run)
+    check_and_record(result, run)
+    assert letter_ids(run.letters) == ["7"]
