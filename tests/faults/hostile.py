@@ -28,7 +28,7 @@ import yaml
 from tests.brokers import unique_name
 from tests.cli import REPO, workers_run
 from tests.faults.handlers import JOURNAL_ENV, refs
-from tests.faults.results import file_letters, read_journal
+from tests.faults.results import Tally, file_letters, letter_ids, read_journal
 
 # Tansu joins a consumer to its group only after about half of session.timeout.ms.
 KAFKA_CLIENT_CONFIG: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
@@ -198,6 +198,57 @@ def run_mapping(
         letters=file_letters(letters_dir, name),
         mapping=name,
     )
+
+
+# --- counting ---------------------------------------------------------------------------------
+
+
+def good(n: int) -> bytes:
+    return orjson.dumps({"id": n, "ok": True})
+
+
+def poison(n: int) -> bytes:
+    """A record the `hostile` handler fails on, so that it is dead-lettered."""
+    return orjson.dumps({"id": n, "act": "raise"})
+
+
+def tally_refs(scenario: str, broker: str, produced: list[str], run: FaultRun) -> Tally:
+    """A tally by record reference (see `handlers.refs`), for runs of `recording_refs`."""
+    return Tally(
+        scenario,
+        broker,
+        produced,
+        run.handled,
+        run.dead_lettered(),
+        recovery_s=run.elapsed_s,
+        extra={"exit": run.returncode},
+    )
+
+
+def tally_ids(scenario: str, broker: str, produced: int, run: FaultRun) -> Tally:
+    """A tally by the ids in JSON payloads (ids 0..produced-1), for runs of `hostile`."""
+    return Tally(
+        scenario,
+        broker,
+        [str(i) for i in range(produced)],
+        run.handled,
+        letter_ids(run.letters),
+        recovery_s=run.elapsed_s,
+        extra={"exit": run.returncode},
+    )
+
+
+# The recovery time of these scenarios is the whole run: from `workers run` starting on the
+# produced records to it exiting with all of them settled.
+
+
+def check_and_record(result: Tally, run: FaultRun, *, key_of: dict[str, str] | None = None) -> None:
+    run.assert_ended_cleanly()
+    result.check(key_of=key_of)
+    # A record is either handled or dead-lettered, never both (that would be a duplicate).
+    both = set(result.handled) & set(result.dead_lettered)
+    assert not both, f"handled and dead-lettered: {sorted(both)[:10]}"
+    result.record()
 
 
 # --- brokers -------------------------------------------------------------------------------------

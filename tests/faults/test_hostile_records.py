@@ -24,20 +24,24 @@ from tests import brokers
 from tests.brokers import KafkaRecord, Tansu, unique_name
 from tests.faults.handlers import EVENTS_ENV
 from tests.faults.hostile import (
-    FaultRun,
     Message,
     RabbitQueues,
+    check_and_record,
+    good,
     kafka_ref,
     kafka_source,
+    poison,
     rabbit,
     rabbitmq_source,
     redis_client,
     redis_source,
     run_mapping,
     stream,
+    tally_ids,
+    tally_refs,
     xadd,
 )
-from tests.faults.results import Tally, letter_ids
+from tests.faults.results import letter_ids
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 __all__ = ["rabbit", "redis_client", "stream"]  # fixtures
@@ -55,49 +59,6 @@ ABSURD_MS = 2**50
 ABSURD_S = 2**40
 # A Kafka producer that may send records larger than librdkafka's default 1 MB.
 BIG_PRODUCER = {"message.max.bytes": 16 * 1024 * 1024}
-
-
-def good(n: int) -> bytes:
-    return orjson.dumps({"id": n, "ok": True})
-
-
-def poison(n: int) -> bytes:
-    """A record the `hostile` handler fails on, so that it is dead-lettered."""
-    return orjson.dumps({"id": n, "act": "raise"})
-
-
-def tally(scenario: str, broker: str, produced: list[str], run: FaultRun) -> Tally:
-    return Tally(
-        scenario,
-        broker,
-        produced,
-        run.handled,
-        run.dead_lettered(),
-        recovery_s=run.elapsed_s,
-        extra={"exit": run.returncode},
-    )
-
-
-def by_payload_id(scenario: str, broker: str, produced: int, run: FaultRun) -> Tally:
-    """A tally by the ids in JSON payloads (ids 0..produced-1), for runs of `hostile`."""
-    return Tally(
-        scenario,
-        broker,
-        [str(i) for i in range(produced)],
-        run.handled,
-        letter_ids(run.letters),
-        recovery_s=run.elapsed_s,
-        extra={"exit": run.returncode},
-    )
-
-
-def check_and_record(result: Tally, run: FaultRun, *, key_of: dict[str, str] | None = None) -> None:
-    run.assert_ended_cleanly()
-    result.check(key_of=key_of)
-    # A record is either handled or dead-lettered, never both (that would be a duplicate).
-    both = set(result.handled) & set(result.dead_lettered)
-    assert not both, f"handled and dead-lettered: {sorted(both)[:10]}"
-    result.record()
 
 
 # --- Kafka -----------------------------------------------------------------------------------
@@ -133,7 +94,7 @@ def test_kafka_hostile_records(kafka_broker: Tansu, tmp_path: Path) -> None:
         batch_size=10,
         maximum_batch_bytes=BATCH_BYTES,
     )
-    result = tally("hostile records", "kafka", produced, run)
+    result = tally_refs("hostile records", "kafka", produced, run)
     key_of = {ref: str(r.key) for ref, r in zip(produced, records, strict=True) if r.key}
     check_and_record(result, run, key_of=key_of)
     too_large = produced[15]
@@ -158,7 +119,7 @@ def test_kafka_timestamp_past_year_9999(kafka_broker: Tansu, tmp_path: Path) -> 
         batch_size=5,
         timeout_s=60,
     )
-    result = by_payload_id("absurd timestamp", "kafka", 20, run)
+    result = tally_ids("absurd timestamp", "kafka", 20, run)
     check_and_record(result, run, key_of={str(i): f"k{i % 2}" for i in range(20)})
     assert letter_ids(run.letters) == ["7"]
 
@@ -187,7 +148,7 @@ def test_redis_hostile_entries(
         batch_size=10,
         maximum_batch_bytes=BATCH_BYTES,
     )
-    result = tally("hostile records", "redis", produced, run)
+    result = tally_refs("hostile records", "redis", produced, run)
     check_and_record(result, run, key_of=dict.fromkeys(produced, stream))
     assert run.conditions() == {produced[15]: "MaximumPayloadSizeExceeded"}
     assert not redis_client.xpending(stream, run.mapping)["pending"]
@@ -211,7 +172,7 @@ def test_redis_entry_id_past_year_9999(
         batch_size=5,
         timeout_s=60,
     )
-    result = by_payload_id("absurd timestamp", "redis", 20, run)
+    result = tally_ids("absurd timestamp", "redis", 20, run)
     check_and_record(result, run, key_of={str(i): stream for i in range(20)})
     assert letter_ids(run.letters) == ["10"]
 
@@ -230,7 +191,7 @@ def test_redis_field_names_not_utf8_keep_their_identity(
         handler="tests.faults.handlers:keeping_events",
         environment={EVENTS_ENV: str(events)},
     )
-    result = tally("non-UTF-8 field names", "redis", produced, run)
+    result = tally_refs("non-UTF-8 field names", "redis", produced, run)
     check_and_record(result, run, key_of=dict.fromkeys(produced, stream))
     items = [
         item
@@ -267,7 +228,7 @@ def test_rabbitmq_hostile_messages(rabbit: RabbitQueues, rabbitmq_url: str, tmp_
         batch_size=10,
         maximum_batch_bytes=BATCH_BYTES,
     )
-    result = tally("hostile records", "rabbitmq", produced, run)
+    result = tally_refs("hostile records", "rabbitmq", produced, run)
     check_and_record(result, run)
     assert run.conditions() == {"m15": "MaximumPayloadSizeExceeded"}
     assert rabbit.ready(queue) == 0
@@ -291,7 +252,7 @@ def test_rabbitmq_timestamp_property_past_year_9999(
         handler=HOSTILE,
         timeout_s=30,
     )
-    result = by_payload_id("absurd timestamp", "rabbitmq", 20, run)
+    result = tally_ids("absurd timestamp", "rabbitmq", 20, run)
     check_and_record(result, run)
     assert letter_ids(run.letters) == ["7"]
 
@@ -335,6 +296,6 @@ def test_rabbitmq_timestamp_header_field_past_year_9999(
         handler=HOSTILE,
         timeout_s=30,
     )
-    result = by_payload_id("absurd timestamp header", "rabbitmq", 20, run)
+    result = tally_ids("absurd timestamp header", "rabbitmq", 20, run)
     check_and_record(result, run)
     assert letter_ids(run.letters) == ["7"]
