@@ -24,12 +24,14 @@ from tests import brokers
 from tests.brokers import KafkaRecord, Tansu, unique_name
 from tests.faults.handlers import EVENTS_ENV
 from tests.faults.hostile import (
+    FaultRun,
     Message,
     RabbitQueues,
     check_and_record,
     good,
     kafka_ref,
     kafka_source,
+    letter_refs,
     poison,
     rabbit,
     rabbitmq_source,
@@ -41,7 +43,7 @@ from tests.faults.hostile import (
     tally_refs,
     xadd,
 )
-from tests.faults.results import letter_ids
+from tests.faults.results import Tally, letter_ids
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 __all__ = ["rabbit", "redis_client", "stream"]  # fixtures
@@ -122,6 +124,83 @@ def test_kafka_timestamp_past_year_9999(kafka_broker: Tansu, tmp_path: Path) -> 
     result = tally_ids("absurd timestamp", "kafka", 20, run)
     check_and_record(result, run, key_of={str(i): f"k{i % 2}" for i in range(20)})
     assert letter_ids(run.letters) == ["7"]
+
+
+def kafka_letters(bootstrap: str, topic: str) -> list[dict[str, Any]]:
+    return [orjson.loads(m.value() or b"null") for m in brokers.read_topic(bootstrap, topic)]
+
+
+def run_to_kafka_destination(
+    kafka_broker: Tansu, tmp_path: Path, records: list[KafkaRecord], **mapping: Any
+) -> tuple[FaultRun, list[dict[str, Any]]]:
+    """Run `hostile` on `records` with a Kafka on-failure destination (librdkafka's default
+    message.max.bytes of 1 MB); the run and the letters on the destination topic."""
+    topic = kafka_broker.create_topic(unique_name("hostile-big-letter"))
+    dlq = kafka_broker.create_topic(unique_name("hostile-dlq"))
+    brokers.produce(kafka_broker.bootstrap, topic, records, config=BIG_PRODUCER)
+    run = run_mapping(
+        tmp_path,
+        name=unique_name("hostile-kafka-dlq"),
+        source=kafka_source(kafka_broker.bootstrap, topic),
+        handler=HOSTILE,
+        timeout_s=30,
+        destination_config={"on_failure": {"type": "kafka", "topic": dlq}},
+        **mapping,
+    )
+    return run, kafka_letters(kafka_broker.bootstrap, dlq)
+
+
+def offsets_as_ids(letters: list[dict[str, Any]]) -> list[str]:
+    """Ids of the records letters name, where a record's id is its offset (one partition)."""
+    return [ref.rsplit("@", 1)[1] for ref in letter_refs(letters)]
+
+
+@pytest.mark.kafka
+@pytest.mark.xfail(strict=True, reason="issue 12 case 1")
+def test_kafka_letter_too_large_for_the_destination(kafka_broker: Tansu, tmp_path: Path) -> None:
+    """A failing 2 MB record makes a letter the destination refuses: it must be dead-lettered
+    without its payload, with its coordinates, and the partition must move on."""
+    records = [KafkaRecord(good(i), key=f"k{i % 2}") for i in range(10)]
+    big = orjson.dumps({"id": 4, "act": "raise", "pad": "x" * (2 * 1024 * 1024)})
+    records[4] = KafkaRecord(big, key="k0")
+    run, letters = run_to_kafka_destination(kafka_broker, tmp_path, records, batch_size=5)
+    result = Tally(
+        "letter too large for destination",
+        "kafka",
+        [str(i) for i in range(10)],
+        run.handled,
+        offsets_as_ids(letters),
+        recovery_s=run.elapsed_s,
+    )
+    check_and_record(result, run, key_of={str(i): f"k{i % 2}" for i in range(10)})
+    assert [letter.get("payloadOmitted") for letter in letters] == [True]
+    assert letters[0]["requestContext"]["condition"] == "MaximumPayloadSizeExceeded"
+
+
+@pytest.mark.kafka
+@pytest.mark.faults_full
+@pytest.mark.xfail(strict=True, reason="issue 12 case 1")
+def test_kafka_failed_batch_too_large_for_one_letter(kafka_broker: Tansu, tmp_path: Path) -> None:
+    """100 failing 10 KB records with bisect off make one letter past the destination's limit:
+    it must be split per record, so that every record is dead-lettered with its payload."""
+    pad = "x" * 10_000
+    records = [
+        KafkaRecord(orjson.dumps({"id": i, "act": "raise", "pad": pad}), key="k")
+        for i in range(100)
+    ]
+    run, letters = run_to_kafka_destination(
+        kafka_broker, tmp_path, records, batch_size=100, bisect_batch_on_function_error=False
+    )
+    result = Tally(
+        "batch too large for one letter",
+        "kafka",
+        [str(i) for i in range(100)],
+        run.handled,
+        letter_ids(letters),
+        recovery_s=run.elapsed_s,
+    )
+    check_and_record(result, run)
+    assert not any(letter.get("payloadOmitted") for letter in letters)
 
 
 # --- Redis -----------------------------------------------------------------------------------
