@@ -11,11 +11,13 @@ dead letter.
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,10 @@ class FaultRun:
 
     def dead_lettered(self) -> list[str]:
         return letter_refs(self.letters)
+
+    def dead_lettered_ids(self) -> list[str]:
+        """The JSON payload ids of the records the letters carry (runs of `hostile`)."""
+        return letter_ids(self.letters)
 
     def conditions(self) -> dict[str, str]:
         """ref -> the condition of the letter that carries it."""
@@ -154,9 +160,15 @@ def run_mapping(
     source: Mapping[str, Any],
     handler: str = "tests.faults.handlers:recording_refs",
     timeout_s: float = RUN_TIMEOUT_S,
+    file_size_limit: int | None = None,
     **options: Any,
 ) -> FaultRun:
-    """Write a one-mapping file, run it until idle (killed after `timeout_s`), read back."""
+    """Write a one-mapping file, run it until idle (killed after `timeout_s`), read back.
+
+    `file_size_limit` caps every file the run writes (RLIMIT_FSIZE): a write that would grow a
+    file past it writes what fits and then fails, as on a full disk. Python ignores SIGXFSZ, so
+    the write returns a short count or raises OSError(EFBIG) instead of killing the process.
+    """
     work = tmp_path / name
     work.mkdir(parents=True, exist_ok=True)
     journal, letters_dir, summary = work / "journal", work / "letters", work / "summary.json"
@@ -180,6 +192,7 @@ def run_mapping(
         # Its own process group: a hang is ended with its pollers and environments, not only
         # the supervisor (whose pollers could outlive it).
         start_new_session=True,
+        preexec_fn=None if file_size_limit is None else partial(_limit_files, file_size_limit),
     )
     try:
         _, stderr = proc.communicate(timeout=timeout_s)
@@ -198,6 +211,10 @@ def run_mapping(
         letters=file_letters(letters_dir, name),
         mapping=name,
     )
+
+
+def _limit_files(size: int) -> None:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
 
 
 # --- counting ---------------------------------------------------------------------------------
@@ -242,9 +259,15 @@ def tally_ids(scenario: str, broker: str, produced: int, run: FaultRun) -> Tally
 # produced records to it exiting with all of them settled.
 
 
-def check_and_record(result: Tally, run: FaultRun, *, key_of: dict[str, str] | None = None) -> None:
+def check_and_record(
+    result: Tally,
+    run: FaultRun,
+    *,
+    key_of: dict[str, str] | None = None,
+    max_duplicates: int = 0,
+) -> None:
     run.assert_ended_cleanly()
-    result.check(key_of=key_of)
+    result.check(key_of=key_of, max_duplicates=max_duplicates)
     # A record is either handled or dead-lettered, never both (that would be a duplicate).
     both = set(result.handled) & set(result.dead_lettered)
     assert not both, f"handled and dead-lettered: {sorted(both)[:10]}"

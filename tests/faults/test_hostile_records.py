@@ -284,6 +284,46 @@ def test_redis_field_names_not_utf8_keep_their_identity(
     assert values == [b"one", b"two"], fields[0]
 
 
+@pytest.mark.redis
+@pytest.mark.xfail(strict=True, reason="issue 12 case 4")
+def test_file_destination_on_a_full_disk(
+    redis_client: redis.Redis, redis_url: str, stream: str, tmp_path: Path
+) -> None:
+    """Letters written while the disk fills up: the file keeps whole letters only, an entry
+    whose letter did not fit stays pending, and once there is room again a second run settles
+    every entry, none lost."""
+    values = [poison(i) if i % 2 else good(i) for i in range(30)]
+    xadd(redis_client, stream, [{"v": v} for v in values])
+    name = unique_name("hostile-full-disk")
+    options: dict[str, Any] = {
+        "name": name,
+        "source": redis_source(redis_url, stream),
+        "handler": HOSTILE,
+        "batch_size": 10,
+    }
+    # Room for a few letters of about 1 KB each: the run stalls on a letter it cannot write.
+    full = run_mapping(tmp_path, timeout_s=20, file_size_limit=6000, **options)
+    letters_file = tmp_path / name / "letters" / f"{name}.jsonl"
+    lines = letters_file.read_bytes().splitlines() if letters_file.exists() else []
+    torn = [line[:80] for line in lines if not _is_json(line)]
+    assert not torn, f"partly written letters: {torn}"
+    pending = redis_client.xpending(stream, name)["pending"]
+    assert pending + len(set(full.dead_lettered_ids())) >= 15, full.stderr[-3000:]
+    after = run_mapping(tmp_path, **options)
+    result = tally_ids("file destination on a full disk", "redis", 30, after)
+    # The first run was killed mid-stall: what it handled and had not acked comes again.
+    check_and_record(result, after, max_duplicates=30)
+    assert sorted(set(letter_ids(after.letters)), key=int) == [str(i) for i in range(1, 30, 2)]
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
 # --- RabbitMQ --------------------------------------------------------------------------------
 
 
