@@ -259,7 +259,7 @@ def tally_ids(scenario: str, broker: str, produced: int, run: FaultRun) -> Tally
 # produced records to it exiting with all of them settled.
 
 
-def check_and_record(
+def check_run(
     result: Tally,
     run: FaultRun,
     *,
@@ -271,7 +271,6 @@ def check_and_record(
     # A record is either handled or dead-lettered, never both (that would be a duplicate).
     both = set(result.handled) & set(result.dead_lettered)
     assert not both, f"handled and dead-lettered: {sorted(both)[:10]}"
-    result.record()
 
 
 # --- brokers -------------------------------------------------------------------------------------

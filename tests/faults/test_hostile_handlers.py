@@ -20,7 +20,7 @@ from tests.faults.hostile import (
     FaultRun,
     Message,
     RabbitQueues,
-    check_and_record,
+    check_run,
     good,
     kafka_source,
     rabbit,
@@ -97,8 +97,9 @@ def run_hostile(
     scenario = "hostile handlers" + ("" if isolation == "process" else f" ({isolation})")
     result = tally_ids(scenario, broker, COUNT, run)
     result.extra["poison"] = len(acts)
-    check_and_record(result, run, key_of=key_of)
+    check_run(result, run, key_of=key_of)
     check_letters(run, acts)
+    result.record()
 
 
 def kafka_scenario(
