@@ -13,6 +13,7 @@ import orjson
 from workers.events import EventRecord, batch_response, records
 
 JOURNAL_ENV = "ESM_FAULTS_JOURNAL"
+EVENTS_ENV = "ESM_FAULTS_EVENTS"
 
 
 def record_id(record: EventRecord) -> str | None:
@@ -56,22 +57,39 @@ def poison_aware(event: dict[str, Any], context: Any) -> dict[str, Any]:
     return batch_response(failed)
 
 
-def refs(event: dict[str, Any]) -> list[str]:
-    """A reference per record that needs no payload: Kafka "topic-partition@offset", Redis
-    "stream@id", RabbitMQ the `messageId` property; hostile records have no usable JSON id."""
-    out: list[str] = []
+def items_by_ref(event: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each record's item of the event under a reference that needs no payload: Kafka
+    "topic-partition@offset", Redis "stream@id", RabbitMQ the `messageId` property (hostile
+    records have no usable JSON id)."""
+    out: dict[str, dict[str, Any]] = {}
     if "rmqMessagesByQueue" in event:
         for items in event["rmqMessagesByQueue"].values():
-            out += [str((item.get("basicProperties") or {}).get("messageId")) for item in items]
+            for item in items:
+                out[str((item.get("basicProperties") or {}).get("messageId"))] = item
         return out
+    key = "offset" if event.get("eventSource") == "SelfManagedKafka" else "id"
     for unit, items in event.get("records", {}).items():
-        key = "offset" if event.get("eventSource") == "SelfManagedKafka" else "id"
-        out += [f"{unit}@{item[key]}" for item in items]
+        for item in items:
+            out[f"{unit}@{item[key]}"] = item
     return out
 
 
+def refs(event: dict[str, Any]) -> list[str]:
+    """The references of an event's records (see `items_by_ref`), in event order."""
+    return list(items_by_ref(event))
+
+
 def recording_refs(event: dict[str, Any], context: Any) -> None:
-    """Succeeds for every record, whatever its payload, and journals their references."""
+    """Succeeds for every record, whatever its payload, and journals their references; with
+    `$ESM_FAULTS_EVENTS` set, first appends the event, whole, to that file, for scenarios that
+    check what the handler was given."""
+    path = os.environ.get(EVENTS_ENV)
+    if path:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, orjson.dumps(event) + b"\n")
+        finally:
+            os.close(fd)
     journal(refs(event))
 
 
@@ -119,17 +137,3 @@ def hostile(event: dict[str, Any], context: Any) -> Any:
             ids.append(str(doc["id"]))
     journal(ids)
     return None
-
-
-EVENTS_ENV = "ESM_FAULTS_EVENTS"
-
-
-def keeping_events(event: dict[str, Any], context: Any) -> None:
-    """`recording_refs` that also appends each event, whole, to `$ESM_FAULTS_EVENTS`, for
-    scenarios that check what the handler was given."""
-    fd = os.open(os.environ[EVENTS_ENV], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, orjson.dumps(event) + b"\n")
-    finally:
-        os.close(fd)
-    journal(refs(event))

@@ -10,6 +10,7 @@ dead letter.
 
 from __future__ import annotations
 
+import base64
 import os
 import resource
 import signal
@@ -29,7 +30,7 @@ import yaml
 
 from tests.brokers import unique_name
 from tests.cli import REPO, workers_run
-from tests.faults.handlers import JOURNAL_ENV, refs
+from tests.faults.handlers import EVENTS_ENV, JOURNAL_ENV, items_by_ref, refs
 from tests.faults.results import Tally, file_letters, letter_ids, read_journal
 
 # Tansu joins a consumer to its group only after about half of session.timeout.ms.
@@ -51,6 +52,7 @@ class FaultRun:
     handled: list[str]  # refs the handler journaled, once per successful invocation
     letters: list[dict[str, Any]]
     mapping: str
+    events_path: Path
 
     @property
     def timed_out(self) -> bool:
@@ -60,6 +62,18 @@ class FaultRun:
     def counters(self) -> dict[str, Any]:
         found: dict[str, Any] = self.summary.get(self.mapping, {})
         return found
+
+    def items(self) -> dict[str, dict[str, Any]]:
+        """ref -> the record's item as the handler was given it (its last invocation, with
+        `recording_refs`) or, for a record without one, as its letter carries it."""
+        out: dict[str, dict[str, Any]] = {}
+        for letter in self.letters:
+            if isinstance(letter.get("payload"), dict):
+                out.update(items_by_ref(letter["payload"]))
+        if self.events_path.exists():
+            for line in self.events_path.read_bytes().splitlines():
+                out.update(items_by_ref(orjson.loads(line)))
+        return out
 
     def dead_lettered(self) -> list[str]:
         return letter_refs(self.letters)
@@ -161,6 +175,7 @@ def run_mapping(
     handler: str = "tests.faults.handlers:recording_refs",
     timeout_s: float = RUN_TIMEOUT_S,
     file_size_limit: int | None = None,
+    keep_events: bool = False,
     **options: Any,
 ) -> FaultRun:
     """Write a one-mapping file, run it until idle (killed after `timeout_s`), read back.
@@ -168,10 +183,14 @@ def run_mapping(
     `file_size_limit` caps every file the run writes (RLIMIT_FSIZE): a write that would grow a
     file past it writes what fits and then fails, as on a full disk. Python ignores SIGXFSZ, so
     the write returns a short count or raises OSError(EFBIG) instead of killing the process.
+    With `keep_events`, `recording_refs` keeps every event it is given (see `FaultRun.items`).
     """
     work = tmp_path / name
     work.mkdir(parents=True, exist_ok=True)
     journal, letters_dir, summary = work / "journal", work / "letters", work / "summary.json"
+    events = work / "events.jsonl"
+    if keep_events:
+        options["environment"] = {**options.get("environment", {}), EVENTS_ENV: str(events)}
     config = write_config(
         work / "mappings.yaml",
         name=name,
@@ -210,11 +229,38 @@ def run_mapping(
         handled=read_journal(journal),
         letters=file_letters(letters_dir, name),
         mapping=name,
+        events_path=events,
     )
 
 
 def _limit_files(size: int) -> None:
     resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+# --- what the handler was given -----------------------------------------------------------------
+
+
+def kafka_item_bytes(item: dict[str, Any]) -> tuple[bytes, bytes | None, list[tuple[str, bytes]]]:
+    """(value, key, headers) of a Kafka event item, as bytes."""
+    key = None if item.get("key") is None else base64.b64decode(item["key"])
+    headers = [(name, bytes(data)) for h in item["headers"] for name, data in h.items()]
+    return base64.b64decode(item["value"]), key, headers
+
+
+def field_name_bytes(name: str) -> bytes:
+    """A field name of a Redis event as the bytes Redis holds: issue 12 writes a name that is
+    not UTF-8 as "b64:" and the base64 of its bytes."""
+    if name.startswith("b64:"):
+        return base64.b64decode(name[4:])
+    return name.encode()
+
+
+def redis_item_fields(item: dict[str, Any]) -> dict[bytes, bytes]:
+    return {field_name_bytes(k): base64.b64decode(v) for k, v in item["fields"].items()}
+
+
+def as_bytes(value: str | bytes | None) -> bytes | None:
+    return value.encode() if isinstance(value, str) else value
 
 
 # --- counting ---------------------------------------------------------------------------------

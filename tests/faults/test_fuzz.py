@@ -8,7 +8,6 @@ today on issue 12 cases being fixed; a fix makes them XPASS, which fails until t
 
 from __future__ import annotations
 
-import base64
 import copy
 import datetime as dt
 import subprocess
@@ -37,6 +36,7 @@ from connectors.shapes import (
     shape_for_event,
 )
 from tests.cli import REPO
+from tests.faults.hostile import field_name_bytes
 from workers import config as cfg
 from workers.deadletter import Condition, build_letter
 from workers.outcomes import ErrorInfo
@@ -317,15 +317,9 @@ def redis_round_trip(entries: list[tuple[bytes, dict[bytes, bytes]]], letter: bo
     read = shape.records(event)
     assert len(read) == len(entries)
     for record, (_, fields) in zip(read, entries, strict=True):
-        assert {raw_name(name): value for name, value in record.meta.fields.items()} == fields
-
-
-def raw_name(name: str) -> bytes:
-    """A field name of the event as the bytes Redis holds: issue 12 writes a name that is not
-    UTF-8 as "b64:" and the base64 of its bytes."""
-    if name.startswith("b64:"):
-        return base64.b64decode(name[4:])
-    return name.encode()
+        assert {
+            field_name_bytes(name): value for name, value in record.meta.fields.items()
+        } == fields
 
 
 @FAST

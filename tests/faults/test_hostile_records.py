@@ -22,13 +22,14 @@ import redis
 
 from tests import brokers
 from tests.brokers import KafkaRecord, Tansu, unique_name
-from tests.faults.handlers import EVENTS_ENV
 from tests.faults.hostile import (
     FaultRun,
     Message,
     RabbitQueues,
+    as_bytes,
     check_run,
     good,
+    kafka_item_bytes,
     kafka_ref,
     kafka_source,
     letter_refs,
@@ -36,6 +37,7 @@ from tests.faults.hostile import (
     rabbit,
     rabbitmq_source,
     redis_client,
+    redis_item_fields,
     redis_source,
     run_mapping,
     stream,
@@ -95,12 +97,19 @@ def test_kafka_hostile_records(kafka_broker: Tansu, tmp_path: Path) -> None:
         source=kafka_source(kafka_broker.bootstrap, topic),
         batch_size=10,
         maximum_batch_bytes=BATCH_BYTES,
+        keep_events=True,
     )
     result = tally_refs("hostile records", "kafka", produced, run)
     key_of = {ref: str(r.key) for ref, r in zip(produced, records, strict=True) if r.key}
     check_run(result, run, key_of=key_of)
     too_large = produced[15]
     assert run.conditions() == {too_large: "MaximumPayloadSizeExceeded"}
+    items = run.items()
+    for ref, record in zip(produced, records, strict=True):
+        value, key, headers = kafka_item_bytes(items[ref])
+        assert value == (as_bytes(record.value) or b""), ref
+        assert key == as_bytes(record.key), ref
+        assert headers == [(name, as_bytes(data)) for name, data in record.headers], ref
     result.record()
 
 
@@ -230,11 +239,16 @@ def test_redis_hostile_entries(
         source=redis_source(redis_url, stream),
         batch_size=10,
         maximum_batch_bytes=BATCH_BYTES,
+        keep_events=True,
     )
     result = tally_refs("hostile records", "redis", produced, run)
     check_run(result, run, key_of=dict.fromkeys(produced, stream))
     assert run.conditions() == {produced[15]: "MaximumPayloadSizeExceeded"}
     assert not redis_client.xpending(stream, run.mapping)["pending"]
+    items = run.items()
+    for ref, fields in zip(produced, entries, strict=True):
+        expected = {as_bytes(k): as_bytes(v) for k, v in fields.items()}
+        assert redis_item_fields(items[ref]) == expected, ref
     result.record()
 
 
@@ -268,26 +282,16 @@ def test_redis_field_names_not_utf8_keep_their_identity(
     redis_client: redis.Redis, redis_url: str, stream: str, tmp_path: Path
 ) -> None:
     produced = xadd(redis_client, stream, [{"v": good(0)}, {b"\xff": b"one", b"\xfe": b"two"}])
-    events = tmp_path / "events.jsonl"
     run = run_mapping(
         tmp_path,
         name=unique_name("hostile-redis-names"),
         source=redis_source(redis_url, stream),
-        handler="tests.faults.handlers:keeping_events",
-        environment={EVENTS_ENV: str(events)},
+        keep_events=True,
     )
     result = tally_refs("non-UTF-8 field names", "redis", produced, run)
     check_run(result, run, key_of=dict.fromkeys(produced, stream))
-    items = [
-        item
-        for line in events.read_bytes().splitlines()
-        for items in orjson.loads(line)["records"].values()
-        for item in items
-    ]
-    fields = [item["fields"] for item in items if item["id"] == produced[1].split("@")[1]]
-    assert fields, "the entry never reached the handler"
-    values = sorted(base64.b64decode(v) for v in fields[0].values())
-    assert values == [b"one", b"two"], fields[0]
+    item = run.items()[produced[1]]
+    assert redis_item_fields(item) == {b"\xff": b"one", b"\xfe": b"two"}, item
     result.record()
 
 
@@ -354,11 +358,17 @@ def test_rabbitmq_hostile_messages(rabbit: RabbitQueues, rabbitmq_url: str, tmp_
         source=rabbitmq_source(rabbitmq_url, queue),
         batch_size=10,
         maximum_batch_bytes=BATCH_BYTES,
+        keep_events=True,
     )
     result = tally_refs("hostile records", "rabbitmq", produced, run)
     check_run(result, run)
     assert run.conditions() == {"m15": "MaximumPayloadSizeExceeded"}
     assert rabbit.ready(queue) == 0
+    items = run.items()
+    for m in messages:
+        assert base64.b64decode(items[m.message_id]["data"]) == m.body, m.message_id
+    assert len(items["m9"]["basicProperties"]["headers"]) == 1000
+    assert len(items["m12"]["basicProperties"]["headers"]["huge"]["bytes"]) == len(HUGE_AMQP_HEADER)
     result.record()
 
 
