@@ -101,8 +101,8 @@ def hostile(event: dict[str, Any], context: Any) -> Any:
     """Misbehaves as the first record carrying `"act"` says; otherwise journals the ids.
 
     raise: ValueError; hang: sleeps past any timeout; exit: os._exit(3); string / list: returns
-    one; unknown: a batchItemFailures naming a record not in the batch; memory: allocates
-    more than any `memory_mb` the suite configures.
+    one; unserializable: returns what JSON cannot hold; unknown: a batchItemFailures naming a
+    record not in the batch; memory: allocates more than any `memory_mb` the suite configures.
     """
     ids = []
     for r in records(event):
@@ -123,6 +123,8 @@ def hostile(event: dict[str, Any], context: Any) -> Any:
             return "not a response"
         if act == "list":
             return [doc.get("id")]
+        if act == "unserializable":
+            return {"items": {1, 2}, "raw": object()}
         if act == "unknown":
             # Well formed for every shape, naming no record of this batch.
             unknown = {"partition": "none-0", "offset": 10**9, "queue": "none"}

@@ -91,15 +91,6 @@ class FaultRun:
                 out[ref] = condition
         return out
 
-    def error_types(self) -> dict[str, str]:
-        """ref -> the errorType of the letter that carries it ("" when it has none)."""
-        out: dict[str, str] = {}
-        for letter in self.letters:
-            error_type = (letter.get("error") or {}).get("errorType", "")
-            for ref in letter_refs([letter]):
-                out[ref] = error_type
-        return out
-
     def assert_ended_cleanly(self) -> None:
         assert not self.timed_out, f"workers run hung; log tail:\n{self.stderr[-3000:]}"
         assert self.returncode == 0, f"exit {self.returncode}; log tail:\n{self.stderr[-3000:]}"

@@ -42,6 +42,8 @@ from workers.deadletter import Condition, build_letter
 from workers.outcomes import ErrorInfo
 from workers.records import Record
 
+pytestmark = pytest.mark.faults
+
 FAST = settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
 )

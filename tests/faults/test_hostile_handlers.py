@@ -1,8 +1,8 @@
 """Hostile handlers on every broker: among good records, poison records make the `hostile`
-handler raise, hang past `timeout_s`, exit its process, return garbage (a string, a list, a
-`batchItemFailures` naming no record of the batch) and exceed `memory_mb`. Each poison record
-must end in the destination with `RetryAttemptsExhausted` and its error type, every good record
-must be handled exactly once and in order per key, and the run must end.
+handler raise, hang past `timeout_s`, exit its process, return garbage (a string, a list, what
+JSON cannot hold, a `batchItemFailures` naming no record of the batch) and exceed `memory_mb`.
+Each poison record must end in the destination with `RetryAttemptsExhausted` and its error
+type, every good record must be handled exactly once and in order per key, and the run must end.
 """
 
 from __future__ import annotations
@@ -45,11 +45,12 @@ ERROR_TYPES = {
     "exit": "Runtime.ExitError",
     "string": "InvalidBatchResponse",
     "list": "InvalidBatchResponse",
+    "unserializable": "Runtime.MarshalError",
     "unknown": "InvalidBatchResponse",
     "memory": "Runtime.OutOfMemory",
 }
 # In thread isolation a hung handler cannot be killed and os._exit ends the poller (README).
-THREAD_SAFE_ACTS = ("raise", "string", "list", "unknown")
+THREAD_SAFE_ACTS = ("raise", "string", "list", "unserializable", "unknown")
 COUNT = 24
 KEYS = 3
 FUNCTION = {"timeout_s": 1, "memory_mb": 128}

@@ -9,6 +9,8 @@ import pytest
 
 from tests.faults.report import latest, main, read_results, table
 
+pytestmark = pytest.mark.faults
+
 
 def test_latest_result_per_scenario_and_broker(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
