@@ -53,6 +53,7 @@ class FaultRun:
     letters: list[dict[str, Any]]
     mapping: str
     events_path: Path
+    letters_before: int = 0  # letters the destination held before this run (an earlier run's)
 
     @property
     def timed_out(self) -> bool:
@@ -77,6 +78,15 @@ class FaultRun:
 
     def dead_lettered(self) -> list[str]:
         return letter_refs(self.letters)
+
+    def records_in_new_letters(self) -> int:
+        """Records in the letters this run wrote, by each letter's batch info."""
+        names = ("KafkaBatchInfo", "RedisStreamBatchInfo", "RabbitMQBatchInfo")
+        return sum(
+            int(letter.get(name, {}).get("batchSize", 0))
+            for letter in self.letters[self.letters_before :]
+            for name in names
+        )
 
     def dead_lettered_ids(self) -> list[str]:
         """The JSON payload ids of the records the letters carry (runs of `hostile`)."""
@@ -191,6 +201,7 @@ def run_mapping(
         journal=journal,
         **options,
     )
+    letters_before = len(file_letters(letters_dir, name))
     started = time.monotonic()
     proc = subprocess.Popen(
         workers_run(config, summary, UNTIL_IDLE_S),
@@ -221,6 +232,7 @@ def run_mapping(
         letters=file_letters(letters_dir, name),
         mapping=name,
         events_path=events,
+        letters_before=letters_before,
     )
 
 
@@ -305,6 +317,10 @@ def check_run(
 ) -> None:
     run.assert_ended_cleanly()
     result.check(key_of=key_of, max_duplicates=max_duplicates)
+    # A destination is configured, so nothing may be dropped, and the run's own count of
+    # letters must match what the destination holds (a torn or lost letter shows here).
+    assert run.counters.get("dropped") == 0, run.counters
+    assert run.counters.get("dead_lettered") == run.records_in_new_letters(), run.counters
     # A record is either handled or dead-lettered, never both (that would be a duplicate).
     both = set(result.handled) & set(result.dead_lettered)
     assert not both, f"handled and dead-lettered: {sorted(both)[:10]}"

@@ -158,7 +158,9 @@ def run_to_kafka_destination(
         destination_config={"on_failure": {"type": "kafka", "topic": dlq}},
         **mapping,
     )
-    return run, kafka_letters(kafka_broker.bootstrap, dlq)
+    # The letters are on the destination topic, not in a file: count those.
+    run.letters = kafka_letters(kafka_broker.bootstrap, dlq)
+    return run, run.letters
 
 
 def offsets_as_ids(letters: list[dict[str, Any]]) -> list[str]:
