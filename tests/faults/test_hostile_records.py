@@ -440,5 +440,8 @@ def test_rabbitmq_timestamp_header_field_past_year_9999(
     )
     result = tally_ids("absurd timestamp header", "rabbitmq", 20, run)
     check_run(result, run)
-    assert letter_ids(run.letters) == ["7"]
+    # Issue 12 lets a message whose frame the driver cannot decode be dead-lettered as poison,
+    # so the good message with such a header may be handled or dead-lettered; nothing else may.
+    assert "7" in letter_ids(run.letters)
+    assert set(letter_ids(run.letters)) <= {"5", "7"}
     result.record()
