@@ -93,6 +93,13 @@ def recording_refs(event: dict[str, Any], context: Any) -> None:
     journal(refs(event))
 
 
+class _Unprintable(Exception):
+    """An exception whose message cannot even be computed."""
+
+    def __str__(self) -> str:
+        raise RuntimeError("no message for you")
+
+
 # What `hostile` does when a record of its batch asks for it (`"act"` in the JSON payload).
 _MEMORY_MB_PAST_LIMIT = 1024
 
@@ -100,9 +107,12 @@ _MEMORY_MB_PAST_LIMIT = 1024
 def hostile(event: dict[str, Any], context: Any) -> Any:
     """Misbehaves as the first record carrying `"act"` says; otherwise journals the ids.
 
-    raise: ValueError; hang: sleeps past any timeout; exit: os._exit(3); string / list: returns
-    one; unserializable: returns what JSON cannot hold; unknown: a batchItemFailures naming a
-    record not in the batch; memory: allocates more than any `memory_mb` the suite configures.
+    raise: ValueError; surrogate / bad_str / huge_error: raises with a message JSON cannot carry,
+    one whose str() raises, a 2 MB one; hang: sleeps past any timeout; exit: os._exit(3);
+    string / list: returns one; unserializable: returns what JSON cannot hold; unknown: a
+    batchItemFailures naming a record not in the batch; memory: allocates more than any
+    `memory_mb` the suite configures; flood: writes 6 MB that are not UTF-8 to stdout, then
+    goes on as a good record.
     """
     ids = []
     for r in records(event):
@@ -130,6 +140,14 @@ def hostile(event: dict[str, Any], context: Any) -> Any:
             unknown = {"partition": "none-0", "offset": 10**9, "queue": "none"}
             unknown |= {"deliveryTag": 10**9, "stream": "none", "id": "0-1"}
             return {"batchItemFailures": [{"itemIdentifier": unknown}]}
+        if act == "surrogate":
+            raise ValueError(f"record \udcff{doc.get('id')} \ud800")
+        if act == "bad_str":
+            raise _Unprintable()
+        if act == "huge_error":
+            raise ValueError("x" * (2 * 1024 * 1024))
+        if act == "flood":
+            os.write(1, b"\xff\xfe flood\n" * (768 * 1024))
         if act == "memory":
             block = bytearray(_MEMORY_MB_PAST_LIMIT * 1024 * 1024)
             # Touch every page so the memory is used, not just reserved.

@@ -210,6 +210,8 @@ def run_mapping(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A handler may write any bytes to its output, which the run passes through.
+        errors="replace",
         # Its own process group: a hang is ended with its pollers and environments, not only
         # the supervisor (whose pollers could outlive it).
         start_new_session=True,
