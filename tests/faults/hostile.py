@@ -1,4 +1,4 @@
-"""Fixtures and helpers of the hostile-record and hostile-handler scenarios: a mapping file with
+"""Fixtures and functions of the hostile-record and hostile-handler scenarios: a mapping file with
 a `file` destination, `workers run --until-idle` in a subprocess that cannot hang the suite,
 producers for each broker, and what the run left behind (journal, letters) as record refs.
 
