@@ -1111,6 +1111,9 @@ def _parse_yaml(text: str, file: str) -> Any:
         raise ConfigError(file, [Problem("", f"{where}invalid YAML: {what}")]) from None
     except yaml.YAMLError as exc:
         raise ConfigError(file, [Problem("", f"invalid YAML: {exc}")]) from None
+    except RecursionError:
+        # PyYAML's composer recurses once per level: a document nested hundreds deep.
+        raise ConfigError(file, [Problem("", "invalid YAML: nested too deeply")]) from None
 
 
 _REFERENCE = re.compile(

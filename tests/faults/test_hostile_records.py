@@ -116,7 +116,6 @@ def test_kafka_hostile_records(kafka_broker: Tansu, tmp_path: Path) -> None:
 
 
 @pytest.mark.kafka
-@pytest.mark.xfail(strict=True, reason="issue 12 case 2")
 def test_kafka_timestamp_past_year_9999(kafka_broker: Tansu, tmp_path: Path) -> None:
     """One record stamped 2**50 ms is handled, another fails and must become a letter (whose
     batch info shows the timestamp); the records behind them on the partition still flow."""
@@ -171,7 +170,6 @@ def offsets_as_ids(letters: list[dict[str, Any]]) -> list[str]:
 
 
 @pytest.mark.kafka
-@pytest.mark.xfail(strict=True, reason="issue 12 case 1")
 def test_kafka_letter_too_large_for_the_destination(kafka_broker: Tansu, tmp_path: Path) -> None:
     """A failing 2 MB record makes a letter the destination refuses: it must be dead-lettered
     without its payload, with its coordinates, and the partition must move on."""
@@ -195,7 +193,6 @@ def test_kafka_letter_too_large_for_the_destination(kafka_broker: Tansu, tmp_pat
 
 @pytest.mark.kafka
 @pytest.mark.faults_full
-@pytest.mark.xfail(strict=True, reason="issue 12 case 1")
 def test_kafka_failed_batch_too_large_for_one_letter(kafka_broker: Tansu, tmp_path: Path) -> None:
     """100 failing 10 KB records with bisect off make one letter past the destination's limit:
     it must be split per record, so that every record is dead-lettered with its payload."""
@@ -258,7 +255,6 @@ def test_redis_hostile_entries(
 
 
 @pytest.mark.redis
-@pytest.mark.xfail(strict=True, reason="issue 12 case 2")
 def test_redis_entry_id_past_year_9999(
     redis_client: redis.Redis, redis_url: str, stream: str, tmp_path: Path
 ) -> None:
@@ -282,7 +278,6 @@ def test_redis_entry_id_past_year_9999(
 
 
 @pytest.mark.redis
-@pytest.mark.xfail(strict=True, reason="issue 12 case 7")
 def test_redis_field_names_not_utf8_keep_their_identity(
     redis_client: redis.Redis, redis_url: str, stream: str, tmp_path: Path
 ) -> None:
@@ -301,7 +296,6 @@ def test_redis_field_names_not_utf8_keep_their_identity(
 
 
 @pytest.mark.redis
-@pytest.mark.xfail(strict=True, reason="issue 12 case 4")
 def test_file_destination_on_a_full_disk(
     redis_client: redis.Redis, redis_url: str, stream: str, tmp_path: Path
 ) -> None:
@@ -382,7 +376,6 @@ def test_rabbitmq_hostile_messages(rabbit: RabbitQueues, rabbitmq_url: str, tmp_
 
 
 @pytest.mark.rabbitmq
-@pytest.mark.xfail(strict=True, reason="issue 12 case 3")
 def test_rabbitmq_timestamp_property_past_year_9999(
     rabbit: RabbitQueues, rabbitmq_url: str, tmp_path: Path
 ) -> None:
@@ -426,7 +419,6 @@ def absurd_timestamp_encoder(monkeypatch: pytest.MonkeyPatch) -> Iterator[object
 
 @pytest.mark.rabbitmq
 @pytest.mark.faults_full
-@pytest.mark.xfail(strict=True, reason="issue 12 case 3")
 def test_rabbitmq_timestamp_header_field_past_year_9999(
     rabbit: RabbitQueues, rabbitmq_url: str, tmp_path: Path, absurd_timestamp_encoder: object
 ) -> None:
