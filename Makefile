@@ -34,13 +34,14 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache
 
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 schema: install
-	$(BIN)/python -m workers.config --schema > config/schema.json
+	$(BIN)/python -m workers.app.config --schema > config/schema.json
 
 bench: install brokers
 	$(BIN)/pip install -q -e '.[bench]'

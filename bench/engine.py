@@ -75,7 +75,7 @@ def config_for(
 
 def workers_command() -> list[str]:
     script = Path(sys.executable).parent / "workers"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "workers.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "workers"]
 
 
 def run_workers(

@@ -31,36 +31,36 @@ DEFAULT_RECORDS = {"kafka": 100_000, "redis": 100_000, "rabbitmq": 50_000}
 
 # Stage of an esm-workers function, by (file, function); files alone as a fallback.
 STAGES: dict[tuple[str, str], str] = {
-    ("workers/poller.py", "_accept"): "engine: accept",
-    ("workers/poller.py", "_runs"): "engine: accept",
-    ("workers/poller.py", "_lane"): "engine: accept",
-    ("workers/poller.py", "_slot"): "engine: accept",
-    ("workers/poller.py", "_dispatch_ready"): "engine: dispatch",
-    ("workers/poller.py", "_take"): "engine: dispatch",
-    ("workers/poller.py", "_room"): "engine: dispatch",
-    ("workers/poller.py", "_apply_backpressure"): "engine: dispatch",
-    ("workers/poller.py", "_quiet"): "engine: idle check",
-    ("workers/poller.py", "_settle"): "engine: settle",
-    ("workers/poller.py", "_run_lane"): "engine: lane",
-    ("workers/poller.py", "run"): "engine: loop",
-    ("workers/poller.py", "_poll_once"): "engine: loop",
-    ("workers/policy.py", "_invoke"): "invoke (policy)",
-    ("workers/policy.py", "interpret"): "invoke (policy)",
-    ("workers/policy.py", "_succeed"): "engine: settle",
-    ("workers/policy.py", "_drop_unsendable"): "engine: record age/size",
-    ("workers/stats.py", "add"): "engine: stats",
-    ("workers/stats.py", "observe_duration"): "engine: stats",
-    ("workers/stats.py", "set_position"): "engine: stats",
-    ("workers/checkpoint.py", "*"): "engine: settle",
-    ("workers/batcher.py", "*"): "engine: dispatch",
-    ("workers/environments.py", "invoke"): "serialise to environment",
-    ("workers/environments.py", "_run"): "environment round trip",
-    ("workers/environments.py", "receive"): "environment round trip",
-    ("workers/environments.py", "_invoke"): "environment round trip",
-    ("workers/environments.py", "*"): "environment round trip",
-    ("connectors/shapes.py", "event"): "event building",
-    ("connectors/shapes.py", "encoded_size"): "connector: records",
-    ("connectors/shapes.py", "kafka_item"): "connector: event items",
+    ("workers/engine/poller.py", "_accept"): "engine: accept",
+    ("workers/engine/poller.py", "_runs"): "engine: accept",
+    ("workers/engine/poller.py", "_lane"): "engine: accept",
+    ("workers/engine/poller.py", "_slot"): "engine: accept",
+    ("workers/engine/poller.py", "_dispatch_ready"): "engine: dispatch",
+    ("workers/engine/poller.py", "_take"): "engine: dispatch",
+    ("workers/engine/poller.py", "_room"): "engine: dispatch",
+    ("workers/engine/poller.py", "_apply_backpressure"): "engine: dispatch",
+    ("workers/engine/poller.py", "_quiet"): "engine: idle check",
+    ("workers/engine/poller.py", "_settle"): "engine: settle",
+    ("workers/engine/poller.py", "_run_lane"): "engine: lane",
+    ("workers/engine/poller.py", "run"): "engine: loop",
+    ("workers/engine/poller.py", "_poll_once"): "engine: loop",
+    ("workers/engine/policy.py", "_invoke"): "invoke (policy)",
+    ("workers/engine/policy.py", "interpret"): "invoke (policy)",
+    ("workers/engine/policy.py", "_succeed"): "engine: settle",
+    ("workers/engine/policy.py", "_drop_unsendable"): "engine: record age/size",
+    ("workers/engine/stats.py", "add"): "engine: stats",
+    ("workers/engine/stats.py", "observe_duration"): "engine: stats",
+    ("workers/engine/stats.py", "set_position"): "engine: stats",
+    ("workers/engine/checkpoint.py", "*"): "engine: settle",
+    ("workers/engine/batcher.py", "*"): "engine: dispatch",
+    ("workers/invoke/environments.py", "invoke"): "serialise to environment",
+    ("workers/invoke/environments.py", "_run"): "environment round trip",
+    ("workers/invoke/environments.py", "receive"): "environment round trip",
+    ("workers/invoke/environments.py", "_invoke"): "environment round trip",
+    ("workers/invoke/environments.py", "*"): "environment round trip",
+    ("connectors/kafka/shape.py", "event"): "event building",
+    ("connectors/kafka/shape.py", "encoded_size"): "connector: records",
+    ("connectors/kafka/shape.py", "kafka_item"): "connector: event items",
 }
 CONNECTOR_STAGES = {
     "poll": "connector: poll (driver)",
@@ -99,7 +99,7 @@ def stage_of(path: str, function: str) -> str | None:
         return None
     if rel.startswith(("bench/", ".venv/")):
         return None
-    if rel.startswith("connectors/") and rel not in ("connectors/shapes.py",):
+    if rel.startswith("connectors/") and rel not in ("connectors/kafka/shape.py",):
         return CONNECTOR_STAGES.get(function, "connector: other")
     if (rel, function) in STAGES:
         return STAGES[(rel, function)]
@@ -156,8 +156,8 @@ def profile_broker(
     from pyinstrument import Profiler
     from pyinstrument.session import Session
 
-    from workers.config import load_config
-    from workers.runtime import build_poller
+    from workers.app.config import load_config
+    from workers.app.wiring import build_poller
 
     target = TARGETS[broker]()
     target.setup()

@@ -53,7 +53,7 @@ def _mapping(
     handler: str = "bench.handlers:noop",
     **settings: Any,
 ) -> Any:
-    from workers.config import load_config
+    from workers.app.config import load_config
 
     path = folder / "mapping.yaml"
     data = config_for(
@@ -136,9 +136,9 @@ class _NoInvoker:
 
 
 def _poller(source: Any, pf: int = 1) -> Any:
-    from workers.batcher import BatchLimits
-    from workers.policy import Policy
-    from workers.poller import Poller, PollerSettings
+    from workers.engine.batcher import BatchLimits
+    from workers.engine.policy import Policy
+    from workers.engine.poller import Poller, PollerSettings
 
     settings = PollerSettings(
         mapping="bench",
@@ -156,7 +156,7 @@ def stages(broker: str, target: Target, workdir: Workdir) -> dict[str, float]:
     _, mapping = _mapping(target, ds, folder)
     out: dict[str, float] = {}
     if broker == "redis":
-        from connectors.redis import RedisSource
+        from connectors.redis.connector import RedisSource
 
         entries, read, ack = _redis_batch(target, ds)
         source: Any = RedisSource(mapping, 0)
@@ -171,7 +171,7 @@ def stages(broker: str, target: Target, workdir: Workdir) -> dict[str, float]:
 
         count = BATCH
     elif broker == "rabbitmq":
-        from connectors.rabbitmq import RabbitMQSource
+        from connectors.rabbitmq.connector import RabbitMQSource
 
         items = _rabbit_batch(target, ds)
         source = RabbitMQSource(mapping, 0)
@@ -187,7 +187,7 @@ def stages(broker: str, target: Target, workdir: Workdir) -> dict[str, float]:
     else:
         from confluent_kafka import TopicPartition
 
-        from connectors.kafka import KafkaSource
+        from connectors.kafka.connector import KafkaSource
 
         messages = _kafka_batch(target, ds)
         source = KafkaSource(mapping, 0)
@@ -288,7 +288,7 @@ def switch_interval(seconds: float) -> Iterator[None]:
 @contextlib.contextmanager
 def redis_deferred_acks() -> Iterator[None]:
     """RedisSource.ack queues the ids; the loop thread XACKs them on its next poll."""
-    from connectors.redis import RedisSource
+    from connectors.redis.connector import RedisSource
 
     def ack(self: Any, records: Any) -> None:
         with self._lock:
@@ -301,9 +301,9 @@ def redis_deferred_acks() -> Iterator[None]:
 
 @contextlib.contextmanager
 def short_paused_wait() -> Iterator[None]:
-    import connectors.redis
+    import connectors.redis.connector
 
-    with patched(connectors.redis, "PAUSED_WAIT_S", 0.0005):
+    with patched(connectors.redis.connector, "PAUSED_WAIT_S", 0.0005):
         yield
 
 
@@ -311,15 +311,15 @@ def short_paused_wait() -> Iterator[None]:
 def kafka_items_per_invocation() -> Iterator[None]:
     """The connector leaves Record.item empty, so every event builds its items (the design
     before items were built while reading)."""
-    import connectors.kafka
+    import connectors.kafka.connector
 
-    with patched(connectors.kafka, "kafka_item", lambda *args: None):
+    with patched(connectors.kafka.connector, "kafka_item", lambda *args: None):
         yield
 
 
 @contextlib.contextmanager
 def kafka_client_config(**extra: Any) -> Iterator[None]:
-    from connectors.kafka import KafkaSource
+    from connectors.kafka.connector import KafkaSource
 
     original = KafkaSource._new_consumer
 
@@ -332,9 +332,9 @@ def kafka_client_config(**extra: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def kafka_soft_pause(records: int) -> Iterator[None]:
-    import connectors.kafka
+    import connectors.kafka.connector
 
-    with patched(connectors.kafka, "SOFT_PAUSE_RECORDS", records):
+    with patched(connectors.kafka.connector, "SOFT_PAUSE_RECORDS", records):
         yield
 
 
@@ -356,7 +356,7 @@ def in_process_rate(
     target: Target, broker: str, n: int, isolation: str, workdir: Workdir, repeats: int
 ) -> dict[str, list[float]]:
     """records/s of an in-process poller (build_poller + run) for each variant, interleaved."""
-    from workers.runtime import build_poller
+    from workers.app.wiring import build_poller
 
     results: dict[str, list[float]] = {name: [] for name in variants(broker)}
     for _ in range(repeats):
@@ -400,7 +400,7 @@ def latency_in_process(
 
     from bench.common import percentile, read_latencies
     from bench.scenarios import produce_steadily
-    from workers.runtime import build_poller
+    from workers.app.wiring import build_poller
 
     out: dict[str, dict[str, float]] = {}
     chosen: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {

@@ -20,7 +20,7 @@ def workers_run(config: Path, summary: Path, until_idle_s: float = 3.0) -> list[
     return [
         sys.executable,
         "-m",
-        "workers.cli",
+        "workers",
         "run",
         str(config),
         "--until-idle",
@@ -52,7 +52,16 @@ def interrupted_replay(
 ) -> dict[str, Any]:
     """Start `workers dlq replay`, send SIGTERM once `started()`, insist on exit 0 and return
     the summary it printed."""
-    command = [sys.executable, "-m", "workers.cli", "dlq", "replay", str(config), mapping, *flags]
+    command = [
+        sys.executable,
+        "-m",
+        "workers",
+        "dlq",
+        "replay",
+        str(config),
+        mapping,
+        *flags,
+    ]
     proc = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

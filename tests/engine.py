@@ -8,14 +8,25 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from connectors.memory import MemoryBroker, MemoryDestination, MemoryLogSource, MemoryQueueSource
-from workers.batcher import BatchLimits
-from workers.clock import Clock, FakeClock
-from workers.invoker import InvocationRequest
-from workers.outcomes import ErrorInfo, FunctionError, InvokeResult, RetryableError, RetryLater
-from workers.outcomes import Success as Ok
-from workers.policy import Policy
-from workers.poller import Poller, PollerSettings
+from connectors.memory.broker import (
+    MemoryBroker,
+    MemoryDestination,
+    MemoryLogSource,
+    MemoryQueueSource,
+)
+from workers.engine.batcher import BatchLimits
+from workers.engine.clock import Clock, FakeClock
+from workers.engine.invoker import InvocationRequest
+from workers.engine.outcomes import (
+    ErrorInfo,
+    FunctionError,
+    InvokeResult,
+    RetryableError,
+    RetryLater,
+)
+from workers.engine.outcomes import Success as Ok
+from workers.engine.policy import Policy
+from workers.engine.poller import Poller, PollerSettings
 
 Handler = Callable[[dict[str, Any], InvocationRequest], Any]
 

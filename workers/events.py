@@ -24,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from connectors.shapes import RedisMeta, shape_for_event
+from workers.app.registry import shape_for_event
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,10 +69,11 @@ def records(event: dict[str, Any]) -> Iterator[EventRecord]:
     for r in shape.records(event):
         fields: dict[str, bytes] = {}
         value = r.value
-        if isinstance(r.meta, RedisMeta):
+        raw_fields = getattr(r.meta, "raw_fields", None)  # a Redis entry's
+        if raw_fields is not None:
             fields = {
                 name.decode("utf-8", "surrogateescape"): value
-                for name, value in r.meta.raw_fields().items()
+                for name, value in raw_fields().items()
             }
             if len(fields) == 1:
                 value = next(iter(fields.values()))

@@ -332,7 +332,7 @@ class Worker:
     """`workers run CONFIG` in a process group of its own (supervisor, pollers, environments)."""
 
     def __init__(self, config: Path, log: Path, *, until_idle_s: float | None = None) -> None:
-        command = [sys.executable, "-m", "workers.cli", "run", str(config)]
+        command = [sys.executable, "-m", "workers", "run", str(config)]
         if until_idle_s is not None:
             command += ["--until-idle", str(until_idle_s)]
         self.log = log

@@ -24,23 +24,18 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from connectors.rabbitmq import basic_properties
-from connectors.redis import RedisSource
-from connectors.shapes import (
-    KafkaMeta,
-    KafkaShape,
-    RabbitMeta,
-    RabbitShape,
-    RedisShape,
-    kafka_item,
-    shape_for_event,
-)
+from connectors.kafka.shape import KafkaMeta, KafkaShape, kafka_item
+from connectors.rabbitmq.connector import basic_properties
+from connectors.rabbitmq.shape import RabbitMeta, RabbitShape
+from connectors.redis.connector import RedisSource
+from connectors.redis.shape import RedisShape
 from tests.cli import REPO
 from tests.faults.hostile import field_name_bytes
-from workers import config as cfg
-from workers.deadletter import Condition, build_letter
-from workers.outcomes import ErrorInfo
-from workers.records import Record
+from workers.app import config as cfg
+from workers.app.registry import shape_for_event
+from workers.engine.letters import Condition, build_letter
+from workers.engine.outcomes import ErrorInfo
+from workers.engine.records import Record
 
 pytestmark = pytest.mark.faults
 
@@ -175,7 +170,7 @@ def test_workers_validate_prints_no_traceback(document: bytes, tmp_path: Path) -
     path = tmp_path / "mappings.yaml"
     path.write_bytes(document)
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "validate", str(path)],
+        [sys.executable, "-m", "workers", "validate", str(path)],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -13,7 +13,7 @@ from tests.faults.conftest import Rig
 from tests.faults.handlers import SLEEP_ENV, STARTED_SUFFIX
 from tests.faults.load import Load, Worker, journals, wait_until, write_config
 from tests.faults.results import Tally, read_journal
-from workers.runtime import DRAIN_MARGIN_S
+from workers.app.wiring import DRAIN_MARGIN_S
 
 pytestmark = pytest.mark.faults
 

@@ -52,7 +52,7 @@ def break_engine_once(event: dict[str, Any], context: Any) -> None:
     marker = os.environ["CRASH_MARKER"]
     if not os.path.exists(marker):
         _append(marker, b"broken\n")
-        from workers.poller import Poller
+        from workers.engine.poller import Poller
 
         def broken(records: Any) -> None:
             raise RuntimeError("injected: settling failed")

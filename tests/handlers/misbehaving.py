@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from workers.outcomes import RetryableError
+from workers.engine.outcomes import RetryableError
 
 logger = logging.getLogger(__name__)
 logger.setLevel(logging.INFO)

@@ -12,13 +12,13 @@ import uuid
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from connectors.base import Destination, Source
 from tests.engine import DirectInvoker
-from workers.batcher import BatchLimits
-from workers.invoker import InvocationRequest
-from workers.policy import Policy
-from workers.poller import Poller, PollerSettings
-from workers.records import Record
+from workers.engine.batcher import BatchLimits
+from workers.engine.invoker import InvocationRequest
+from workers.engine.policy import Policy
+from workers.engine.poller import Poller, PollerSettings
+from workers.engine.ports import Destination, Source
+from workers.engine.records import Record
 
 
 class RecordingListener:

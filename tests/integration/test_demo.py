@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_demo_handles_every_good_order_and_dead_letters_the_bad(tmp_path: Path) -> None:
     brokers.require_tansu()
     result = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "demo"],
+        [sys.executable, "-m", "workers", "demo"],
         cwd=tmp_path,  # the demo must not depend on being run from the repository
         capture_output=True,
         text=True,

@@ -38,7 +38,7 @@ def run_example(name: str, tmp_path: Path, environ: dict[str, str]) -> dict[str,
     the letters of its dead-letter file."""
     folder = shutil.copytree(EXAMPLES / name, tmp_path / name)
     summary = tmp_path / "summary.json"
-    command = [sys.executable, "-m", "workers.cli", "run", "mappings.yaml", "--until-idle", "2"]
+    command = [sys.executable, "-m", "workers", "run", "mappings.yaml", "--until-idle", "2"]
     done = subprocess.run(
         [*command, "--summary-json", str(summary)],
         cwd=folder,

@@ -17,15 +17,16 @@ import pytest
 import yaml
 from confluent_kafka import TopicPartition
 
-import connectors.kafka as kafka_connector
-from connectors.base import Destination, Source
-from connectors.kafka import KafkaDestination, KafkaSource, KafkaUnavailable, probe_kafka
+import connectors.kafka.connector as kafka_connector
+from connectors.kafka import config as kafka_cfg
+from connectors.kafka.connector import KafkaDestination, KafkaSource, KafkaUnavailable, probe_kafka
 from tests import brokers
 from tests.brokers import KafkaRecord, Tansu, committed_offsets, end_offsets, read_topic
 from tests.cli import run_workers, workers_run
 from tests.engine import kafka_items, letter_values, value_of
 from tests.integration.contract import SourceContract, poll_n, settle
-from workers import config as cfg
+from workers.app import config as cfg
+from workers.engine.ports import Destination, Source
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka]
 
@@ -84,7 +85,7 @@ class TestKafkaContract(SourceContract):
 
     def make_destination(self, name: str) -> Destination:
         dlq = self.topic(f"{name}.dlq")
-        dst = cfg.KafkaDestination(type="kafka", topic=dlq, bootstrap_servers=self.bootstrap)
+        dst = kafka_cfg.KafkaDestination(type="kafka", topic=dlq, bootstrap_servers=self.bootstrap)
         return KafkaDestination(dst, mapping_for(self.bootstrap, name))
 
     def dead_letter_values(self, name: str) -> list[bytes]:

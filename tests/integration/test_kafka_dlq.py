@@ -19,13 +19,18 @@ import pytest
 import yaml
 from confluent_kafka import Consumer
 
-from connectors.kafka import REPLAY_STATE_TOPIC, KafkaDeadLetterStore, KafkaSourcePublisher
-from connectors.shapes import KafkaMeta
+from connectors.kafka import config as kafka_cfg
+from connectors.kafka.connector import (
+    REPLAY_STATE_TOPIC,
+    KafkaDeadLetterStore,
+    KafkaSourcePublisher,
+)
+from connectors.kafka.shape import KafkaMeta
 from tests import brokers
 from tests.brokers import KafkaRecord, Tansu, committed_offsets, end_offsets, read_topic
 from tests.cli import interrupted_replay
-from workers import config as cfg
-from workers.records import Record
+from workers.app import config as cfg
+from workers.engine.records import Record
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka]
 
@@ -131,7 +136,7 @@ def setup(kafka_broker: Tansu, tmp_path: Path) -> Iterator[Setup]:
 
 def workers(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "workers", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -410,7 +415,7 @@ def test_publisher_falls_back_to_the_key_partitioner_and_store_reads_no_topic(
             },
         }
     )
-    assert isinstance(mapping.source, cfg.KafkaSource)
+    assert isinstance(mapping.source, kafka_cfg.KafkaSource)
     publisher = KafkaSourcePublisher(mapping.source)
     gone = Record(
         f"{topic}-7",
@@ -435,7 +440,7 @@ def test_publisher_falls_back_to_the_key_partitioner_and_store_reads_no_topic(
     # nothing.
     assert mapping.destination_config is not None
     dst = mapping.destination_config.on_failure
-    assert isinstance(dst, cfg.KafkaDestination)
+    assert isinstance(dst, kafka_cfg.KafkaDestination)
     store = KafkaDeadLetterStore(dst, mapping)
     try:
         assert list(store.pending()) == []

@@ -25,12 +25,13 @@ import orjson
 import pytest
 import yaml
 
-from connectors.base import LetterTooLarge
-from connectors.kafka import LETTER_ENVELOPE_BYTES, KafkaDestination, KafkaRecordTooLarge
+from connectors.kafka import config as kafka_cfg
+from connectors.kafka.connector import LETTER_ENVELOPE_BYTES, KafkaDestination, KafkaRecordTooLarge
 from tests import brokers
 from tests.brokers import KafkaRecord, Tansu, committed_offsets, read_topic
 from tests.cli import workers_run
-from workers import config as cfg
+from workers.app import config as cfg
+from workers.engine.ports import LetterTooLarge
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka]
 
@@ -269,7 +270,7 @@ def test_the_destination_states_its_limit_and_refuses_a_letter_over_it(
     )
     assert mapping.destination_config is not None
     dst = mapping.destination_config.on_failure
-    assert isinstance(dst, cfg.KafkaDestination)
+    assert isinstance(dst, kafka_cfg.KafkaDestination)
     destination = KafkaDestination(dst, mapping)
     try:
         # Tansu keeps no max.message.bytes for this topic: the producer's limit is what holds.
@@ -291,7 +292,7 @@ def test_the_destination_states_its_limit_and_refuses_a_letter_over_it(
 def cli(*args: str) -> tuple[str, str]:
     """stdout and stderr of `workers ARGS`, which must exit 0."""
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "workers", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

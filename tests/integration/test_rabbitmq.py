@@ -19,8 +19,8 @@ import pika
 import pytest
 import yaml
 
-from connectors.base import Destination, Source
-from connectors.rabbitmq import (
+from connectors.rabbitmq import config as rabbitmq_cfg
+from connectors.rabbitmq.connector import (
     DeliveryRefused,
     QueueNotFound,
     RabbitMQDestination,
@@ -34,7 +34,8 @@ from tests.brokers import rabbitmq_reachable, rabbitmq_url, require, unique_name
 from tests.cli import workers_run
 from tests.engine import letter_values, rmq_items, value_of
 from tests.integration.contract import RecordingListener, SourceContract, poll_n
-from workers import config as cfg
+from workers.app import config as cfg
+from workers.engine.ports import Destination, Source
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
@@ -205,7 +206,7 @@ def destination_for(name: str, routing_key: str) -> RabbitMQDestination:
     mapping = mapping_for(name, destination=routing_key)
     assert mapping.destination_config is not None
     dst = mapping.destination_config.on_failure
-    assert isinstance(dst, cfg.RabbitMQDestination)
+    assert isinstance(dst, rabbitmq_cfg.RabbitMQDestination)
     return RabbitMQDestination(dst, mapping)
 
 
@@ -339,7 +340,7 @@ class TestRabbitMQContract(SourceContract):
             source.open(RecordingListener())
         assert not isinstance(QueueNotFound("x"), source.retryable_errors)
         src = mapping_for(name).source
-        assert isinstance(src, cfg.RabbitMQSource)
+        assert isinstance(src, rabbitmq_cfg.RabbitMQSource)
         with pytest.raises(QueueNotFound):
             probe_rabbitmq(src)
 
@@ -615,7 +616,7 @@ def test_validate_connect_probes_the_queue(rabbit: Rabbit, tmp_path: Path) -> No
         isolation="thread",
     )
     ok = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "validate", str(config), "--connect"],
+        [sys.executable, "-m", "workers", "validate", str(config), "--connect"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -625,7 +626,7 @@ def test_validate_connect_probes_the_queue(rabbit: Rabbit, tmp_path: Path) -> No
     missing = config.read_text().replace(f"queue: {name}", "queue: no-such-queue-here")
     config.write_text(missing)
     bad = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "validate", str(config), "--connect"],
+        [sys.executable, "-m", "workers", "validate", str(config), "--connect"],
         cwd=REPO,
         capture_output=True,
         text=True,

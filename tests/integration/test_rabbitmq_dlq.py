@@ -19,8 +19,8 @@ import pika
 import pytest
 import yaml
 
-from connectors.base import StoredLetter
-from connectors.rabbitmq import (
+from connectors.rabbitmq import config as rabbitmq_cfg
+from connectors.rabbitmq.connector import (
     DeliveryRefused,
     LetterNotSettled,
     RabbitMQConfigError,
@@ -30,11 +30,12 @@ from connectors.rabbitmq import (
     header_value,
     replay_properties,
 )
-from connectors.shapes import RabbitMeta
+from connectors.rabbitmq.shape import RabbitMeta
 from tests.brokers import rabbitmq_reachable, rabbitmq_url, require, unique_name
 from tests.cli import interrupted_replay
-from workers import config as cfg
-from workers.records import Record
+from workers.app import config as cfg
+from workers.engine.ports import StoredLetter
+from workers.engine.records import Record
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
@@ -126,7 +127,7 @@ class Setup:
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "workers.cli", *args],
+            [sys.executable, "-m", "workers", *args],
             cwd=REPO,
             capture_output=True,
             text=True,
@@ -284,7 +285,7 @@ def mapping_for(source: str, **on_failure: Any) -> cfg.EventSourceMapping:
 def store_for(mapping: cfg.EventSourceMapping) -> RabbitMQDeadLetterStore:
     assert mapping.destination_config is not None
     dst = mapping.destination_config.on_failure
-    assert isinstance(dst, cfg.RabbitMQDestination)
+    assert isinstance(dst, rabbitmq_cfg.RabbitMQDestination)
     return RabbitMQDeadLetterStore(dst, mapping)
 
 
@@ -338,7 +339,7 @@ def test_store_on_a_missing_queue_is_a_clear_error() -> None:
 
 
 def test_publisher_refuses_a_missing_source_queue() -> None:
-    src = cfg.RabbitMQSource(type="rabbitmq", url=URL, queue=unique_name("rmq-nowhere"))
+    src = rabbitmq_cfg.RabbitMQSource(type="rabbitmq", url=URL, queue=unique_name("rmq-nowhere"))
     publisher = RabbitMQSourcePublisher(src)
     record = Record(source="q", position=0, value=b"x", timestamp_ms=0, headers=[])
     try:

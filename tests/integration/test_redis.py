@@ -22,18 +22,19 @@ import pytest
 import redis
 import yaml
 
-from connectors.base import Destination, Source
-from connectors.redis import RedisDestination, RedisSource, probe_redis, server_of
+from connectors.redis import config as redis_cfg
+from connectors.redis.connector import RedisDestination, RedisSource, probe_redis, server_of
 from tests import brokers
 from tests.cli import run_workers, workers_run
 from tests.engine import DirectInvoker
 from tests.integration.contract import RecordingListener, SourceContract, poll_n
-from workers import config as cfg
-from workers.batcher import BatchLimits
-from workers.invoker import InvocationRequest
-from workers.policy import Policy
-from workers.poller import Poller, PollerSettings
-from workers.records import Record
+from workers.app import config as cfg
+from workers.engine.batcher import BatchLimits
+from workers.engine.invoker import InvocationRequest
+from workers.engine.policy import Policy
+from workers.engine.poller import Poller, PollerSettings
+from workers.engine.ports import Destination, Source
+from workers.engine.records import Record
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
 
@@ -56,9 +57,9 @@ def redis_mapping(
     )
 
 
-def redis_source(url: str, streams: Sequence[str], **source: Any) -> cfg.RedisSource:
+def redis_source(url: str, streams: Sequence[str], **source: Any) -> redis_cfg.RedisSource:
     src = redis_mapping(url, "probe", streams, **source).source
-    assert isinstance(src, cfg.RedisSource)
+    assert isinstance(src, redis_cfg.RedisSource)
     return src
 
 
@@ -293,7 +294,7 @@ class TestRedisContract(SourceContract):
         pipe.execute()
 
     def make_destination(self, name: str) -> Destination:
-        dst = cfg.RedisDestination(type="redis", url=self.url, stream=f"{name}-dlq")
+        dst = redis_cfg.RedisDestination(type="redis", url=self.url, stream=f"{name}-dlq")
         return RedisDestination(dst, self.mapping(name))
 
     def dead_letter_values(self, name: str) -> list[bytes]:
@@ -697,7 +698,7 @@ def test_rediss_source_and_destination_over_tls(tmp_path: Path) -> None:
         source = RedisSource(mapping, 0)
         source.open(RecordingListener())
         got = poll_n(source, 2, 2)
-        dst = cfg.RedisDestination(type="redis", url=server.url, stream="tls-dlq")
+        dst = redis_cfg.RedisDestination(type="redis", url=server.url, stream="tls-dlq")
         destination = RedisDestination(dst, mapping)
         destination.deliver({"requestContext": {"condition": "RecordAgeExceeded"}}, got[:1])
         source.ack(got)

@@ -96,7 +96,7 @@ def setup(redis_url: str, tmp_path: Path) -> Iterator[Setup]:
 
 def workers(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "workers", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

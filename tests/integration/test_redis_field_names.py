@@ -71,7 +71,7 @@ def test_names_that_are_not_utf8_reach_the_handler_and_replay_exactly(
 
         command = ["dlq", "replay", str(config), "names", "--to", "source"]
         replay = subprocess.run(
-            [sys.executable, "-m", "workers.cli", *command],
+            [sys.executable, "-m", "workers", *command],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -34,7 +34,7 @@ event_source_mappings:
 """
     )
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", "validate", str(config), "--connect"],
+        [sys.executable, "-m", "workers", "validate", str(config), "--connect"],
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -1,11 +1,11 @@
-"""workers.amqp_url accepts and rejects an amqp:// URL's query parameters as pika does."""
+"""connectors.rabbitmq.url accepts and rejects an amqp:// URL's query parameters as pika does."""
 
 from __future__ import annotations
 
 import pika
 import pytest
 
-from workers.amqp_url import query_problems
+from connectors.rabbitmq.url import query_problems
 
 QUERIES = [
     "heartbeat=abc",

@@ -21,7 +21,7 @@ NOWHERE = "127.0.0.1:1"
 
 def workers(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "workers", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -89,7 +89,7 @@ def test_an_unreachable_rabbitmq_never_shows_the_password(tmp_path: Path) -> Non
     log_path = tmp_path / "run.log"
     with log_path.open("w") as log:
         run = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "run", str(config)],
+            [sys.executable, "-m", "workers", "run", str(config)],
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,

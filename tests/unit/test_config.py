@@ -15,14 +15,13 @@ from typing import Any
 import pytest
 import yaml
 
-from workers.config import (
+from connectors.kafka.config import KafkaDestination, KafkaSource
+from connectors.memory.config import MemorySource
+from connectors.rabbitmq.config import RabbitMQSource
+from connectors.redis.config import RedisSource
+from workers.app.config import (
     Config,
     ConfigError,
-    KafkaDestination,
-    KafkaSource,
-    MemorySource,
-    RabbitMQSource,
-    RedisSource,
     check_handler,
     config_from_dict,
     json_schema,
@@ -31,7 +30,7 @@ from workers.config import (
     parse_config,
     redact_url,
 )
-from workers.invoker import FunctionSpec
+from workers.engine.invoker import FunctionSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "example.yaml"
@@ -293,13 +292,13 @@ BAD: list[tuple[str, Mutation, str, str]] = [
         "missing source type",
         drop(*M0, "source", "type"),
         "event_source_mappings[0].source.type",
-        "is required (one of 'kafka', 'rabbitmq', 'redis', 'memory')",
+        "is required (one of 'kafka', 'memory', 'rabbitmq', 'redis')",
     ),
     (
         "unknown source type",
         put(*M0, "source", "type", value="sqs"),
         "event_source_mappings[0].source.type",
-        "must be one of 'kafka', 'rabbitmq', 'redis', 'memory' (got 'sqs')",
+        "must be one of 'kafka', 'memory', 'rabbitmq', 'redis' (got 'sqs')",
     ),
     (
         "empty topics",
@@ -423,7 +422,7 @@ BAD: list[tuple[str, Mutation, str, str]] = [
         "bad destination type",
         put(*M0, "destination_config", value={"on_failure": {"type": "sqs", "queue": "q"}}),
         "event_source_mappings[0].destination_config.on_failure.type",
-        "must be one of 'kafka', 'rabbitmq', 'redis', 'file' (got 'sqs')",
+        "must be one of 'file', 'kafka', 'rabbitmq', 'redis' (got 'sqs')",
     ),
     (
         "destination without on_failure",
@@ -824,7 +823,7 @@ event_source_mappings:
 
 
 def test_unlimited_retries_with_a_destination_stop_at_ten_as_on_lambda() -> None:
-    from workers.runtime import RETRY_CAP_WITH_DESTINATION, policy_of
+    from workers.app.wiring import RETRY_CAP_WITH_DESTINATION, policy_of
 
     doc = copy.deepcopy(BASE)
     doc["event_source_mappings"][0]["maximum_retry_attempts"] = -1
@@ -964,7 +963,7 @@ def test_schema_file_is_in_sync() -> None:
     committed = json.loads(SCHEMA.read_text(encoding="utf-8"))
     assert committed == json_schema(), (
         "config/schema.json is stale; regenerate it with:"
-        " .venv/bin/python -m workers.config --schema > config/schema.json"
+        " .venv/bin/python -m workers.app.config --schema > config/schema.json"
     )
 
 

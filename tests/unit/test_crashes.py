@@ -11,18 +11,18 @@ from typing import Any
 import pika.data
 import pytest
 
-import connectors.rabbitmq  # noqa: F401  (installs connectors.pika_compat)
-from connectors.base import undecodable
-from connectors.memory import MemoryBroker, MemoryDestination, MemoryLogSource
-from connectors.rabbitmq import java_date
-from connectors.shapes import KafkaMeta
+import connectors.rabbitmq.connector  # noqa: F401  (installs connectors.rabbitmq.pika_compat)
+from connectors.kafka.shape import KafkaMeta
+from connectors.memory.broker import MemoryBroker, MemoryDestination, MemoryLogSource
+from connectors.rabbitmq.connector import java_date
 from tests.engine import DirectInvoker, fake_broker, kafka_items, value_of
-from workers.batcher import BatchLimits
-from workers.deadletter import iso_ms
-from workers.flight import DeathCounts, InFlightFile, Suspects, read_in_flight
-from workers.policy import Policy
-from workers.poller import Poller, PollerFailed, PollerSettings
-from workers.records import Record
+from workers.engine.batcher import BatchLimits
+from workers.engine.flight import DeathCounts, InFlightFile, Suspects, read_in_flight
+from workers.engine.letters import iso_ms
+from workers.engine.policy import Policy
+from workers.engine.poller import Poller, PollerFailed, PollerSettings
+from workers.engine.ports import undecodable
+from workers.engine.records import Record
 
 Mangle = Callable[[Record], Record]
 

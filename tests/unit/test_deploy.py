@@ -86,7 +86,7 @@ def test_configmap_mappings_validate(tmp_path: Path) -> None:
     (tmp_path / "app" / "handlers.py").write_text("def handle_orders(event, context):\n    pass\n")
     secret = {**load("secret.yaml")["stringData"], "KAFKA_SASL_PASSWORD": "pw-7f3a9c"}
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "validate", str(config)],
+        [sys.executable, "-m", "workers", "validate", str(config)],
         cwd=tmp_path,
         env={**os.environ, **secret, "PYTHONPATH": str(REPO)},
         capture_output=True,

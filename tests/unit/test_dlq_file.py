@@ -44,7 +44,7 @@ event_source_mappings:
 
 def workers(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "workers", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -12,9 +12,8 @@ from typing import Any
 
 import pytest
 
-from workers.environments import ProcessInvoker, ThreadInvoker, create_invoker
-from workers.invoker import FunctionSpec, InvocationRequest
-from workers.outcomes import (
+from workers.engine.invoker import FunctionSpec, InvocationRequest
+from workers.engine.outcomes import (
     Crash,
     FunctionError,
     InvalidResponse,
@@ -23,6 +22,7 @@ from workers.outcomes import (
     Success,
     Timeout,
 )
+from workers.invoke.environments import ProcessInvoker, ThreadInvoker, create_invoker
 
 ROOT = Path(__file__).resolve().parents[2]
 HANDLERS = "tests.handlers.misbehaving"

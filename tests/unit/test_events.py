@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from connectors.shapes import (
-    KafkaMeta,
-    KafkaShape,
-    RabbitMeta,
-    RabbitShape,
-    RedisMeta,
-    RedisShape,
-    field_bytes,
-    field_name,
-    parse_stream_id,
-)
+from connectors.kafka.shape import KafkaMeta, KafkaShape
+from connectors.rabbitmq.shape import RabbitMeta, RabbitShape
+from connectors.redis.shape import RedisMeta, RedisShape, field_bytes, field_name, parse_stream_id
+from workers.engine.policy import PartialFailure, interpret
+from workers.engine.records import Record
 from workers.events import batch_response, records
-from workers.policy import PartialFailure, interpret
-from workers.records import Record
 
 
 def test_kafka_records_decoded_and_identified() -> None:

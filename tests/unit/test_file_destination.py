@@ -15,8 +15,8 @@ from typing import Any
 import orjson
 import pytest
 
-import connectors.file
-from connectors.file import FileDeadLetterStore, FileDestination
+import connectors.file.destination
+from connectors.file.destination import FileDeadLetterStore, FileDestination
 
 
 def letter(n: int, size: int = 300) -> dict[str, Any]:
@@ -28,7 +28,8 @@ def letter(n: int, size: int = 300) -> dict[str, Any]:
 
 
 class ShortWrites:
-    """`os` as connectors.file sees it, with `write` writing at most `limit` bytes per call and
+    """`os` as connectors.file.destination sees it, with `write` writing at most `limit` bytes per
+    call and
     failing (`error`) or writing nothing (`error` None) once `budget` bytes are written."""
 
     def __init__(self, limit: int, budget: int, error: int | None = errno.ENOSPC) -> None:
@@ -54,7 +55,7 @@ def test_a_short_write_is_continued_until_the_letter_is_whole(
 ) -> None:
     dest = FileDestination(tmp_path, "m")
     fake = ShortWrites(limit=100, budget=10**6)
-    monkeypatch.setattr(connectors.file, "os", fake)
+    monkeypatch.setattr(connectors.file.destination, "os", fake)
     dest.deliver(letter(1), [])
     dest.deliver(letter(2), [])
     assert fake.calls > 2
@@ -68,7 +69,9 @@ def test_a_failing_write_leaves_the_file_as_it_was_and_raises(
     dest = FileDestination(tmp_path, "m")
     dest.deliver(letter(1), [])
     before = dest.path.read_bytes()
-    monkeypatch.setattr(connectors.file, "os", ShortWrites(limit=120, budget=150, error=error))
+    monkeypatch.setattr(
+        connectors.file.destination, "os", ShortWrites(limit=120, budget=150, error=error)
+    )
     with pytest.raises(OSError):
         dest.deliver(letter(2), [])
     assert dest.path.read_bytes() == before

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.filters import FilterError, compile_filters, compile_pattern
+from workers.engine.filters import FilterError, compile_filters, compile_pattern
 
 KAFKA_DOC: dict[str, Any] = {
     "topic": "orders",

@@ -11,17 +11,17 @@ from typing import Any
 import orjson
 import pytest
 
-from connectors.base import LetterTooLarge, StoredLetter
-from connectors.shapes import KafkaMeta, KafkaShape
+from connectors.kafka.shape import KafkaMeta, KafkaShape
 from tests.engine import DirectInvoker, fake_broker, kafka_items, make_log_poller, value_of
-from workers.clock import FakeClock
-from workers.deadletter import Condition, DeadLetters, parse_letter
-from workers.dlq import Replayer, summary_row
-from workers.invoker import InvocationRequest
-from workers.outcomes import ErrorInfo
-from workers.policy import BatchRunner, Policy
-from workers.records import Record
-from workers.stats import MappingStats
+from workers.app.dlq import Replayer, summary_row
+from workers.engine.clock import FakeClock
+from workers.engine.invoker import InvocationRequest
+from workers.engine.letters import Condition, DeadLetters, parse_letter
+from workers.engine.outcomes import ErrorInfo
+from workers.engine.policy import BatchRunner, Policy
+from workers.engine.ports import LetterTooLarge, StoredLetter
+from workers.engine.records import Record
+from workers.engine.stats import MappingStats
 
 SHAPE = KafkaShape("b:9092")
 ERROR = ErrorInfo("ValueError", "bad record", ["File handler.py, line 3"])
@@ -361,7 +361,7 @@ def test_a_letter_without_payload_is_listed_and_replay_skips_it() -> None:
 
 
 def test_rabbitmq_size_refusal_is_read_from_the_channel_close() -> None:
-    from connectors.rabbitmq import size_refusal_limit
+    from connectors.rabbitmq.connector import size_refusal_limit
 
     text = (
         "PRECONDITION_FAILED - message size 134217729 is larger than configured max size 134217728"

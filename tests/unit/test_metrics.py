@@ -8,7 +8,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from workers.metrics import SupervisorCollector
+from workers.app.metrics import SupervisorCollector
 
 
 class Snapshots:

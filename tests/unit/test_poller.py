@@ -6,7 +6,7 @@ import math
 import threading
 from typing import Any
 
-from connectors.memory import MemoryDestination
+from connectors.memory.broker import MemoryDestination
 from tests.engine import (
     DirectInvoker,
     fake_broker,
@@ -17,9 +17,9 @@ from tests.engine import (
     rmq_items,
     value_of,
 )
-from workers.invoker import InvocationRequest
-from workers.outcomes import RetryableError
-from workers.policy import Policy
+from workers.engine.invoker import InvocationRequest
+from workers.engine.outcomes import RetryableError
+from workers.engine.policy import Policy
 
 
 def fill(broker: Any, n: int, topic: str = "t", partitions: int = 1, keys: int = 0) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors.memory import MemoryDestination, MemoryLogSource
+from connectors.memory.broker import MemoryDestination, MemoryLogSource
 from tests.engine import (
     DirectInvoker,
     fake_broker,
@@ -21,8 +21,8 @@ from tests.engine import (
     rmq_items,
     value_of,
 )
-from workers.invoker import InvocationRequest
-from workers.policy import Policy
+from workers.engine.invoker import InvocationRequest
+from workers.engine.policy import Policy
 
 MAX_RETRIES = 3
 

@@ -7,24 +7,17 @@ import random
 
 import pytest
 
-from connectors.shapes import (
-    KafkaMeta,
-    KafkaShape,
-    RabbitMeta,
-    RabbitShape,
-    RedisMeta,
-    RedisShape,
-    encoded_size,
-    format_stream_id,
-    parse_stream_id,
-)
-from workers.backoff import Backoff
-from workers.batcher import BatchLimits, LaneBuffer
-from workers.checkpoint import CheckpointTracker
-from workers.deadletter import Condition, build_letter
-from workers.outcomes import ErrorInfo, InvalidResponse, PartialFailure, Success
-from workers.policy import Policy, interpret
-from workers.records import Record
+from connectors.kafka.shape import KafkaMeta, KafkaShape
+from connectors.rabbitmq.shape import RabbitMeta, RabbitShape
+from connectors.redis.shape import RedisMeta, RedisShape, format_stream_id, parse_stream_id
+from workers.engine.backoff import Backoff
+from workers.engine.batcher import BatchLimits, LaneBuffer
+from workers.engine.checkpoint import CheckpointTracker
+from workers.engine.letters import Condition, build_letter
+from workers.engine.outcomes import ErrorInfo, InvalidResponse, PartialFailure, Success
+from workers.engine.policy import Policy, interpret
+from workers.engine.records import Record
+from workers.engine.shapes import encoded_size
 
 
 def rec(pos: int, size: int = 10, source: str = "t-0", key: bytes | None = None) -> Record:

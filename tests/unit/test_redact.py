@@ -1,4 +1,4 @@
-"""workers.redact: the one rule that keeps passwords out of messages, and `describe`."""
+"""workers.engine.redact: the one rule that keeps passwords out of messages, and `describe`."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from typing import Any
 import orjson
 import pytest
 
-from connectors.shapes import RedisMeta, RedisShape
-from workers.clock import FakeClock
-from workers.deadletter import Condition, DeadLetters, build_letter
-from workers.outcomes import ErrorInfo
-from workers.records import Record
-from workers.redact import describe, redact_client_config, redact_text
-from workers.stats import MappingStats
+from connectors.redis.shape import RedisMeta, RedisShape
+from workers.engine.clock import FakeClock
+from workers.engine.letters import Condition, DeadLetters, build_letter
+from workers.engine.outcomes import ErrorInfo
+from workers.engine.records import Record
+from workers.engine.redact import describe, redact_client_config, redact_text
+from workers.engine.stats import MappingStats
 
 
 @pytest.mark.parametrize(

@@ -17,13 +17,13 @@ from typing import Any
 import orjson
 import pytest
 
-from connectors.memory import MemoryBroker, MemoryDestination, MemoryLogSource
-from workers.batcher import BatchLimits
-from workers.cli import build_parser
-from workers.environments import create_invoker
-from workers.invoker import FunctionSpec
-from workers.policy import Policy
-from workers.poller import Poller, PollerSettings
+from connectors.memory.broker import MemoryBroker, MemoryDestination, MemoryLogSource
+from workers.app.cli import build_parser
+from workers.engine.batcher import BatchLimits
+from workers.engine.invoker import FunctionSpec
+from workers.engine.policy import Policy
+from workers.engine.poller import Poller, PollerSettings
+from workers.invoke.environments import create_invoker
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,7 +129,7 @@ def write_config(tmp_path: Path, body: str) -> Path:
 
 def workers(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "workers", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -156,7 +156,15 @@ event_source_mappings:
 """,
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "run", str(config), "--summary-json", str(summary)],
+        [
+            sys.executable,
+            "-m",
+            "workers",
+            "run",
+            str(config),
+            "--summary-json",
+            str(summary),
+        ],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -341,7 +349,7 @@ event_source_mappings:
 """,
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workers.cli", "run", str(config), "--metrics-port", str(port)],
+        [sys.executable, "-m", "workers", "run", str(config), "--metrics-port", str(port)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -1,0 +1,64 @@
+"""Kafka and Kafka-protocol brokers, through confluent-kafka (librdkafka)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from connectors.kafka import config
+from connectors.kafka.shape import KafkaShape
+from workers.engine.ports import Connector, DeadLetterStore, Destination, Source, SourcePublisher
+
+
+def _source(mapping: Any, instance: int) -> Source:
+    from connectors.kafka.connector import KafkaSource
+
+    return KafkaSource(mapping, instance)
+
+
+def _destination(dst: Any, mapping: Any) -> Destination:
+    from connectors.kafka.connector import KafkaDestination
+
+    return KafkaDestination(dst, mapping)
+
+
+def _store(dst: Any, mapping: Any) -> DeadLetterStore:
+    from connectors.kafka.connector import KafkaDeadLetterStore
+
+    return KafkaDeadLetterStore(dst, mapping)
+
+
+def _publisher(src: Any) -> SourcePublisher:
+    from connectors.kafka.connector import KafkaSourcePublisher
+
+    return KafkaSourcePublisher(src)
+
+
+def _probe_source(src: Any) -> None:
+    from connectors.kafka.connector import probe_kafka
+
+    probe_kafka(src)
+
+
+def _probe_destination(dst: Any) -> str:
+    from connectors.kafka.probe import probe_destination
+
+    return probe_destination(dst)
+
+
+def _shape(event: dict[str, Any]) -> KafkaShape:
+    return KafkaShape(str(event.get("bootstrapServers", "")))
+
+
+CONNECTOR = Connector(
+    name="kafka",
+    source_settings=config.KafkaSource,
+    destination_settings=config.KafkaDestination,
+    event_sources=("SelfManagedKafka",),
+    shape_for_event=_shape,
+    open_source=_source,
+    open_destination=_destination,
+    open_store=_store,
+    open_publisher=_publisher,
+    probe_source=_probe_source,
+    probe_destination=_probe_destination,
+)

@@ -1,0 +1,173 @@
+"""The `redis:streams` event, built from engine records and read back from one."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from workers.engine.letters import iso_ms
+from workers.engine.records import Record
+from workers.engine.shapes import decoded as _decoded
+from workers.engine.shapes import encoded_size
+
+_b64 = base64.b64encode
+_b2a = binascii.b2a_base64
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+def parse_stream_id(entry_id: str) -> int:
+    """A stream id "ms-seq" as one sortable integer."""
+    ms, _, seq = entry_id.partition("-")
+    return (int(ms) << 64) | int(seq or 0)
+
+
+def format_stream_id(position: int) -> str:
+    return f"{position >> 64}-{position & ((1 << 64) - 1)}"
+
+
+# Marks a Redis field name written as the base64 of its bytes (see `field_name`).
+B64_NAME_PREFIX = "b64:"
+
+
+def field_name(raw: bytes) -> str:
+    """A Redis field name as the event shows it: its UTF-8 text, or `b64:` and the base64 of its
+    bytes when it is not UTF-8.
+
+    Decoding with replacement characters would make `\\xff` and `\\xfe` the same name, and one
+    value would silently replace the other. A UTF-8 name that itself starts with `b64:` is
+    encoded too, so that every name in an event reads back to exactly one byte string.
+    """
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return B64_NAME_PREFIX + _b64(raw).decode()
+    if name.startswith(B64_NAME_PREFIX):
+        return B64_NAME_PREFIX + _b64(raw).decode()
+    return name
+
+
+def field_bytes(name: str) -> bytes:
+    """The bytes of a field name as `field_name` wrote it."""
+    if name.startswith(B64_NAME_PREFIX):
+        try:
+            return base64.b64decode(name[len(B64_NAME_PREFIX) :], validate=True)
+        except binascii.Error:
+            pass  # not written by field_name (an event made by hand): the text is the name
+    return name.encode("utf-8", "surrogateescape")
+
+
+@dataclass(slots=True)  # not frozen: one per record, and a frozen __init__ costs more
+class RedisMeta:
+    stream: str
+    entry_id: str
+    fields: dict[str, bytes]  # keyed by the names as the event shows them (`field_name`)
+
+    def raw_fields(self) -> dict[bytes, bytes]:
+        """The entry's fields under their original names, as the stream held them."""
+        return {field_bytes(name): value for name, value in self.fields.items()}
+
+
+def redis_item(
+    stream: str, entry_id: str, timestamp_ms: int, encoded_fields: dict[str, str]
+) -> dict[str, Any]:
+    """One record of the `redis:streams` event; its fields already in base64."""
+    return {"stream": stream, "id": entry_id, "timestamp": timestamp_ms, "fields": encoded_fields}
+
+
+class RedisShape:
+    """The `redis:streams` event of DESIGN.md, in the spirit of Lambda's stream events."""
+
+    batch_info_name = "RedisStreamBatchInfo"
+
+    def __init__(self, server: str) -> None:
+        self.server = server  # host:port/db, never credentials
+
+    def event(self, records: Sequence[Record]) -> dict[str, Any]:
+        # Items the connector built are taken, not rebuilt (see Record.item).
+        by_stream: dict[str, list[dict[str, Any]]] = {}
+        for r in records:
+            item = r.item
+            if item is None:
+                meta: RedisMeta = r.meta
+                item = redis_item(
+                    meta.stream,
+                    meta.entry_id,
+                    r.timestamp_ms,
+                    {k: _b2a(v, newline=False).decode() for k, v in meta.fields.items()},
+                )
+            else:
+                r.item = None
+            stream = item["stream"]
+            items = by_stream.get(stream)
+            if items is None:
+                items = by_stream[stream] = []
+            items.append(item)
+        return {"eventSource": "redis:streams", "records": by_stream}
+
+    def records(self, event: dict[str, Any]) -> list[Record]:
+        out = []
+        for stream, items in event.get("records", {}).items():
+            for item in items:
+                fields = {k: _unb64(v) for k, v in item.get("fields", {}).items()}
+                value = orjson.dumps({k: v.decode("utf-8", "replace") for k, v in fields.items()})
+                out.append(
+                    Record(
+                        source=stream,
+                        position=parse_stream_id(item["id"]),
+                        value=value,
+                        timestamp_ms=int(item.get("timestamp", 0)),
+                        size=encoded_size(value),
+                        meta=RedisMeta(stream, item["id"], fields),
+                    )
+                )
+        return out
+
+    def item_key(self, record: Record) -> Hashable:
+        meta: RedisMeta = record.meta
+        return (meta.stream, meta.entry_id)
+
+    def item_identifier(self, record: Record) -> dict[str, Any]:
+        meta: RedisMeta = record.meta
+        return {"stream": meta.stream, "id": meta.entry_id}
+
+    def parse_item(self, identifier: Any) -> Hashable | None:
+        if not isinstance(identifier, dict):
+            return None
+        stream, entry_id = identifier.get("stream"), identifier.get("id")
+        if not isinstance(stream, str) or not isinstance(entry_id, str) or not stream:
+            return None
+        return (stream, entry_id)
+
+    def batch_info(self, records: Sequence[Record]) -> dict[str, Any]:
+        streams: dict[str, dict[str, str]] = {}
+        for r in records:
+            meta: RedisMeta = r.meta
+            entry = streams.get(meta.stream)
+            if entry is None:
+                streams[meta.stream] = {
+                    "firstId": meta.entry_id,
+                    "lastId": meta.entry_id,
+                    "firstRecordTimestamp": iso_ms(r.timestamp_ms),
+                    "lastRecordTimestamp": iso_ms(r.timestamp_ms),
+                }
+            else:
+                entry["lastId"] = meta.entry_id
+                entry["lastRecordTimestamp"] = iso_ms(r.timestamp_ms)
+        return {"server": self.server, "streams": streams}
+
+    def filter_view(self, record: Record) -> dict[str, Any]:
+        meta: RedisMeta = record.meta
+        return {
+            "stream": meta.stream,
+            "id": meta.entry_id,
+            "timestamp": record.timestamp_ms,
+            "fields": {k: _decoded(v) for k, v in meta.fields.items()},
+        }

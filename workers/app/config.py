@@ -1,0 +1,820 @@
+"""The mapping file: YAML with `${VAR}` substitution, validated into typed models.
+
+Every problem is reported as `FILE: KEY.PATH: what is wrong`, all of them at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import json
+import os
+import re
+import sys
+import types
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    Literal,
+    NoReturn,
+    Self,
+    Union,
+    get_args,
+    get_origin,
+)
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from workers.engine.invoker import FunctionSpec
+from workers.engine.redact import (
+    REDACTED,
+    is_secret_name,
+    redact_text,
+    redact_url,
+)
+from workers.engine.settings import (
+    AS_WRITTEN,
+    DestinationSettings,
+    EnvName,
+    Loc,
+    Model,
+    Name,
+    Range,
+    SourceSettings,
+    here,
+    invalid,
+    show,
+)
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DestinationConfig",
+    "EventSourceMapping",
+    "FilterCriteria",
+    "FilterSpec",
+    "FunctionConfig",
+    "MetricsConfig",
+    "Problem",
+    "check_handler",
+    "config_from_dict",
+    "json_schema",
+    "load_config",
+    "parse_config",
+    "redact_url",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a configuration: where (a key path) and what."""
+
+    path: str  # e.g. "event_source_mappings[0].batch_size"; "" for the file as a whole
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class ConfigError(Exception):
+    """A configuration cannot be used; the message has one `FILE: PATH: problem` line each."""
+
+    def __init__(self, file: str | Path, problems: Sequence[Problem]) -> None:
+        self.file = str(file)
+        # Whatever a message quotes, a password in it is masked (workers.engine.redact's one rule).
+        self.problems = tuple(Problem(p.path, redact_text(p.message)) for p in problems)
+        super().__init__("\n".join(f"{self.file}: {problem}" for problem in self.problems))
+
+    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, tuple[Problem, ...]]]:
+        return (type(self), (self.file, self.problems))
+
+
+# --------------------------------------------------------------------------------------------
+# Functions
+
+_HANDLER = re.compile(r"(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<function>[A-Za-z_]\w*)")
+
+
+def split_handler(handler: str) -> tuple[str, str] | None:
+    """(module, function) of `module:function` or of Lambda's own `module.function` spelling
+    (the last dot separates the function), or None when it is neither."""
+    found = _HANDLER.fullmatch(handler)
+    if found is None and ":" not in handler:
+        module, dot, function = handler.rpartition(".")
+        found = _HANDLER.fullmatch(f"{module}:{function}") if dot else None
+    return (found["module"], found["function"]) if found else None
+
+
+def _handler_problem(handler: str) -> str | None:
+    if split_handler(handler) is not None:
+        return None
+    return f"must be 'module:function' or Lambda's 'module.function' (got {show(handler)})"
+
+
+class FunctionConfig(Model):
+    """A function: the handler and the limits of its execution environments."""
+
+    handler: str = Field(
+        description=(
+            "'package.module:function' or Lambda's 'package.module.function';"
+            " async def handlers are allowed"
+        ),
+        examples=["app.handlers:handle_orders"],
+    )
+    timeout_s: Annotated[float, Range(0, 900, lo_exclusive=True)] = Field(
+        default=30.0, description="An invocation running longer is killed and counts as failed"
+    )
+    memory_mb: Annotated[int, Range(128, 10240)] = Field(
+        default=512, description="Memory limit of one execution environment"
+    )
+    concurrency: Annotated[int, Range(1)] = Field(
+        default=4, description="Most execution environments running at once"
+    )
+    isolation: Literal["process", "thread"] = Field(
+        "process", description="'process' runs the handler in a child process; 'thread' in-process"
+    )
+    environment: dict[EnvName, str] = Field(
+        default_factory=dict, description="Environment variables set for the handler"
+    )
+
+    @field_validator("handler")
+    @classmethod
+    def _handler_shape(cls, value: str) -> str:
+        problem = _handler_problem(value)
+        if problem:
+            raise here(problem)
+        return value
+
+    def spec(self, name: str) -> FunctionSpec:
+        """This function as the invoker takes it."""
+        return FunctionSpec(
+            name=name,
+            handler=self.handler,
+            timeout_s=self.timeout_s,
+            memory_mb=self.memory_mb,
+            concurrency=self.concurrency,
+            isolation=self.isolation,
+            environment=dict(self.environment),
+        )
+
+
+@contextmanager
+def _environment(overlay: Mapping[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in overlay}
+    os.environ.update(overlay)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+
+
+def check_handler(spec: FunctionSpec, file: str | Path = "<config>") -> None:
+    """Import the handler's module and check the function is there and callable.
+
+    Not part of parsing: the module may only become importable once the runtime has set up
+    sys.path. The import runs with the function's `environment` applied, because handlers often
+    read it at import time (as on Lambda, where it is set before the module loads).
+    """
+    path = _render(("functions", spec.name, "handler"))
+
+    def fail(message: str) -> NoReturn:
+        raise ConfigError(file, [Problem(path, message)])
+
+    parts = split_handler(spec.handler)
+    if parts is None:
+        fail(f"must be 'module:function' or Lambda's 'module.function' (got {show(spec.handler)})")
+    module_name, function_name = parts
+    try:
+        with _environment(spec.environment):
+            module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
+            fail(f"cannot import {module_name!r}: no module named {exc.name!r}")
+        fail(f"importing {module_name!r} failed: ModuleNotFoundError: {exc}")
+    except (Exception, SystemExit) as exc:  # whatever the module raises while it runs
+        fail(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}")
+    function = getattr(module, function_name, None)
+    if function is None:
+        fail(f"module {module_name!r} has no attribute {function_name!r}")
+    if not callable(function):
+        fail(f"{spec.handler!r} is not callable (it is {type(function).__name__})")
+
+
+# --------------------------------------------------------------------------------------------
+# Sources and destinations: each connector's own models (`connectors/<name>/config.py`), found
+# through the registry and assembled into tagged unions on `type` by `_assemble` below.
+
+
+def _tagged_union(models: list[type[Any]]) -> Any:
+    if len(models) == 1:
+        return models[0]
+    return Annotated[Union[tuple(models)], Field(discriminator="type")]  # noqa: UP007
+
+
+def _assemble() -> tuple[Any, Any]:
+    from workers.app.registry import connectors
+
+    found = connectors().values()
+    sources = [c.source_settings for c in found if c.source_settings is not None]
+    destinations = [c.destination_settings for c in found if c.destination_settings is not None]
+    return _tagged_union(sources), _tagged_union(destinations)
+
+
+if TYPE_CHECKING:
+    Source = SourceSettings
+    Destination = DestinationSettings
+else:
+    Source, Destination = _assemble()
+
+
+class DestinationConfig(Model):
+    """Where records go once they exhaust their retries or their maximum age."""
+
+    on_failure: Destination
+
+
+# --------------------------------------------------------------------------------------------
+# Mappings
+
+
+def _pattern_text(value: Any) -> Any:
+    # A mapping in YAML is friendlier than JSON inside a string; store the JSON text Lambda uses.
+    return json.dumps(value) if isinstance(value, dict) else value
+
+
+class FilterSpec(Model):
+    """One filter: a record matching any filter is processed, the others are skipped."""
+
+    pattern: Annotated[
+        str,
+        BeforeValidator(_pattern_text),
+        WithJsonSchema({"anyOf": [{"type": "string"}, {"type": "object"}]}),
+    ] = Field(description="Lambda/EventBridge pattern, as JSON text or as a YAML mapping")
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        from workers.engine.filters import FilterError, compile_pattern
+
+        try:
+            compile_pattern(value)
+        except FilterError as exc:
+            raise here(str(exc)) from None
+        return value
+
+
+class FilterCriteria(Model):
+    filters: list[FilterSpec] = Field(default_factory=list)
+
+
+class EventSourceMapping(Model):
+    """Reads a source, batches its records and invokes a function with them."""
+
+    name: Name = Field(description="Unique; the default consumer group")
+    function: str = Field(description="A key of `functions`")
+    enabled: bool = True
+    pollers: Annotated[int, Range(1)] = Field(
+        default=1, description="Poller processes sharing the group or queue"
+    )
+    source: Source
+    batch_size: Annotated[int, Range(1, 10000)] = Field(
+        default=100, description="Most records per invocation"
+    )
+    maximum_batch_bytes: Annotated[int, Range(1, 64 * 1024 * 1024)] = Field(
+        6 * 1024 * 1024, description="Payload cap per invocation (Lambda's is 6 MiB)"
+    )
+    maximum_batching_window_s: Annotated[float, Range(0, 300)] = Field(
+        default=0.5, description="Longest wait to fill a batch"
+    )
+    parallelization_factor: Annotated[int, Range(1, 100)] = Field(
+        default=1, description="Concurrent batches per partition or stream, ordered per key"
+    )
+    bisect_batch_on_function_error: bool = Field(
+        default=False,
+        description="Split a failing batch in two and retry each half (Lambda's default: off)",
+    )
+    maximum_retry_attempts: Annotated[int, Range(-1, 10000)] = Field(
+        default=-1,
+        description=(
+            "Retries of a failing batch; -1 (Lambda's default for streams) retries until the"
+            " records succeed or exceed maximum_record_age_s"
+        ),
+    )
+    maximum_record_age_s: int = Field(
+        default=-1, description="Records older than this are not retried; -1: no limit"
+    )
+    function_response_types: list[Literal["ReportBatchItemFailures"]] = Field(
+        default_factory=list,
+        description="[ReportBatchItemFailures] lets the handler report failed records",
+    )
+    filter_criteria: FilterCriteria | None = None
+    destination_config: DestinationConfig | None = None
+
+    @field_validator("maximum_record_age_s", mode="before")
+    @classmethod
+    def _no_bool_age(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise here(f"must be an integer (got {show(value)})")
+        return value
+
+    @field_validator("maximum_record_age_s")
+    @classmethod
+    def _record_age(cls, value: int) -> int:
+        if value != -1 and not 1 <= value <= 604800:
+            raise here(f"must be -1 (no limit) or between 1 and 604800 (got {value})")
+        return value
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Self:
+        self.source.complete(self.name)
+        if self.destination_config is not None:
+            problems = self.destination_config.on_failure.complete(self.name, self.source)
+            if problems:
+                where = ("destination_config", "on_failure")
+                raise invalid(*(((*where, *loc), message) for loc, message in problems))
+        return self
+
+
+class MetricsConfig(Model):
+    """The Prometheus and health endpoint."""
+
+    host: str = Field(
+        default="127.0.0.1", description="Bind address; loopback unless you mean otherwise"
+    )
+    port: Annotated[int, Range(0, 65535)] | None = Field(
+        default=None,
+        description="Unset: no endpoint unless --metrics-port is given; 0: any free port",
+    )
+
+
+def _reference_problems(
+    functions: Collection[str] | None, mappings: Sequence[tuple[object, object]]
+) -> list[tuple[Loc, str]]:
+    problems: list[tuple[Loc, str]] = []
+    first_use: dict[str, int] = {}
+    for index, (name, function) in enumerate(mappings):
+        if isinstance(name, str):
+            if name in first_use:
+                problems.append(
+                    (
+                        ("event_source_mappings", index, "name"),
+                        f"duplicate mapping name {name!r}"
+                        f" (also event_source_mappings[{first_use[name]}])",
+                    )
+                )
+            else:
+                first_use[name] = index
+        if functions is not None and isinstance(function, str) and function not in functions:
+            known = ", ".join(repr(f) for f in functions) or "none"
+            problems.append(
+                (
+                    ("event_source_mappings", index, "function"),
+                    f"no function named {function!r} in functions (known: {known})",
+                )
+            )
+    return problems
+
+
+class Config(Model):
+    """An esm-workers configuration: functions and the event source mappings feeding them."""
+
+    functions: dict[Name, FunctionConfig] = Field(min_length=1)
+    event_source_mappings: list[EventSourceMapping] = Field(min_length=1)
+    metrics: MetricsConfig = Field(default_factory=lambda: MetricsConfig())
+
+    _file: str = PrivateAttr("<config>")
+
+    @model_validator(mode="after")
+    def _references(self) -> Self:
+        problems = _reference_problems(
+            self.functions, [(m.name, m.function) for m in self.event_source_mappings]
+        )
+        if problems:
+            raise invalid(*problems)
+        return self
+
+    @property
+    def file(self) -> str:
+        """Where this configuration came from, as error messages name it."""
+        return self._file
+
+    def mapping(self, name: str) -> EventSourceMapping:
+        for mapping in self.event_source_mappings:
+            if mapping.name == name:
+                return mapping
+        known = ", ".join(repr(m.name) for m in self.event_source_mappings)
+        raise ConfigError(
+            self.file,
+            [Problem("event_source_mappings", f"no mapping named {name!r} (known: {known})")],
+        )
+
+    def function_spec(self, name: str) -> FunctionSpec:
+        """The function a mapping's `function` names, as the invoker takes it."""
+        function = self.functions.get(name)
+        if function is None:
+            known = ", ".join(repr(f) for f in self.functions)
+            raise ConfigError(
+                self.file, [Problem("functions", f"no function named {name!r} (known: {known})")]
+            )
+        return function.spec(name)
+
+    def check_handlers(self) -> None:
+        """`check_handler` for every function; one ConfigError listing all that fail."""
+        problems: list[Problem] = []
+        for name, function in self.functions.items():
+            try:
+                check_handler(function.spec(name), self.file)
+            except ConfigError as exc:
+                problems.extend(exc.problems)
+        if problems:
+            raise ConfigError(self.file, problems)
+
+    def warnings(self) -> list[str]:
+        """Legal but probably unintended settings, to show at start-up and by `validate`."""
+        found: list[str] = []
+        for m in self.event_source_mappings:
+            if not m.enabled:
+                continue
+            if m.destination_config is None:
+                found.append(
+                    f"mapping {m.name!r} has no on-failure destination:"
+                    " records that exhaust their retries will be dropped"
+                )
+            if m.destination_config is not None:
+                found.extend(m.destination_config.on_failure.warnings(m.name))
+            if (
+                m.maximum_retry_attempts == -1
+                and m.maximum_record_age_s == -1
+                and m.destination_config is None
+            ):
+                found.append(
+                    f"mapping {m.name!r} retries a failing record forever"
+                    " (maximum_retry_attempts and maximum_record_age_s are both -1)"
+                    + (", holding up the records after it" if m.source.ordered else "")
+                )
+        return found
+
+
+# --------------------------------------------------------------------------------------------
+# Error messages
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _render(loc: Sequence[str | int]) -> str:
+    """A key path as users write it: `event_source_mappings[0].source.topics[1]`."""
+    out = ""
+    for part in loc:
+        if part == "[key]":  # pydantic's marker for "the key itself is wrong"
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _PLAIN_KEY.fullmatch(part):
+            out += f".{part}" if out else part
+        else:
+            out += f"[{json.dumps(part)}]"
+    return out
+
+
+def _strip(tp: Any) -> Any:
+    while get_origin(tp) is Annotated:
+        tp = get_args(tp)[0]
+    return tp
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _tagged(tp: Any) -> dict[str, type[BaseModel]]:
+    """The members of a union of models by their `type` tag ({} if `tp` is no such union)."""
+    if get_origin(tp) not in (Union, types.UnionType):
+        return {}
+    members: dict[str, type[BaseModel]] = {}
+    for arg in get_args(tp):
+        field = arg.model_fields.get("type") if _is_model(arg) else None
+        if field is not None:
+            members[get_args(field.annotation)[0]] = arg
+    return members
+
+
+@dataclass(slots=True)
+class _Located:
+    loc: Loc  # without discriminator tags
+    parent: type[BaseModel] | None  # the model holding the last key
+    target: Any  # the declared type at the location, when known
+
+
+def _locate(loc: Sequence[str | int]) -> _Located:
+    """Follow a pydantic error location through the models, dropping union tags."""
+    out: list[str | int] = []
+    tp: Any = Config
+    parent: type[BaseModel] | None = None
+    for part in loc:
+        tp = _strip(tp)
+        tagged = _tagged(tp)
+        if tagged and part in tagged:
+            tp = tagged[part]
+            continue
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if get_origin(tp) in (Union, types.UnionType) and len(args) == 1:
+            tp = _strip(args[0])  # Optional[X]
+        out.append(part)
+        if _is_model(tp):
+            parent = tp
+            field = tp.model_fields.get(part) if isinstance(part, str) else None
+            tp = field.annotation if field else None
+        elif get_origin(tp) is list:
+            parent, tp = None, get_args(tp)[0]
+        elif get_origin(tp) is dict:
+            parent, tp = None, get_args(tp)[1]
+        else:
+            parent, tp = None, None
+    return _Located(tuple(out), parent, _strip(tp))
+
+
+_KINDS = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+}
+
+
+def _message(error: Any, at: _Located) -> tuple[Loc, str]:
+    kind: str = error["type"]
+    value = error.get("input")
+    ctx = error.get("ctx") or {}
+    last = next((p for p in reversed(at.loc) if isinstance(p, str)), "")
+    if is_secret_name(last):
+        value = REDACTED
+    got = f" (got {show(value)})"
+    if kind == "missing":
+        return at.loc, "is required"
+    if kind == "extra_forbidden":
+        known = list(at.parent.model_fields) if at.parent else []
+        close = difflib.get_close_matches(str(last), known, n=1)
+        if close:
+            return at.loc, f"unknown key (did you mean {close[0]!r}?)"
+        return at.loc, "unknown key" + (f" (known keys: {', '.join(known)})" if known else "")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        tags = ", ".join(repr(t) for t in _tagged(at.target)) or ctx.get("expected_tags", "")
+        if kind == "union_tag_not_found":
+            return (*at.loc, "type"), f"is required (one of {tags})"
+        return (*at.loc, "type"), f"must be one of {tags} (got {show(ctx.get('tag'))})"
+    if kind == "literal_error":
+        return at.loc, f"must be {ctx.get('expected')}{got}"
+    if kind in ("too_short", "string_too_short"):
+        return at.loc, "must not be empty"
+    if kind in _KINDS:
+        message = f"must be {_KINDS[kind]}{got}"
+        if kind == "string_type" and isinstance(value, int | float):
+            message += "; quote it in YAML"
+        return at.loc, message
+    text: str = error["msg"]
+    text = text.removeprefix("Value error, ")
+    return at.loc, text[:1].lower() + text[1:] + got
+
+
+def _problems_of(exc: ValidationError) -> list[Problem]:
+    problems: list[Problem] = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error["loc"])
+        if error["type"] == "esm_config":
+            ctx = error.get("ctx") or {}
+            for relative, message in ctx.get("problems") or [((), error["msg"])]:
+                problems.append(Problem(_render(_locate((*loc, *relative)).loc), message))
+            continue
+        where, message = _message(error, _locate(loc))
+        problems.append(Problem(_render(where), message))
+    return problems
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
+                key_node, yaml.ScalarNode
+            ):
+                continue
+            if key_node.value in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
+                )
+            seen.add(key_node.value)
+        return super().construct_mapping(node, deep)
+
+
+# Unquoted times stay strings (PyYAML would make datetimes that no string field accepts).
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
+def _parse_yaml(text: str, file: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = exc.problem or exc.context or "syntax error"
+        raise ConfigError(file, [Problem("", f"{where}invalid YAML: {what}")]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(file, [Problem("", f"invalid YAML: {exc}")]) from None
+    except RecursionError:
+        # PyYAML's composer recurses once per level: a document nested hundreds deep.
+        raise ConfigError(file, [Problem("", "invalid YAML: nested too deeply")]) from None
+
+
+_REFERENCE = re.compile(
+    r"\$\$\{|\$\{(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\})?"
+)
+
+
+def _substitute(
+    node: Any,
+    environ: Mapping[str, str],
+    loc: Loc,
+    problems: list[tuple[Loc, str]],
+    as_written: dict[str, str] | None = None,
+) -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in every string value; `$${` is a literal `${`.
+
+    Done on parsed values, not on the text, so a value can hold any character without breaking
+    the YAML. Keys are left alone. As in the shell, `:-` also applies when VAR is set but empty.
+    Each string changed is noted in `as_written` (result -> text in the file), so that error
+    messages can show what the file says rather than what the environment put there.
+    """
+    if isinstance(node, dict):
+        return {
+            k: _substitute(v, environ, (*loc, k), problems, as_written) for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [
+            _substitute(v, environ, (*loc, i), problems, as_written) for i, v in enumerate(node)
+        ]
+    if not isinstance(node, str) or "${" not in node:
+        return node
+
+    def replace(match: re.Match[str]) -> str:
+        text = match.group(0)
+        if text == "$${":
+            return "${"
+        name, default = match.group("name"), match.group("default")
+        if name is None:
+            snippet = node[match.start() : match.start() + 20]
+            problems.append(
+                (
+                    loc,
+                    f"malformed reference {snippet!r}: write ${{NAME}} or ${{NAME:-default}}"
+                    " (or $${ for a literal ${)",
+                )
+            )
+            return text
+        value = environ.get(name)
+        if default is not None:
+            return value or default
+        if value is None:
+            problems.append(
+                (
+                    loc,
+                    f"environment variable {name} is not set"
+                    f" (write ${{{name}:-default}} to give a default)",
+                )
+            )
+            return text
+        return value
+
+    result = _REFERENCE.sub(replace, node)
+    if as_written is not None and result != node:
+        as_written[result] = node
+    return result
+
+
+def config_from_dict(data: Any, file: str | Path = "<config>") -> Config:
+    """Validate already-parsed configuration data (no substitution)."""
+    name = str(file)
+    if not isinstance(data, dict):
+        what = "empty" if data is None else f"{show(data)}, not a mapping"
+        raise ConfigError(
+            name,
+            [
+                Problem(
+                    "", f"the configuration is {what}: expected functions and event_source_mappings"
+                )
+            ],
+        )
+    # Top-level `x-...` keys hold YAML anchors to reuse (the Compose convention): not settings.
+    data = {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        problems = _problems_of(exc)
+        # Reference checks run after field validation, so they are lost when any field is bad;
+        # redo them on the raw data so that one run reports everything.
+        functions = data.get("functions")
+        mappings = data.get("event_source_mappings")
+        raw = [
+            (m.get("name"), m.get("function")) if isinstance(m, dict) else (None, None)
+            for m in (mappings if isinstance(mappings, list) else [])
+        ]
+        for loc, message in _reference_problems(
+            functions if isinstance(functions, dict) else None, raw
+        ):
+            problem = Problem(_render(loc), message)
+            if problem not in problems:
+                problems.append(problem)
+        raise ConfigError(name, problems) from None
+    config._file = name
+    return config
+
+
+def parse_config(
+    text: str, file: str | Path = "<string>", environ: Mapping[str, str] | None = None
+) -> Config:
+    """Parse and validate YAML text; `file` is the name error messages use."""
+    name = str(file)
+    data = _parse_yaml(text, name)
+    problems: list[tuple[Loc, str]] = []
+    as_written: dict[str, str] = {}
+    data = _substitute(data, os.environ if environ is None else environ, (), problems, as_written)
+    if problems:
+        raise ConfigError(name, [Problem(_render(loc), message) for loc, message in problems])
+    token = AS_WRITTEN.set(as_written)
+    try:
+        return config_from_dict(data, name)
+    finally:
+        AS_WRITTEN.reset(token)
+
+
+def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, substitute and validate a configuration file; raises ConfigError."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(path, [Problem("", f"cannot read the file: {reason}")]) from None
+    return parse_config(text, path, environ)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the configuration file (config/schema.json holds a copy)."""
+    schema = Config.model_json_schema()
+    schema["title"] = "esm-workers configuration"
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers.app.config")
+    parser.add_argument("--schema", action="store_true", help="print the JSON Schema")
+    args = parser.parse_args(argv)
+    if not args.schema:
+        parser.print_usage(sys.stderr)
+        return 2
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

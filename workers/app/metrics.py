@@ -1,0 +1,159 @@
+"""Prometheus metrics (named after Lambda's ESM metrics) and health endpoints for `workers run`.
+
+Served by the supervisor from the counters its poller processes report; binds to 127.0.0.1
+unless told otherwise, since the status page names brokers and partitions.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from workers.app.supervisor import Supervisor
+from workers.engine.stats import DURATION_BUCKETS_S
+
+# (metric name, counter in the poller's stats, help text)
+COUNTER_METRICS = (
+    ("esm_polled_events", "polled", "Records read from the source"),
+    ("esm_filtered_out_events", "filtered_out", "Records dropped by filter criteria"),
+    ("esm_invoked_events", "invoked", "Records handed to the function, retries included"),
+    ("esm_failed_invoke_events", "failed_invocations", "Invocations that failed"),
+    ("esm_dropped_events", "dropped", "Exhausted records dropped for want of a destination"),
+    (
+        "esm_on_failure_destination_delivered_events",
+        "dead_lettered",
+        "Records delivered to the on-failure destination",
+    ),
+    (
+        "esm_payload_omitted_events",
+        "payload_omitted",
+        "Records dead-lettered without their payload, too large for the destination",
+    ),
+)
+
+
+class SupervisorCollector(Collector):
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self) -> Iterator[Metric]:
+        snaps = self.supervisor.snapshots()
+        for name, key, help_text in COUNTER_METRICS:
+            family = CounterMetricFamily(name, help_text, labels=["mapping"])
+            for mapping, total in _sum_by_mapping(snaps, key).items():
+                family.add_metric([mapping], total)
+            yield family
+        durations = HistogramMetricFamily(
+            "esm_invocation_duration_seconds", "Invocation duration", labels=["mapping"]
+        )
+        by_mapping: dict[str, tuple[list[int], float]] = {}
+        for mapping, _instance, _alive, snap in snaps:
+            counts, seconds = by_mapping.get(mapping, ([0] * len(DURATION_BUCKETS_S), 0.0))
+            for i, n in enumerate(snap.get("duration_counts", [])):
+                counts[i] += n
+            by_mapping[mapping] = (counts, seconds + snap.get("duration_sum_s", 0.0))
+        for mapping, (counts, seconds) in by_mapping.items():
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, n in zip(DURATION_BUCKETS_S, counts, strict=True):
+                cumulative += n
+                buckets.append((str(bound), float(cumulative)))
+            buckets.append(("+Inf", float(cumulative)))
+            durations.add_metric([mapping], buckets, seconds)
+        yield durations
+        lag = GaugeMetricFamily(
+            "esm_offset_lag", "Records not yet read", labels=["mapping", "partition"]
+        )
+        envs = GaugeMetricFamily(
+            "esm_execution_environments", "Live execution environments", labels=["mapping"]
+        )
+        env_totals: dict[str, int] = {}
+        # One series per (mapping, unit): every consumer of a queue reports the same depth, and
+        # a partition moving between pollers is briefly reported by both.
+        lags: dict[tuple[str, str], int] = {}
+        for mapping, _instance, _alive, snap in snaps:
+            for unit, n in snap.get("lag", {}).items():
+                lags[(mapping, unit)] = max(n, lags.get((mapping, unit), 0))
+            env_totals[mapping] = env_totals.get(mapping, 0) + snap.get("environments", 0)
+        for (mapping, unit), n in lags.items():
+            lag.add_metric([mapping, unit], n)
+        for mapping, n in env_totals.items():
+            envs.add_metric([mapping], n)
+        yield lag
+        yield envs
+
+
+def _sum_by_mapping(snaps: list[tuple[str, int, bool, dict[str, Any]]], key: str) -> dict[str, int]:
+    totals: dict[str, int] = {}
+    for mapping, _instance, _alive, snap in snaps:
+        totals[mapping] = totals.get(mapping, 0) + snap.get(key, 0)
+    return totals
+
+
+def status_of(supervisor: Supervisor) -> dict[str, Any]:
+    pollers = [
+        {
+            "mapping": mapping,
+            "instance": instance,
+            "alive": alive,
+            "assigned": snap.get("assigned", []),
+            "lag": snap.get("lag", {}),
+            "checkpoints": snap.get("checkpoints", {}),
+        }
+        for mapping, instance, alive, snap in supervisor.snapshots()
+    ]
+    return {"pollers": pollers, "summary": supervisor.summary()}
+
+
+def ready(supervisor: Supervisor) -> bool:
+    """Every poller is alive and has been assigned something to read."""
+    snaps = supervisor.snapshots()
+    return bool(snaps) and all(alive and snap.get("assigned") for _, _, alive, snap in snaps)
+
+
+def serve(supervisor: Supervisor, host: str, port: int) -> ThreadingHTTPServer:
+    """Start the endpoint in a daemon thread; returns the server (its port may have been 0)."""
+    registry = CollectorRegistry()
+    registry.register(SupervisorCollector(supervisor))
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                self._send(200, b"ok\n", "text/plain")
+            elif path == "/readyz":
+                ok = ready(supervisor)
+                self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
+            elif path == "/status":
+                body = orjson.dumps(status_of(supervisor), option=orjson.OPT_INDENT_2)
+                self._send(200, body, "application/json")
+            else:
+                self._send(404, b"not found\n", "text/plain")
+
+        def _send(self, code: int, body: bytes, content_type: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # scrapes every few seconds would drown the worker's log
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

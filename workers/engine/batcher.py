@@ -1,0 +1,73 @@
+"""Batching decisions for one lane: when a batch is ready and which records it takes."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from workers.engine.records import Record
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    batch_size: int = 100
+    maximum_batch_bytes: int = 6 * 1024 * 1024
+    maximum_batching_window_s: float = 0.5
+
+
+class LaneBuffer:
+    """Records waiting for one lane, in arrival order."""
+
+    __slots__ = ("first_at", "nbytes", "records")
+
+    def __init__(self) -> None:
+        self.records: deque[Record] = deque()
+        self.nbytes = 0
+        self.first_at = 0.0  # when the oldest waiting record arrived (monotonic)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def add(self, record: Record, now: float) -> None:
+        if not self.records:
+            self.first_at = now
+        self.records.append(record)
+        self.nbytes += record.size
+
+    def extend(self, records: list[Record], now: float) -> None:
+        if not self.records:
+            self.first_at = now
+        self.records.extend(records)
+        self.nbytes += sum(r.size for r in records)
+
+    def ready_in(self, limits: BatchLimits, now: float) -> float | None:
+        """Seconds until a batch should go (0: now), or None when nothing waits.
+
+        A batch goes when it is full by count or bytes, or its oldest record waited the window.
+        """
+        if not self.records:
+            return None
+        if len(self.records) >= limits.batch_size or self.nbytes >= limits.maximum_batch_bytes:
+            return 0.0
+        return max(0.0, self.first_at + limits.maximum_batching_window_s - now)
+
+    def take(self, limits: BatchLimits) -> list[Record]:
+        """The next batch: up to batch_size records within the byte cap (always at least one)."""
+        batch: list[Record] = []
+        size = 0
+        records = self.records
+        while records and len(batch) < limits.batch_size:
+            nxt = records[0].size
+            if batch and size + nxt > limits.maximum_batch_bytes:
+                break
+            batch.append(records.popleft())
+            size += nxt
+        self.nbytes -= size
+        # What stays behind keeps the oldest arrival time: it has waited at least that long.
+        return batch
+
+    def clear(self) -> list[Record]:
+        dropped = list(self.records)
+        self.records.clear()
+        self.nbytes = 0
+        return dropped

@@ -1,0 +1,431 @@
+"""Lambda's failure semantics for one batch: retries, bisect, partial responses, record age.
+
+`BatchRunner.run` takes a batch from first invocation to settlement: every record ends either
+succeeded or dead-lettered (or dropped), each exactly once, unless the runner is stopped, in which
+case the unsettled records are left for the broker to deliver again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import uuid
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from workers.engine.backoff import Backoff
+from workers.engine.clock import Clock
+from workers.engine.flight import MAX_DEATHS, POLLER_DIED_ERROR_TYPE, Gate, InFlightFile, Suspects
+from workers.engine.invoker import InvocationRequest, Invoker
+from workers.engine.letters import Condition, DeadLetters
+from workers.engine.outcomes import (
+    Crash,
+    ErrorInfo,
+    FunctionError,
+    InvalidResponse,
+    Outcome,
+    PartialFailure,
+    RetryLater,
+    Success,
+    Timeout,
+)
+from workers.engine.ports import EventShape
+from workers.engine.records import Record
+from workers.engine.stats import MappingStats
+
+log = logging.getLogger("workers.policy")
+
+PARTIAL_FAILURE_ERROR = ErrorInfo(
+    "BatchItemFailure", "the handler reported this record in batchItemFailures"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A mapping's failure settings, named after Lambda's parameters."""
+
+    maximum_retry_attempts: int = -1  # -1: until success or record age
+    bisect_batch_on_function_error: bool = False
+    maximum_record_age_s: float = -1  # -1: no limit
+    report_batch_item_failures: bool = False
+    maximum_batch_bytes: int = 6 * 1024 * 1024
+    retry_backoff_base_s: float = 0.5
+    retry_backoff_cap_s: float = 30.0
+
+    def exhausted(self, retries: int) -> bool:
+        return 0 <= self.maximum_retry_attempts < retries
+
+
+def interpret(
+    response: Any, records: Sequence[Record], shape: EventShape, report_item_failures: bool
+) -> Success | PartialFailure | InvalidResponse:
+    """Read a handler's return value the way Lambda reads `ReportBatchItemFailures` responses.
+
+    Success: no response, an object without `batchItemFailures`, or an empty/null list.
+    Failure of the whole batch: anything else that is not a list of entries whose
+    `itemIdentifier` names a record of this batch (an unknown, empty or malformed identifier).
+    https://docs.aws.amazon.com/lambda/latest/dg/services-sqs-errorhandling.html
+    """
+    if not report_item_failures or response is None:
+        return Success(response)
+    if not isinstance(response, dict):
+        return _invalid(f"expected an object with batchItemFailures, got {type(response).__name__}")
+    items = response.get("batchItemFailures")
+    if items is None or items == []:
+        return Success(response)
+    if not isinstance(items, list):
+        return _invalid("batchItemFailures must be a list")
+    by_key = {shape.item_key(r): r for r in records}
+    failed: set[tuple[str, int]] = set()
+    for item in items:
+        ident = item.get("itemIdentifier") if isinstance(item, dict) else None
+        key = shape.parse_item(ident) if ident not in (None, "", {}) else None
+        record = by_key.get(key) if key is not None else None
+        if record is None:
+            return _invalid(f"batchItemFailures names no record of this batch: {item!r:.200}")
+        failed.add(record.ident)
+    return PartialFailure(frozenset(failed))
+
+
+def _invalid(message: str) -> InvalidResponse:
+    return InvalidResponse(ErrorInfo("InvalidBatchResponse", message))
+
+
+class _Work:
+    """A run of records invoked together, with the retries they have used."""
+
+    __slots__ = (
+        "doomed",
+        "event_error",
+        "invocations",
+        "last_error",
+        "records",
+        "retries",
+        "solo",
+        "tried",
+    )
+
+    def __init__(
+        self,
+        records: list[Record],
+        retries: int,
+        invocations: int,
+        tried: bool = False,
+        *,
+        solo: bool = False,
+        doomed: tuple[Condition, ErrorInfo] | None = None,
+    ) -> None:
+        self.records = records
+        self.retries = retries
+        self.invocations = invocations
+        # Invoked by this process: broker-side delivery counts alone never dead-letter a record,
+        # since a redelivery after a lost connection does not mean the handler failed.
+        self.tried = tried
+        self.last_error: ErrorInfo | None = None
+        # A record a poller died on: invoked with no other invocation running beside it.
+        self.solo = solo
+        # Dead-lettered without invoking: a record that cannot become an event, or one that
+        # pollers died on too often.
+        self.doomed = doomed
+        # Building or encoding the event raised: some record of the batch may be at fault.
+        self.event_error: Exception | None = None
+
+
+def _max_attempts(records: Sequence[Record]) -> int:
+    return max((r.attempts for r in records), default=0)
+
+
+class BatchRunner:
+    """Runs batches of one mapping to settlement. Thread-safe: one instance serves all lanes."""
+
+    def __init__(
+        self,
+        *,
+        mapping: str,
+        function: str,
+        policy: Policy,
+        invoker: Invoker,
+        shape: EventShape,
+        ordered: bool,
+        dead_letters: DeadLetters,
+        settle: Callable[[Sequence[Record]], None],
+        clock: Clock,
+        stats: MappingStats,
+        suspects: Suspects | None = None,
+        in_flight: InFlightFile | None = None,
+    ) -> None:
+        self.mapping = mapping
+        self.function = function
+        self.policy = policy
+        self.invoker = invoker
+        self.shape = shape
+        self.ordered = ordered
+        self.dead_letters = dead_letters
+        self.settle = settle
+        self.clock = clock
+        self.stats = stats
+        self.suspects = suspects if suspects else None
+        self.in_flight = in_flight
+        # Only a poller that has suspects needs to keep their invocations apart.
+        self._gate = Gate() if self.suspects is not None else None
+
+    def run(self, records: list[Record], stop: threading.Event) -> bool:
+        """Invoke until every record settled; False if `stop` cut it short (some left unsettled)."""
+        queue = deque(self._plan(records))
+        while queue:
+            if not self._run_one(queue.popleft(), queue, stop):
+                return False
+        return True
+
+    def _plan(self, records: list[Record]) -> list[_Work]:
+        """The batch as work in record order: records that cannot become an event and records
+        pollers died on too often to be dead-lettered, suspects to run alone, the rest together."""
+        suspects = self.suspects
+        if suspects is None and not any(r.fault is not None for r in records):
+            prior = _max_attempts(records)
+            return [_Work(records, retries=prior, invocations=prior)]
+        plan: list[_Work] = []
+        run: list[Record] = []
+
+        def flush() -> None:
+            if run:
+                prior = _max_attempts(run)
+                plan.append(_Work(list(run), retries=prior, invocations=prior))
+                run.clear()
+
+        for r in records:
+            deaths = 0 if suspects is None else suspects.deaths(r)
+            if r.fault is None and deaths == 0:
+                run.append(r)
+                continue
+            flush()
+            if r.fault is not None:
+                doomed = (Condition.INVALID_RECORD, r.fault)
+                plan.append(_Work([r], r.attempts, 0, doomed=doomed))
+            elif deaths >= MAX_DEATHS:
+                error = ErrorInfo(
+                    POLLER_DIED_ERROR_TYPE,
+                    f"the poller died {deaths} times while this record was being processed;"
+                    " it is not invoked again",
+                )
+                plan.append(
+                    _Work([r], deaths, deaths, doomed=(Condition.RETRY_ATTEMPTS_EXHAUSTED, error))
+                )
+            else:
+                log.warning(
+                    "mapping %s: %s@%s was in flight when a poller died (%d time(s)); running it"
+                    " alone",
+                    self.mapping,
+                    r.source,
+                    r.position,
+                    deaths,
+                )
+                plan.append(_Work([r], r.attempts, r.attempts, solo=True))
+        flush()
+        return plan
+
+    def _run_one(self, work: _Work, queue: deque[_Work], stop: threading.Event) -> bool:
+        backoff = Backoff(
+            base_s=self.policy.retry_backoff_base_s, cap_s=self.policy.retry_backoff_cap_s
+        )
+        while True:
+            if not self._drop_unsendable(work, stop):
+                return False
+            if not work.records:
+                return True
+            if work.doomed is not None:
+                condition, error = work.doomed
+                return self._dead_letter_records(work, work.records, condition, error, stop)
+            if work.tried and self.policy.exhausted(work.retries):
+                return self._dead_letter(work, work.records, work.last_error, stop)
+            if stop.is_set():
+                return False
+            outcome = self._invoke(work)
+            if work.event_error is not None:
+                invalid = self._invalid_records(work)
+                if invalid:
+                    # Those records are at fault, not the handler: no retry is used.
+                    if not self._dead_letter_invalid(work, invalid, stop):
+                        return False
+                    continue
+            match outcome:
+                case Success():
+                    self._succeed(work.records)
+                    return True
+                case PartialFailure(failed=failed):
+                    reported = [r for r in work.records if r.ident in failed]
+                    if self.ordered:
+                        # Ordered sources checkpoint up to the lowest failed record, retry from it.
+                        first = next(i for i, r in enumerate(work.records) if r.ident in failed)
+                        done, rest = work.records[:first], work.records[first:]
+                    else:
+                        done = [r for r in work.records if r.ident not in failed]
+                        rest = reported
+                    self._succeed(done)
+                    work.records = rest
+                    work.retries += 1
+                    work.last_error = PARTIAL_FAILURE_ERROR
+                    if self.policy.exhausted(work.retries):
+                        # Only what the last response reported as failed is dead-lettered.
+                        self._succeed([r for r in rest if r.ident not in failed])
+                        return self._dead_letter(work, reported, PARTIAL_FAILURE_ERROR, stop)
+                case RetryLater(error=error):
+                    work.retries += 1
+                    work.last_error = error
+                case (
+                    FunctionError(error=error)
+                    | Timeout(error=error)
+                    | Crash(error=error)
+                    | InvalidResponse(error=error)
+                ):
+                    work.last_error = error
+                    if self.policy.bisect_batch_on_function_error and len(work.records) > 1:
+                        half = len(work.records) // 2
+                        # Halves run in order, the first before the second; no retry is used.
+                        for part in (work.records[half:], work.records[:half]):
+                            queue.appendleft(_Work(part, work.retries, work.invocations))
+                        self.stats.add(bisected=1)
+                        return True
+                    work.retries += 1
+            if self.policy.exhausted(work.retries):
+                continue  # dead-lettered at the top of the loop
+            if self.clock.wait(stop, backoff.next_delay()):
+                return False
+
+    def _invoke(self, work: _Work) -> Outcome:
+        request = InvocationRequest(
+            request_id=str(uuid.uuid4()), mapping_name=self.mapping, attempt=work.retries + 1
+        )
+        is_retry = work.invocations > 0
+        work.invocations += 1
+        work.tried = True
+        work.event_error = None
+        started = self.clock.monotonic()
+        gate = self._gate
+        with contextlib.ExitStack() as scope:
+            if gate is not None:
+                scope.enter_context(gate.exclusive() if work.solo else gate.shared())
+            token = self.in_flight.begin(work.records) if self.in_flight is not None else 0
+            try:
+                event = self.shape.event(work.records)
+                result = self.invoker.invoke(event, request)
+            except Exception as exc:  # an invoker must not raise; if one does, fail the batch
+                log.exception("mapping %s: invocation %s failed", self.mapping, request.request_id)
+                result = FunctionError(ErrorInfo(type(exc).__name__, str(exc)))
+                # Building the event, or encoding it for the environment, may have failed.
+                work.event_error = exc
+            if self.in_flight is not None:
+                self.in_flight.end(token)
+        self.stats.observe_duration(self.clock.monotonic() - started)
+        outcome: Outcome = result
+        if isinstance(result, Success):
+            outcome = interpret(
+                result.response,
+                work.records,
+                self.shape,
+                self.policy.report_batch_item_failures,
+            )
+        failed = not isinstance(outcome, Success)
+        self.stats.add(
+            invocations=1,
+            invoked=len(work.records),
+            retried=int(is_retry),
+            failed_invocations=int(failed),
+        )
+        if failed:
+            log.info(
+                "mapping %s: invocation %s of %d record(s) failed: %s",
+                self.mapping,
+                request.request_id,
+                len(work.records),
+                _describe(outcome),
+            )
+        return outcome
+
+    def _invalid_records(self, work: _Work) -> list[tuple[Record, Exception]]:
+        """Records of `work` whose own event cannot be built or encoded, and why."""
+        invalid = []
+        for r in work.records:
+            try:
+                orjson.dumps(self.shape.event([r]))
+            except Exception as exc:
+                invalid.append((r, exc))
+        return invalid
+
+    def _dead_letter_invalid(
+        self, work: _Work, invalid: list[tuple[Record, Exception]], stop: threading.Event
+    ) -> bool:
+        for r, exc in invalid:
+            log.error(
+                "mapping %s: %s@%s cannot be turned into an event (%s: %s); dead-lettering it",
+                self.mapping,
+                r.source,
+                r.position,
+                type(exc).__name__,
+                exc,
+            )
+            error = ErrorInfo("Runtime.EventBuildError", f"{type(exc).__name__}: {exc}"[:1000])
+            if not self._dead_letter_records(work, [r], Condition.INVALID_RECORD, error, stop):
+                return False
+        bad = {id(r) for r, _ in invalid}
+        work.records = [r for r in work.records if id(r) not in bad]
+        work.event_error = None
+        return True
+
+    def _drop_unsendable(self, work: _Work, stop: threading.Event) -> bool:
+        """Dead-letter records too old or too large to invoke; False if stopping meanwhile."""
+        max_bytes = self.policy.maximum_batch_bytes
+        too_big = [r for r in work.records if r.size > max_bytes]
+        if too_big:
+            if not self._dead_letter_records(
+                work, too_big, Condition.MAXIMUM_PAYLOAD_SIZE_EXCEEDED, None, stop
+            ):
+                return False
+            work.records = [r for r in work.records if r.size <= max_bytes]
+        max_age_s = self.policy.maximum_record_age_s
+        if max_age_s >= 0:
+            oldest_ok = self.clock.wall_ms() - int(max_age_s * 1000)
+            old = [r for r in work.records if 0 < r.timestamp_ms < oldest_ok]
+            if old:
+                condition = Condition.RECORD_AGE_EXCEEDED
+                if not self._dead_letter_records(work, old, condition, work.last_error, stop):
+                    return False
+                work.records = [r for r in work.records if not 0 < r.timestamp_ms < oldest_ok]
+        return True
+
+    def _dead_letter(
+        self, work: _Work, records: list[Record], error: ErrorInfo | None, stop: threading.Event
+    ) -> bool:
+        condition = Condition.RETRY_ATTEMPTS_EXHAUSTED
+        return self._dead_letter_records(work, records, condition, error, stop)
+
+    def _dead_letter_records(
+        self,
+        work: _Work,
+        records: list[Record],
+        condition: Condition,
+        error: ErrorInfo | None,
+        stop: threading.Event,
+    ) -> bool:
+        if not self.dead_letters.send(records, condition, error, work.invocations, stop):
+            return False
+        self.settle(records)
+        return True
+
+    def _succeed(self, records: Sequence[Record]) -> None:
+        if records:
+            self.stats.add(succeeded=len(records))
+            self.settle(records)
+
+
+def _describe(outcome: Outcome) -> str:
+    if isinstance(outcome, PartialFailure):
+        return f"{len(outcome.failed)} record(s) reported in batchItemFailures"
+    if isinstance(outcome, Success):
+        return "ok"
+    return f"{outcome.error.error_type}: {outcome.error.message}"

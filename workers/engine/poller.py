@@ -1,0 +1,471 @@
+"""One mapping's poller: source -> filter -> lanes -> batch runner -> checkpoint.
+
+A lane is the unit of ordering: records of one partition or stream whose keys hash to the same
+slot (`parallelization_factor` slots per unit). A lane runs one batch at a time, in arrival order,
+so a record never reaches the handler before an earlier record with the same key has settled.
+The loop thread owns the source; batches run on worker threads and checkpoint as they settle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import zlib
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workers.engine.backoff import Backoff
+from workers.engine.batcher import BatchLimits, LaneBuffer
+from workers.engine.checkpoint import CheckpointTracker
+from workers.engine.clock import SYSTEM_CLOCK, Clock
+from workers.engine.flight import InFlightFile, SuspectList, Suspects
+from workers.engine.invoker import Invoker
+from workers.engine.letters import DeadLetters
+from workers.engine.policy import BatchRunner, Policy
+from workers.engine.ports import Destination, Source
+from workers.engine.records import Record
+from workers.engine.redact import describe
+from workers.engine.stats import MappingStats
+
+log = logging.getLogger("workers.poller")
+
+RecordFilter = Callable[[Mapping[str, Any]], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class PollerSettings:
+    mapping: str
+    function: str
+    limits: BatchLimits = field(default_factory=BatchLimits)
+    parallelization_factor: int = 1
+    # How long a revoke or shutdown waits for in-flight batches (the function timeout, plus).
+    drain_timeout_s: float = 35.0
+    # Records buffered per source unit before it is paused (or polling stops).
+    max_buffered_per_unit: int = 0  # 0: derived from batch size and parallelization
+    poll_timeout_s: float = 0.2
+    max_threads: int = 256
+
+    def buffer_cap(self) -> int:
+        if self.max_buffered_per_unit > 0:
+            return self.max_buffered_per_unit
+        return max(2000, 4 * self.limits.batch_size * self.parallelization_factor)
+
+
+def _runs(records: Sequence[Record]) -> list[tuple[str, list[Record]]]:
+    """Records grouped into consecutive runs of one unit, in order."""
+    runs: list[tuple[str, list[Record]]] = []
+    unit: str | None = None
+    run: list[Record] = []
+    for r in records:
+        if r.source != unit:
+            unit, run = r.source, []
+            runs.append((unit, run))
+        run.append(r)
+    return runs
+
+
+class PollerFailed(RuntimeError):
+    """A batch failed in the engine itself: records it held were left unsettled."""
+
+
+class _Lane:
+    __slots__ = ("buffer", "busy", "stop", "unit")
+
+    def __init__(self, unit: str, stop: threading.Event) -> None:
+        self.unit = unit
+        self.buffer = LaneBuffer()
+        self.busy = False
+        self.stop = stop
+
+
+class Poller:
+    """Drives one source for one mapping until stopped or, with `until_idle_s`, caught up."""
+
+    def __init__(
+        self,
+        settings: PollerSettings,
+        *,
+        source: Source,
+        invoker: Invoker,
+        policy: Policy,
+        destination: Destination | None,
+        record_filter: RecordFilter | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        stats: MappingStats | None = None,
+        in_flight_path: Path | None = None,
+        suspects: SuspectList | None = None,
+    ) -> None:
+        self.settings = settings
+        self.source = source
+        self.clock = clock
+        self.stats = stats or MappingStats()
+        self.record_filter = record_filter
+        self.stop_event = threading.Event()
+        self._offsets = source.capabilities.checkpoint == "offset"
+        self._ordered = source.capabilities.ordered
+        self._pf = settings.parallelization_factor
+        self._rr = itertools.count()
+        self._lock = threading.Lock()  # guards lanes, tracker and the settle path
+        self._idle = threading.Condition(self._lock)
+        self._lanes: dict[tuple[str, int], _Lane] = {}
+        self._unit_stops: dict[str, threading.Event] = {}
+        self._buffered: dict[str, int] = {}
+        self._paused: set[str] = set()
+        self._took = threading.Event()  # set when a lane takes records from its buffer
+        self._tracker = CheckpointTracker()
+        self._in_flight = 0
+        self._failure: BaseException | None = None
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.max_threads, thread_name_prefix=f"batch-{settings.mapping}"
+        )
+        dead_letters = DeadLetters(
+            mapping=settings.mapping,
+            function=settings.function,
+            destination=destination,
+            shape=source.shape,
+            clock=clock,
+            stats=self.stats,
+        )
+        stable = source.capabilities.stable_positions
+        # Under a supervisor: what is in flight, for it to read if this process dies.
+        self.in_flight = (
+            InFlightFile(in_flight_path, stable, source.fingerprint) if in_flight_path else None
+        )
+        self.runner = BatchRunner(
+            mapping=settings.mapping,
+            function=settings.function,
+            policy=policy,
+            invoker=invoker,
+            shape=source.shape,
+            ordered=self._ordered,
+            dead_letters=dead_letters,
+            settle=self._settle,
+            clock=clock,
+            stats=self.stats,
+            suspects=Suspects(suspects or [], source.fingerprint),
+            in_flight=self.in_flight,
+        )
+
+    # --- the loop --------------------------------------------------------------------------------
+
+    def run(self, until_idle_s: float | None = None) -> None:
+        """Poll until `stop()` or, with `until_idle_s`, until caught up and idle that long."""
+        errors = Backoff(base_s=0.5, cap_s=30.0)
+        opened = False
+        idle_since: float | None = None
+        reported_at = float("-inf")
+        try:
+            while not self.stop_event.is_set():
+                if self._failure is not None:
+                    raise self._failure
+                try:
+                    if not opened:
+                        self.source.open(self)
+                        opened = True
+                    got = self._poll_once()
+                    quiet = until_idle_s is not None and not got and self._quiet()
+                    errors.reset()
+                    if self.clock.monotonic() - reported_at >= 1.0:
+                        reported_at = self.clock.monotonic()
+                        self.stats.set_position(
+                            sorted(self.source.assignment()), dict(self.source.lag())
+                        )
+                except self.source.retryable_errors as exc:
+                    delay = errors.next_delay()
+                    log.warning(
+                        "mapping %s: broker error: %s; retrying in %.1fs",
+                        self.settings.mapping,
+                        describe(exc),
+                        delay,
+                    )
+                    self.clock.wait(self.stop_event, delay)
+                    continue
+                if until_idle_s is not None:
+                    if not quiet:
+                        idle_since = None
+                    elif idle_since is None:
+                        idle_since = self.clock.monotonic()
+                    elif self.clock.monotonic() - idle_since >= until_idle_s:
+                        break
+        finally:
+            self._shutdown(opened)
+        if self._failure is not None:
+            # Not a clean end: the supervisor restarts this poller and the run exits 1.
+            raise PollerFailed(
+                f"mapping {self.settings.mapping}: a batch failed in the engine; its records were"
+                " left unsettled"
+            ) from self._failure
+
+    def stop(self) -> None:
+        """Stop polling; in-flight invocations finish, nothing new starts."""
+        self.stop_event.set()
+        with self._lock:
+            for event in self._unit_stops.values():
+                event.set()
+
+    def _poll_once(self) -> int:
+        now = self.clock.monotonic()
+        timeout = self._dispatch_ready(now)
+        # Nothing can arrive while every unit is paused: resume drained units first, then wait
+        # for a lane to take a batch rather than the whole timeout inside source.poll.
+        self._took.clear()
+        self._apply_backpressure()
+        if self._paused and self._paused >= self.source.assignment():
+            self.clock.wait(self._took, timeout)
+            self._apply_backpressure()
+            timeout = 0.0
+        room = self._room()
+        records = self.source.poll(room, timeout)
+        if records:
+            self._accept(records)
+            self._dispatch_ready(self.clock.monotonic())
+        self._apply_backpressure()
+        return len(records)
+
+    def _room(self) -> int:
+        cap = self.settings.buffer_cap()
+        if self.source.capabilities.pausable:
+            return max(self.settings.limits.batch_size, 500)
+        with self._lock:
+            buffered = sum(self._buffered.values())
+        units = max(1, len(self._buffered))
+        return max(0, min(cap * units - buffered, max(self.settings.limits.batch_size, 500)))
+
+    def _quiet(self) -> bool:
+        with self._lock:
+            quiet = self._in_flight == 0 and not any(self._buffered.values())
+        return quiet and self.source.caught_up()
+
+    # --- records in ------------------------------------------------------------------------------
+
+    def _accept(self, records: Sequence[Record]) -> None:
+        now = self.clock.monotonic()
+        filtered: list[Record] = []
+        matches = self.record_filter
+        view = self.source.shape.filter_view
+        with self._lock:
+            # Per run of one unit rather than per record: this is the hot path of every poll.
+            for unit, run in _runs(records):
+                if self._offsets:
+                    fresh = set(self._tracker.track_run(unit, [r.position for r in run]))
+                    if len(fresh) != len(run):  # redeliveries of records this poller holds
+                        run = [r for r in run if r.position in fresh]
+                if matches is not None:
+                    # A record its connector could not convert is no document to match: it goes
+                    # on, to be dead-lettered.
+                    try:
+                        kept = [r for r in run if r.fault is not None or matches(view(r))]
+                    except Exception:
+                        kept = [r for r in run if r.fault is not None or self._matches(r)]
+                    if len(kept) != len(run):
+                        keep = {id(r) for r in kept}
+                        filtered.extend(r for r in run if id(r) not in keep)
+                    run = kept
+                if not run:
+                    continue
+                if self._pf == 1:
+                    self._lane(unit, 0).buffer.extend(run, now)
+                else:
+                    for r in run:
+                        self._lane(unit, self._slot(r)).buffer.add(r, now)
+                self._buffered[unit] = self._buffered.get(unit, 0) + len(run)
+        self.stats.add(polled=len(records), filtered_out=len(filtered))
+        if filtered:
+            self._settle(filtered)
+
+    def _matches(self, record: Record) -> bool:
+        """The filter's verdict; a record it cannot judge is kept, for the handler (or, when its
+        event cannot be built either, the destination) to deal with."""
+        assert self.record_filter is not None
+        try:
+            return self.record_filter(self.source.shape.filter_view(record))
+        except Exception as exc:
+            log.warning(
+                "mapping %s: filter criteria cannot be applied to %s@%s (%s: %s); not filtering"
+                " it out",
+                self.settings.mapping,
+                record.source,
+                record.position,
+                type(exc).__name__,
+                exc,
+            )
+            return True
+
+    def _slot(self, record: Record) -> int:
+        if not self._ordered:
+            return next(self._rr) % self._pf
+        if record.key is None:
+            # Fold the high bits in: Redis positions are `ms << 64 | seq`.
+            return (record.position ^ (record.position >> 64)) % self._pf
+        return zlib.crc32(record.key) % self._pf
+
+    def _lane(self, unit: str, slot: int) -> _Lane:
+        lane = self._lanes.get((unit, slot))
+        if lane is None:
+            stop = self._unit_stops.get(unit)
+            if stop is None:
+                stop = self._unit_stops[unit] = threading.Event()
+                if self.stop_event.is_set():
+                    stop.set()
+            lane = self._lanes[(unit, slot)] = _Lane(unit, stop)
+        return lane
+
+    # --- dispatch --------------------------------------------------------------------------------
+
+    def _dispatch_ready(self, now: float) -> float:
+        """Start every lane whose batch is ready; returns how long the next poll may wait."""
+        limits = self.settings.limits
+        wait = self.settings.poll_timeout_s
+        with self._lock:
+            for lane in self._lanes.values():
+                if lane.busy or lane.stop.is_set():
+                    continue
+                due = lane.buffer.ready_in(limits, now)
+                if due is None:
+                    continue
+                if due > 0:
+                    wait = min(wait, due)
+                    continue
+                batch = self._take(lane)
+                lane.busy = True
+                self._in_flight += 1
+                self._executor.submit(self._run_lane, lane, batch)
+            if self._in_flight:
+                # Settled batches free lanes that the loop must refill promptly.
+                wait = min(wait, 0.05)
+        return wait
+
+    def _take(self, lane: _Lane) -> list[Record]:
+        batch = lane.buffer.take(self.settings.limits)
+        self._buffered[lane.unit] -= len(batch)
+        self._took.set()
+        return batch
+
+    def _run_lane(self, lane: _Lane, batch: list[Record]) -> None:
+        """Run batches of one lane back to back while more are ready, then free the lane."""
+        try:
+            while batch:
+                if not self.runner.run(batch, lane.stop):
+                    break
+                now = self.clock.monotonic()
+                with self._lock:
+                    due = lane.buffer.ready_in(self.settings.limits, now)
+                    batch = self._take(lane) if due == 0.0 and not lane.stop.is_set() else []
+        except BaseException as exc:
+            log.exception("mapping %s: batch runner failed", self.settings.mapping)
+            if self.in_flight is not None and batch:
+                # Counted as a death on these records, as if the process had died of them.
+                self.in_flight.failed(batch)
+            self._failure = exc
+            self.stop()
+        finally:
+            with self._lock:
+                lane.busy = False
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    # --- settling --------------------------------------------------------------------------------
+
+    def _settle(self, records: Sequence[Record]) -> None:
+        """Checkpoint records that succeeded, were filtered out or were dead-lettered."""
+        if not records:
+            return
+        if self._offsets:
+            by_unit: dict[str, list[int]] = {}
+            for r in records:
+                by_unit.setdefault(r.source, []).append(r.position)
+            with self._lock:
+                for unit, positions in by_unit.items():
+                    if self._tracker.knows(unit):
+                        self._tracker.settle(unit, positions)
+                moved = self._tracker.advance()
+                if moved:
+                    # Under the lock: two threads must not commit one partition out of order.
+                    self.source.commit(moved)
+                    self.stats.checkpoints.update(moved)
+        else:
+            self.source.ack(records)
+            last = records[-1]
+            self.stats.checkpoints[last.source] = self.source.shape.item_identifier(last)
+
+    # --- assignment (AssignmentListener) ---------------------------------------------------------
+
+    def on_assigned(self, units: Collection[str]) -> None:
+        log.info("mapping %s: assigned %s", self.settings.mapping, sorted(units))
+        with self._lock:
+            for unit in units:
+                self._unit_stops[unit] = threading.Event()
+                if self.stop_event.is_set():
+                    self._unit_stops[unit].set()
+
+    def on_revoked(self, units: Collection[str]) -> None:
+        """Let in-flight batches of `units` finish (within the drain budget), then forget them."""
+        units = set(units)
+        log.info("mapping %s: revoking %s", self.settings.mapping, sorted(units))
+        with self._lock:
+            for unit in units:
+                self._unit_stops.get(unit, threading.Event()).set()
+            self._wait_idle(
+                lambda: not any(lane.busy for lane in self._lanes.values() if lane.unit in units)
+            )
+            for key in [k for k in self._lanes if k[0] in units]:
+                self._lanes.pop(key).buffer.clear()
+            for unit in units:
+                self._buffered.pop(unit, None)
+                self._unit_stops.pop(unit, None)
+            self._paused -= units
+            self._tracker.forget(units)
+
+    def _wait_idle(self, done: Callable[[], bool]) -> None:
+        """Wait (lock held) until `done()`, at most the drain budget."""
+        deadline = self.clock.monotonic() + self.settings.drain_timeout_s
+        while not done():
+            left = deadline - self.clock.monotonic()
+            if left <= 0:
+                log.warning(
+                    "mapping %s: in-flight batches did not finish within %.0fs; leaving them to "
+                    "be delivered again",
+                    self.settings.mapping,
+                    self.settings.drain_timeout_s,
+                )
+                return
+            self._idle.wait(min(left, 0.5))
+
+    # --- backpressure ----------------------------------------------------------------------------
+
+    def _apply_backpressure(self) -> None:
+        if not self.source.capabilities.pausable:
+            return
+        cap = self.settings.buffer_cap()
+        with self._lock:
+            full = {u for u, n in self._buffered.items() if n >= cap}
+            drained = {u for u in self._paused if self._buffered.get(u, 0) <= cap // 2}
+            to_pause = full - self._paused
+            self._paused |= to_pause
+            self._paused -= drained
+        if to_pause:
+            self.source.pause(to_pause)
+        if drained:
+            self.source.resume(drained)
+
+    # --- shutdown --------------------------------------------------------------------------------
+
+    def _shutdown(self, opened: bool) -> None:
+        self.stop()
+        with self._lock:
+            self._wait_idle(lambda: self._in_flight == 0)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if opened:
+            try:
+                self.source.close()
+            except Exception:
+                log.exception("mapping %s: closing the source failed", self.settings.mapping)
+        if self.in_flight is not None and self._failure is None:
+            self.in_flight.close()
+        log.info(
+            "mapping %s: stopped; checkpoints %s", self.settings.mapping, self.stats.checkpoints
+        )

@@ -1,0 +1,286 @@
+"""The connector contract: what a broker module implements so the engine can drive it.
+
+A source polls records, reports its assignment and checkpoints what the engine says has settled;
+a destination durably stores dead letters; an event shape turns records into the Lambda event a
+handler expects. Connectors never decide policy (retry, bisect, dead-letter): the engine does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from workers.engine.outcomes import ErrorInfo
+from workers.engine.records import Record
+
+# errorType of the letter of a message the connector could not convert.
+UNDECODABLE_ERROR_TYPE = "Runtime.UndecodableRecord"
+
+
+class ConnectorConfigError(RuntimeError):
+    """The broker setup or configuration cannot work as it is; retrying will not help."""
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a source can do, declared as data so the engine can plan around it."""
+
+    # Records of one source unit (partition, stream) must reach the handler in order, and a
+    # partial batch response retries from the lowest failed record (Lambda's ordered semantics).
+    ordered: bool
+    # "offset": the engine commits, per source unit, the next position to read once every record
+    # before it has settled. "ack": the engine acknowledges each settled record by itself.
+    checkpoint: Literal["offset", "ack"]
+    # The source can stop fetching some units while others keep flowing.
+    pausable: bool = False
+    # The broker counts deliveries, so attempt counts survive restarts (Record.attempts).
+    delivery_counts: bool = False
+    # (source, position) names the same message on every delivery (a Kafka offset, a Redis
+    # entry id). Otherwise `Source.fingerprint` tells a message again after a redelivery.
+    stable_positions: bool = True
+
+
+class EventShape(Protocol):
+    """Builds Lambda's event for a batch and reads `batchItemFailures` identifiers back."""
+
+    # Name of the batch-info section of the dead-letter record, e.g. "KafkaBatchInfo".
+    batch_info_name: str
+
+    def event(self, records: Sequence[Record]) -> dict[str, Any]:
+        """The handler's event for these records, exactly as Lambda shapes it."""
+        ...
+
+    def records(self, event: dict[str, Any]) -> list[Record]:
+        """The records an event of this shape carries (for replaying stored dead letters)."""
+        ...
+
+    def item_key(self, record: Record) -> Hashable:
+        """A hashable form of the record's `itemIdentifier`."""
+        ...
+
+    def item_identifier(self, record: Record) -> dict[str, Any]:
+        """The record's `itemIdentifier` as a handler would return it."""
+        ...
+
+    def parse_item(self, identifier: Any) -> Hashable | None:
+        """`item_key` of the record an identifier names, or None when it is malformed."""
+        ...
+
+    def batch_info(self, records: Sequence[Record]) -> dict[str, Any]:
+        """The `<Broker>BatchInfo` section of a dead-letter record for these records."""
+        ...
+
+    def filter_view(self, record: Record) -> dict[str, Any]:
+        """The document filter patterns are matched against (value decoded from JSON if it is)."""
+        ...
+
+
+class AssignmentListener(Protocol):
+    """Told by a source when its assignment changes (consumer-group rebalances)."""
+
+    def on_assigned(self, units: Collection[str]) -> None: ...
+
+    def on_revoked(self, units: Collection[str]) -> None:
+        """Called before `units` are released; returns once their in-flight work is settled."""
+        ...
+
+
+class Source(Protocol):
+    """One poller's connection to a topic, queue or set of streams."""
+
+    capabilities: Capabilities
+    shape: EventShape
+    # Driver errors after which reconnecting and trying again makes sense.
+    retryable_errors: tuple[type[BaseException], ...]
+
+    def open(self, listener: AssignmentListener) -> None:
+        """Connect and join; raises a retryable error when the broker cannot be reached."""
+        ...
+
+    def poll(self, max_records: int, timeout_s: float) -> list[Record]:
+        """Up to `max_records` records, waiting at most `timeout_s` for the first one.
+
+        `max_records == 0` keeps the connection serviced (heartbeats, rebalances) and returns [].
+        """
+        ...
+
+    def commit(self, positions: Mapping[str, int]) -> None:
+        """Offset checkpoint: `positions[unit]` is the next position to read after a restart.
+
+        Called from worker threads, also while the loop thread is inside `poll()` and inside
+        `on_revoked` (which waits for those workers): it must not wait on the driver.
+        """
+        ...
+
+    def ack(self, records: Sequence[Record]) -> None:
+        """Ack checkpoint: these records have settled and must not be delivered again.
+
+        Called from worker threads, like `commit`; it must not wait on the loop thread.
+        """
+        ...
+
+    def pause(self, units: Collection[str]) -> None: ...
+
+    def resume(self, units: Collection[str]) -> None: ...
+
+    def assignment(self) -> frozenset[str]:
+        """The source units this poller currently owns."""
+        ...
+
+    def caught_up(self) -> bool:
+        """Joined, assigned and nothing more to read right now (for `--until-idle`)."""
+        ...
+
+    def lag(self) -> Mapping[str, int]:
+        """Records not yet read per unit, where the broker can tell."""
+        ...
+
+    def fingerprint(self, record: Record) -> str:
+        """A name for the message that survives redelivery (where positions do not)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class LetterTooLarge(Exception):
+    """The destination refused a letter for its size: sending the same letter again cannot help.
+
+    `limit_bytes` is the largest letter (its JSON body) the destination is now known to take,
+    or None when the refusal did not say; the engine then splits the letter or drops its payload.
+    """
+
+    def __init__(self, message: str, limit_bytes: int | None = None) -> None:
+        super().__init__(message)
+        self.limit_bytes = limit_bytes
+
+
+def undecodable(
+    source: str, position: int, raw: bytes, exc: BaseException, **fields: Any
+) -> Record:
+    """A record for a message that could not be converted, with its coordinates, its raw bytes
+    and why; the engine dead-letters it without invoking. `fields` are further `Record` fields
+    (meta, timestamp_ms, ...) the connector could still fill in."""
+    error = ErrorInfo(UNDECODABLE_ERROR_TYPE, f"{type(exc).__name__}: {exc}"[:1000])
+    return Record(source, position, raw, **fields, fault=error)
+
+
+class Destination(Protocol):
+    """An on-failure destination: stores a dead-letter record durably.
+
+    A destination that refuses a letter for its size raises `LetterTooLarge`; one that knows
+    its limit beforehand also implements `SizeLimited`, so the engine splits before sending.
+    """
+
+    def deliver(self, letter: dict[str, Any], records: Sequence[Record]) -> None:
+        """Returns once the letter is durable (confirmed); raises if it could not be stored."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class SizeLimited(Protocol):
+    """Optional part of a `Destination`: the largest letter it is known to take."""
+
+    def max_letter_bytes(self) -> int | None:
+        """Bytes of a letter's JSON body the destination accepts, with room left for its own
+        envelope (headers, key), or None when it knows no limit. May ask the broker once."""
+        ...
+
+
+@dataclass(slots=True)
+class StoredLetter:
+    """A dead-letter record as a store holds it; `handle` is the store's own bookkeeping."""
+
+    id: str  # the letter's requestContext.requestId
+    letter: dict[str, Any]
+    handle: Any = None
+
+
+class DeadLetterStore(Protocol):
+    """Reads an on-failure destination back, for `workers dlq list/show/replay`."""
+
+    def pending(self) -> Iterator[StoredLetter]:
+        """Letters not yet replayed, oldest first, as the destination stands when called.
+
+        Letters added while iterating (a replay that fails again) are not included.
+        """
+        ...
+
+    def done(self, stored: StoredLetter) -> None:
+        """Durably mark a letter replayed: no later `pending()` offers it again."""
+        ...
+
+    def close(self) -> None:
+        """Release what `pending()` holds; letters not marked done stay for a later replay."""
+        ...
+
+
+class SourcePublisher(Protocol):
+    """Puts records back on a mapping's source (`workers dlq replay --to source`)."""
+
+    def publish(self, records: Sequence[Record], replay_count: int) -> None:
+        """Publish with the records' keys and headers plus the replay header; returns once the
+        broker confirmed them all, raises otherwise."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class SourceBase:
+    """Defaults for the optional parts of `Source`; required parts fail loudly."""
+
+    capabilities: Capabilities
+    shape: EventShape
+    retryable_errors: tuple[type[BaseException], ...] = ()
+
+    def commit(self, positions: Mapping[str, int]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not checkpoint by offset")
+
+    def ack(self, records: Sequence[Record]) -> None:
+        raise NotImplementedError(f"{type(self).__name__} does not checkpoint by ack")
+
+    def pause(self, units: Collection[str]) -> None:
+        if units:
+            raise NotImplementedError(f"{type(self).__name__} cannot pause")
+
+    def resume(self, units: Collection[str]) -> None:
+        if units:
+            raise NotImplementedError(f"{type(self).__name__} cannot pause")
+
+    def lag(self) -> Mapping[str, int]:
+        return {}
+
+    def fingerprint(self, record: Record) -> str:
+        return f"{record.source}@{record.position}"
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True, slots=True)
+class Connector:
+    """What a connector package registers under the `esm_workers.connectors` entry-point group.
+
+    `name` is the `type` its config models carry. Every opener imports the driver lazily, so
+    loading the registry never needs a broker client that a deployment does not use. Parts a
+    connector does not offer are None. `mapping` is the mapping's configuration
+    (`workers.app.config.EventSourceMapping`), `source`/`destination` its connector settings.
+    """
+
+    name: str
+    # pydantic models with `type: Literal[name]`, assembled into the configuration's schema.
+    source_settings: type[Any] | None = None
+    destination_settings: type[Any] | None = None
+    # `eventSource` values of the events its shape builds, and the shape that reads one back.
+    event_sources: tuple[str, ...] = ()
+    shape_for_event: Callable[[dict[str, Any]], EventShape] | None = None
+    open_source: Callable[[Any, int], Source] | None = None
+    open_destination: Callable[[Any, Any], Destination] | None = None
+    open_store: Callable[[Any, Any], DeadLetterStore] | None = None
+    open_publisher: Callable[[Any], SourcePublisher] | None = None
+    # Connect and disconnect (`workers validate --connect`); raise with a readable message.
+    probe_source: Callable[[Any], None] | None = None
+    # The same for a destination; returns what was checked ("topic 'x' at host:9092 exists").
+    probe_destination: Callable[[Any], str] | None = None
