@@ -1,13 +1,78 @@
-"""Per-unit checkpoint tracking: commit only the contiguous prefix of settled records.
+"""Settling: how records that are done become commits or acks, on the poller's loop thread.
 
-Batches of one partition can complete out of order (parallelization_factor > 1, bisect halves);
-an offset is safe to commit only when every record before it has settled.
+Batches settle on worker threads, in any order (parallelization_factor > 1, bisect halves). They
+put their records on the `SettleQueue`; the loop thread, the only thread that talks to the
+source's driver, takes them off and turns them into checkpoints:
+
+- offset sources: `CheckpointTracker` commits only the contiguous prefix of settled records, since
+  an offset is safe to commit only when every record before it has settled;
+- ack sources: `AckTable` holds every record delivered and not yet acked, so each is acked once.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+
+from workers.engine.records import Record
+
+
+class SettleQueue:
+    """Records settled on any thread, waiting for the loop thread to checkpoint them.
+
+    `put` may be called from any thread; `take` only from the loop thread. `wake`, when given,
+    is called after a put: a source that blocks in its driver returns from `poll` early.
+    """
+
+    def __init__(self, wake: Callable[[], None] | None = None) -> None:
+        self._items: deque[Sequence[Record]] = deque()  # append and popleft are atomic
+        self._wake = wake
+
+    def put(self, records: Sequence[Record]) -> None:
+        self._items.append(records)
+        if self._wake is not None:
+            self._wake()
+
+    def take(self) -> list[Record]:
+        """Every record settled since the last call, in the order they were put."""
+        out: list[Record] = []
+        items = self._items
+        while items:
+            out.extend(items.popleft())
+        return out
+
+    def empty(self) -> bool:
+        return not self._items
+
+
+class AckTable:
+    """Records of an ack source delivered and not yet acked: each is acked at most once.
+
+    By identity, not by position: a RabbitMQ delivery tag starts again on a new channel, so a
+    redelivered message can carry the tag of one still in flight from the old channel.
+    Not thread-safe: the poller's loop thread owns it.
+    """
+
+    def __init__(self) -> None:
+        self._held: set[Record] = set()
+
+    def hold(self, records: Iterable[Record]) -> None:
+        self._held.update(records)
+
+    def release(self, records: Iterable[Record]) -> list[Record]:
+        """The records not released before, now released: the ones to ack."""
+        held = self._held
+        out = [r for r in records if r in held]
+        held.difference_update(out)
+        return out
+
+    def forget(self, units: Iterable[str]) -> None:
+        """Drop records of units that were revoked (another consumer owns them now)."""
+        gone = set(units)
+        self._held = {r for r in self._held if r.source not in gone}
+
+    def __len__(self) -> int:
+        return len(self._held)
 
 
 class _Unit:

@@ -3,7 +3,9 @@
 A lane is the unit of ordering: records of one partition or stream whose keys hash to the same
 slot (`parallelization_factor` slots per unit). A lane runs one batch at a time, in arrival order,
 so a record never reaches the handler before an earlier record with the same key has settled.
-The loop thread owns the source; batches run on worker threads and checkpoint as they settle.
+One threading rule: only the loop thread talks to the source (and so to its driver). Batches run
+on worker threads and put what settled on a settle queue; the loop thread turns that into commits
+or acks (workers.engine.checkpoint).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from workers.engine.backoff import Backoff
 from workers.engine.batcher import BatchLimits, LaneBuffer
-from workers.engine.checkpoint import CheckpointTracker
+from workers.engine.checkpoint import AckTable, CheckpointTracker, SettleQueue
 from workers.engine.clock import SYSTEM_CLOCK, Clock
 from workers.engine.flight import InFlightFile, SuspectList, Suspects
 from workers.engine.invoker import Invoker
@@ -109,14 +111,16 @@ class Poller:
         self._ordered = source.capabilities.ordered
         self._pf = settings.parallelization_factor
         self._rr = itertools.count()
-        self._lock = threading.Lock()  # guards lanes, tracker and the settle path
+        self._lock = threading.Lock()  # guards lanes and buffers; never held across a source call
         self._idle = threading.Condition(self._lock)
         self._lanes: dict[tuple[str, int], _Lane] = {}
         self._unit_stops: dict[str, threading.Event] = {}
         self._buffered: dict[str, int] = {}
         self._paused: set[str] = set()
         self._took = threading.Event()  # set when a lane takes records from its buffer
-        self._tracker = CheckpointTracker()
+        self._tracker = CheckpointTracker()  # offset sources; the loop thread's
+        self._acks = AckTable()  # ack sources; the loop thread's
+        self._settled = SettleQueue(getattr(source, "wake", None))
         self._in_flight = 0
         self._failure: BaseException | None = None
         self._executor = ThreadPoolExecutor(
@@ -208,6 +212,7 @@ class Poller:
                 event.set()
 
     def _poll_once(self) -> int:
+        self._checkpoint()
         now = self.clock.monotonic()
         timeout = self._dispatch_ready(now)
         # Nothing can arrive while every unit is paused: resume drained units first, then wait
@@ -223,6 +228,7 @@ class Poller:
         if records:
             self._accept(records)
             self._dispatch_ready(self.clock.monotonic())
+        self._checkpoint()
         self._apply_backpressure()
         return len(records)
 
@@ -238,7 +244,7 @@ class Poller:
     def _quiet(self) -> bool:
         with self._lock:
             quiet = self._in_flight == 0 and not any(self._buffered.values())
-        return quiet and self.source.caught_up()
+        return quiet and self._settled.empty() and self.source.caught_up()
 
     # --- records in ------------------------------------------------------------------------------
 
@@ -247,6 +253,8 @@ class Poller:
         filtered: list[Record] = []
         matches = self.record_filter
         view = self.source.shape.filter_view
+        if not self._offsets:
+            self._acks.hold(records)
         with self._lock:
             # Per run of one unit rather than per record: this is the hot path of every poll.
             for unit, run in _runs(records):
@@ -371,26 +379,32 @@ class Poller:
     # --- settling --------------------------------------------------------------------------------
 
     def _settle(self, records: Sequence[Record]) -> None:
-        """Checkpoint records that succeeded, were filtered out or were dead-lettered."""
+        """Records that succeeded, were filtered out or were dead-lettered: any thread."""
+        if records:
+            self._settled.put(records)
+
+    def _checkpoint(self) -> None:
+        """Commit or ack what settled since the last call. The loop thread only."""
+        records = self._settled.take()
         if not records:
             return
         if self._offsets:
             by_unit: dict[str, list[int]] = {}
             for r in records:
                 by_unit.setdefault(r.source, []).append(r.position)
-            with self._lock:
-                for unit, positions in by_unit.items():
-                    if self._tracker.knows(unit):
-                        self._tracker.settle(unit, positions)
-                moved = self._tracker.advance()
-                if moved:
-                    # Under the lock: two threads must not commit one partition out of order.
-                    self.source.commit(moved)
-                    self.stats.checkpoints.update(moved)
+            for unit, positions in by_unit.items():
+                if self._tracker.knows(unit):
+                    self._tracker.settle(unit, positions)
+            moved = self._tracker.advance()
+            if moved:
+                self.source.commit(moved)
+                self.stats.checkpoints.update(moved)
         else:
-            self.source.ack(records)
-            last = records[-1]
-            self.stats.checkpoints[last.source] = self.source.shape.item_identifier(last)
+            released = self._acks.release(records)
+            if released:
+                self.source.ack(released)
+                last = released[-1]
+                self.stats.checkpoints[last.source] = self.source.shape.item_identifier(last)
 
     # --- assignment (AssignmentListener) ---------------------------------------------------------
 
@@ -412,13 +426,18 @@ class Poller:
             self._wait_idle(
                 lambda: not any(lane.busy for lane in self._lanes.values() if lane.unit in units)
             )
+        # Called by the source on the loop thread (inside poll): what the drained batches
+        # settled is checkpointed before the units go.
+        self._checkpoint()
+        with self._lock:
             for key in [k for k in self._lanes if k[0] in units]:
                 self._lanes.pop(key).buffer.clear()
             for unit in units:
                 self._buffered.pop(unit, None)
                 self._unit_stops.pop(unit, None)
             self._paused -= units
-            self._tracker.forget(units)
+        self._tracker.forget(units)
+        self._acks.forget(units)
 
     def _wait_idle(self, done: Callable[[], bool]) -> None:
         """Wait (lock held) until `done()`, at most the drain budget."""
@@ -460,6 +479,10 @@ class Poller:
             self._wait_idle(lambda: self._in_flight == 0)
         self._executor.shutdown(wait=False, cancel_futures=True)
         if opened:
+            try:
+                self._checkpoint()
+            except Exception:
+                log.exception("mapping %s: the last checkpoint failed", self.settings.mapping)
             try:
                 self.source.close()
             except Exception:

@@ -87,7 +87,12 @@ class AssignmentListener(Protocol):
 
 
 class Source(Protocol):
-    """One poller's connection to a topic, queue or set of streams."""
+    """One poller's connection to a topic, queue or set of streams.
+
+    The one threading rule: the engine calls every method from the poller's loop thread only
+    (the assignment listener, too, is called back on that thread, from inside `poll`), except
+    `fingerprint`, which must not touch the driver, and the optional `wake`.
+    """
 
     capabilities: Capabilities
     shape: EventShape
@@ -108,15 +113,15 @@ class Source(Protocol):
     def commit(self, positions: Mapping[str, int]) -> None:
         """Offset checkpoint: `positions[unit]` is the next position to read after a restart.
 
-        Called from worker threads, also while the loop thread is inside `poll()` and inside
-        `on_revoked` (which waits for those workers): it must not wait on the driver.
+        Positions only move forward; the engine commits a position once every record before it
+        has settled. Also called from inside `on_revoked`, before the units are released.
         """
         ...
 
     def ack(self, records: Sequence[Record]) -> None:
         """Ack checkpoint: these records have settled and must not be delivered again.
 
-        Called from worker threads, like `commit`; it must not wait on the loop thread.
+        Each record is acked once, in the order it settled (not necessarily delivery order).
         """
         ...
 
@@ -137,10 +142,17 @@ class Source(Protocol):
         ...
 
     def fingerprint(self, record: Record) -> str:
-        """A name for the message that survives redelivery (where positions do not)."""
+        """A name for the message that survives redelivery (where positions do not).
+
+        Called from worker threads: a pure function of the record.
+        """
         ...
 
     def close(self) -> None: ...
+
+    # Optional: `wake()`, callable from any thread, makes a `poll` that is blocked in the
+    # driver return soon, so that records settled meanwhile are checkpointed promptly. Without
+    # it they wait for the poll's timeout (at most 50 ms while batches are in flight).
 
 
 class LetterTooLarge(Exception):
