@@ -135,12 +135,6 @@ class FileDestination:
     def close(self) -> None:
         pass
 
-    def read(self) -> list[dict[str, Any]]:
-        """Every letter in the file, oldest first (lines that are not letters are warned about)."""
-        if not self.path.exists():
-            return []
-        return list(read_letters(self.path))
-
 
 class FileDeadLetterStore:
     """Reads `<mapping>.jsonl` back; replay progress is kept in `<mapping>.replayed` (one id a

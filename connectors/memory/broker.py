@@ -208,7 +208,7 @@ class MemoryLogSource(SourceBase):
 class MemoryQueueSource(SourceBase):
     """A consumer of one queue with manual acks (RabbitMQ-like, quorum delivery counts)."""
 
-    capabilities = Capabilities(ordered=False, checkpoint="ack", delivery_counts=True)
+    capabilities = Capabilities(ordered=False, checkpoint="ack")
     retryable_errors: tuple[type[BaseException], ...] = (MemoryBrokerError,)
 
     def __init__(self, broker: MemoryBroker, queue: str) -> None:

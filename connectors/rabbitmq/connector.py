@@ -275,7 +275,6 @@ class RabbitMQSource(SourceBase):
         ordered=False,
         checkpoint="ack",
         pausable=False,
-        delivery_counts=True,
         stable_positions=False,
     )
     retryable_errors = RETRYABLE_ERRORS

@@ -119,7 +119,7 @@ class RedisSource(SourceBase):
     https://redis.io/docs/latest/develop/data-types/streams/#recovering-from-permanent-failures
     """
 
-    capabilities = Capabilities(ordered=True, checkpoint="ack", pausable=True, delivery_counts=True)
+    capabilities = Capabilities(ordered=True, checkpoint="ack", pausable=True)
     retryable_errors = RETRYABLE_ERRORS
 
     def __init__(self, mapping: EventSourceMapping, instance: int) -> None:

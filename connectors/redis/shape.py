@@ -83,7 +83,8 @@ def redis_item(
 
 
 class RedisShape:
-    """The `redis:streams` event of DESIGN.md, in the spirit of Lambda's stream events."""
+    """The `redis:streams` event (its layout: README, "Brokers", Redis Streams), in the spirit of
+    Lambda's stream events."""
 
     batch_info_name = "RedisStreamBatchInfo"
 

@@ -57,6 +57,8 @@ class SourceContract:
 
     # How long a source may take to join and see its first record (Kafka groups take seconds).
     join_timeout_s = 30.0
+    # The broker counts deliveries, so a record delivered again says so in `Record.attempts`.
+    delivery_counts = False
 
     def make_source(self, name: str) -> Source:
         raise NotImplementedError
@@ -159,7 +161,7 @@ class SourceContract:
         try:
             again = poll_n(source, 7, self.join_timeout_s)
             assert sorted(r.value for r in again) == [f"{i}".encode() for i in range(3, 10)]
-            if source.capabilities.delivery_counts:
+            if self.delivery_counts:
                 assert all(r.attempts >= 1 for r in again)
             settle(source, again)
         finally:

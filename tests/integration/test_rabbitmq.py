@@ -221,6 +221,7 @@ class TestRabbitMQContract(SourceContract):
     # No group to join: a queue delivers at once. Tests that wait for records that must not
     # come wait this long.
     join_timeout_s = 3.0
+    delivery_counts = True  # x-delivery-count
 
     @pytest.fixture(autouse=True)
     def _admin(self) -> Iterator[None]:

@@ -253,6 +253,7 @@ def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
 class TestRedisContract(SourceContract):
     # Nothing to join; poll_n waits this long when asked for more records than exist.
     join_timeout_s = 2.0
+    delivery_counts = True  # XPENDING's times_delivered
 
     @pytest.fixture(autouse=True)
     def _redis(self, redis_url: str) -> Iterator[None]:

@@ -59,7 +59,8 @@ def test_a_short_write_is_continued_until_the_letter_is_whole(
     dest.deliver(letter(1), [])
     dest.deliver(letter(2), [])
     assert fake.calls > 2
-    assert [x["requestContext"]["requestId"] for x in dest.read()] == ["id-1", "id-2"]
+    lines = dest.path.read_bytes().splitlines()
+    assert [orjson.loads(line)["requestContext"]["requestId"] for line in lines] == ["id-1", "id-2"]
 
 
 @pytest.mark.parametrize("error", [errno.ENOSPC, errno.EFBIG, None])

@@ -1,21 +1,19 @@
-"""The mapping file: YAML with `${VAR}` substitution, validated into typed models.
+"""The mapping file's models: functions, event source mappings and their settings.
 
-Every problem is reported as `FILE: KEY.PATH: what is wrong`, all of them at once.
+Reading the file and `${VAR}` substitution are in `config_loading`, the wording of problems
+(`FILE: KEY.PATH: what is wrong`, all of them at once) in `config_errors`.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import importlib
 import json
 import os
 import re
 import sys
-import types
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import (
     TYPE_CHECKING,
@@ -25,13 +23,9 @@ from typing import (
     NoReturn,
     Self,
     Union,
-    get_args,
-    get_origin,
 )
 
-import yaml
 from pydantic import (
-    BaseModel,
     BeforeValidator,
     Field,
     PrivateAttr,
@@ -41,13 +35,10 @@ from pydantic import (
     model_validator,
 )
 
+from workers.app.config_errors import ConfigError, Problem, problems_of, render
+from workers.app.config_loading import read_yaml
 from workers.engine.invoker import FunctionSpec
-from workers.engine.redact import (
-    REDACTED,
-    is_secret_name,
-    redact_text,
-    redact_url,
-)
+from workers.engine.redact import redact_url
 from workers.engine.settings import (
     AS_WRITTEN,
     DestinationSettings,
@@ -78,35 +69,8 @@ __all__ = [
     "load_config",
     "parse_config",
     "redact_url",
+    "split_handler",
 ]
-
-
-# --------------------------------------------------------------------------------------------
-# Errors
-
-
-@dataclass(frozen=True, slots=True)
-class Problem:
-    """One thing wrong with a configuration: where (a key path) and what."""
-
-    path: str  # e.g. "event_source_mappings[0].batch_size"; "" for the file as a whole
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
-
-
-class ConfigError(Exception):
-    """A configuration cannot be used; the message has one `FILE: PATH: problem` line each."""
-
-    def __init__(self, file: str | Path, problems: Sequence[Problem]) -> None:
-        self.file = str(file)
-        # Whatever a message quotes, a password in it is masked (workers.engine.redact's one rule).
-        self.problems = tuple(Problem(p.path, redact_text(p.message)) for p in problems)
-        super().__init__("\n".join(f"{self.file}: {problem}" for problem in self.problems))
-
-    def __reduce__(self) -> tuple[type[ConfigError], tuple[str, tuple[Problem, ...]]]:
-        return (type(self), (self.file, self.problems))
 
 
 # --------------------------------------------------------------------------------------------
@@ -199,7 +163,7 @@ def check_handler(spec: FunctionSpec, file: str | Path = "<config>") -> None:
     sys.path. The import runs with the function's `environment` applied, because handlers often
     read it at import time (as on Lambda, where it is set before the module loads).
     """
-    path = _render(("functions", spec.name, "handler"))
+    path = render(("functions", spec.name, "handler"))
 
     def fail(message: str) -> NoReturn:
         raise ConfigError(file, [Problem(path, message)])
@@ -480,256 +444,7 @@ class Config(Model):
 
 
 # --------------------------------------------------------------------------------------------
-# Error messages
-
-
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
-
-
-def _render(loc: Sequence[str | int]) -> str:
-    """A key path as users write it: `event_source_mappings[0].source.topics[1]`."""
-    out = ""
-    for part in loc:
-        if part == "[key]":  # pydantic's marker for "the key itself is wrong"
-            continue
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif _PLAIN_KEY.fullmatch(part):
-            out += f".{part}" if out else part
-        else:
-            out += f"[{json.dumps(part)}]"
-    return out
-
-
-def _strip(tp: Any) -> Any:
-    while get_origin(tp) is Annotated:
-        tp = get_args(tp)[0]
-    return tp
-
-
-def _is_model(tp: Any) -> bool:
-    return isinstance(tp, type) and issubclass(tp, BaseModel)
-
-
-def _tagged(tp: Any) -> dict[str, type[BaseModel]]:
-    """The members of a union of models by their `type` tag ({} if `tp` is no such union)."""
-    if get_origin(tp) not in (Union, types.UnionType):
-        return {}
-    members: dict[str, type[BaseModel]] = {}
-    for arg in get_args(tp):
-        field = arg.model_fields.get("type") if _is_model(arg) else None
-        if field is not None:
-            members[get_args(field.annotation)[0]] = arg
-    return members
-
-
-@dataclass(slots=True)
-class _Located:
-    loc: Loc  # without discriminator tags
-    parent: type[BaseModel] | None  # the model holding the last key
-    target: Any  # the declared type at the location, when known
-
-
-def _locate(loc: Sequence[str | int]) -> _Located:
-    """Follow a pydantic error location through the models, dropping union tags."""
-    out: list[str | int] = []
-    tp: Any = Config
-    parent: type[BaseModel] | None = None
-    for part in loc:
-        tp = _strip(tp)
-        tagged = _tagged(tp)
-        if tagged and part in tagged:
-            tp = tagged[part]
-            continue
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if get_origin(tp) in (Union, types.UnionType) and len(args) == 1:
-            tp = _strip(args[0])  # Optional[X]
-        out.append(part)
-        if _is_model(tp):
-            parent = tp
-            field = tp.model_fields.get(part) if isinstance(part, str) else None
-            tp = field.annotation if field else None
-        elif get_origin(tp) is list:
-            parent, tp = None, get_args(tp)[0]
-        elif get_origin(tp) is dict:
-            parent, tp = None, get_args(tp)[1]
-        else:
-            parent, tp = None, None
-    return _Located(tuple(out), parent, _strip(tp))
-
-
-_KINDS = {
-    "string_type": "a string",
-    "int_type": "an integer",
-    "int_parsing": "an integer",
-    "int_from_float": "an integer",
-    "float_type": "a number",
-    "float_parsing": "a number",
-    "bool_type": "true or false",
-    "bool_parsing": "true or false",
-    "list_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-}
-
-
-def _message(error: Any, at: _Located) -> tuple[Loc, str]:
-    kind: str = error["type"]
-    value = error.get("input")
-    ctx = error.get("ctx") or {}
-    last = next((p for p in reversed(at.loc) if isinstance(p, str)), "")
-    if is_secret_name(last):
-        value = REDACTED
-    got = f" (got {show(value)})"
-    if kind == "missing":
-        return at.loc, "is required"
-    if kind == "extra_forbidden":
-        known = list(at.parent.model_fields) if at.parent else []
-        close = difflib.get_close_matches(str(last), known, n=1)
-        if close:
-            return at.loc, f"unknown key (did you mean {close[0]!r}?)"
-        return at.loc, "unknown key" + (f" (known keys: {', '.join(known)})" if known else "")
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        tags = ", ".join(repr(t) for t in _tagged(at.target)) or ctx.get("expected_tags", "")
-        if kind == "union_tag_not_found":
-            return (*at.loc, "type"), f"is required (one of {tags})"
-        return (*at.loc, "type"), f"must be one of {tags} (got {show(ctx.get('tag'))})"
-    if kind == "literal_error":
-        return at.loc, f"must be {ctx.get('expected')}{got}"
-    if kind in ("too_short", "string_too_short"):
-        return at.loc, "must not be empty"
-    if kind in _KINDS:
-        message = f"must be {_KINDS[kind]}{got}"
-        if kind == "string_type" and isinstance(value, int | float):
-            message += "; quote it in YAML"
-        return at.loc, message
-    text: str = error["msg"]
-    text = text.removeprefix("Value error, ")
-    return at.loc, text[:1].lower() + text[1:] + got
-
-
-def _problems_of(exc: ValidationError) -> list[Problem]:
-    problems: list[Problem] = []
-    for error in exc.errors(include_url=False):
-        loc = tuple(error["loc"])
-        if error["type"] == "esm_config":
-            ctx = error.get("ctx") or {}
-            for relative, message in ctx.get("problems") or [((), error["msg"])]:
-                problems.append(Problem(_render(_locate((*loc, *relative)).loc), message))
-            continue
-        where, message = _message(error, _locate(loc))
-        problems.append(Problem(_render(where), message))
-    return problems
-
-
-# --------------------------------------------------------------------------------------------
 # Loading
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that rejects duplicate keys (YAML keeps the last one silently)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[str] = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(
-                key_node, yaml.ScalarNode
-            ):
-                continue
-            if key_node.value in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key_node.value!r}", key_node.start_mark
-                )
-            seen.add(key_node.value)
-        return super().construct_mapping(node, deep)
-
-
-# Unquoted times stay strings (PyYAML would make datetimes that no string field accepts).
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-
-
-def _parse_yaml(text: str, file: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        what = exc.problem or exc.context or "syntax error"
-        raise ConfigError(file, [Problem("", f"{where}invalid YAML: {what}")]) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(file, [Problem("", f"invalid YAML: {exc}")]) from None
-    except RecursionError:
-        # PyYAML's composer recurses once per level: a document nested hundreds deep.
-        raise ConfigError(file, [Problem("", "invalid YAML: nested too deeply")]) from None
-
-
-_REFERENCE = re.compile(
-    r"\$\$\{|\$\{(?:(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?::-(?P<default>[^}]*))?\})?"
-)
-
-
-def _substitute(
-    node: Any,
-    environ: Mapping[str, str],
-    loc: Loc,
-    problems: list[tuple[Loc, str]],
-    as_written: dict[str, str] | None = None,
-) -> Any:
-    """Replace `${VAR}` / `${VAR:-default}` in every string value; `$${` is a literal `${`.
-
-    Done on parsed values, not on the text, so a value can hold any character without breaking
-    the YAML. Keys are left alone. As in the shell, `:-` also applies when VAR is set but empty.
-    Each string changed is noted in `as_written` (result -> text in the file), so that error
-    messages can show what the file says rather than what the environment put there.
-    """
-    if isinstance(node, dict):
-        return {
-            k: _substitute(v, environ, (*loc, k), problems, as_written) for k, v in node.items()
-        }
-    if isinstance(node, list):
-        return [
-            _substitute(v, environ, (*loc, i), problems, as_written) for i, v in enumerate(node)
-        ]
-    if not isinstance(node, str) or "${" not in node:
-        return node
-
-    def replace(match: re.Match[str]) -> str:
-        text = match.group(0)
-        if text == "$${":
-            return "${"
-        name, default = match.group("name"), match.group("default")
-        if name is None:
-            snippet = node[match.start() : match.start() + 20]
-            problems.append(
-                (
-                    loc,
-                    f"malformed reference {snippet!r}: write ${{NAME}} or ${{NAME:-default}}"
-                    " (or $${ for a literal ${)",
-                )
-            )
-            return text
-        value = environ.get(name)
-        if default is not None:
-            return value or default
-        if value is None:
-            problems.append(
-                (
-                    loc,
-                    f"environment variable {name} is not set"
-                    f" (write ${{{name}:-default}} to give a default)",
-                )
-            )
-            return text
-        return value
-
-    result = _REFERENCE.sub(replace, node)
-    if as_written is not None and result != node:
-        as_written[result] = node
-    return result
 
 
 def config_from_dict(data: Any, file: str | Path = "<config>") -> Config:
@@ -750,7 +465,7 @@ def config_from_dict(data: Any, file: str | Path = "<config>") -> Config:
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        problems = _problems_of(exc)
+        problems = problems_of(exc, Config)
         # Reference checks run after field validation, so they are lost when any field is bad;
         # redo them on the raw data so that one run reports everything.
         functions = data.get("functions")
@@ -762,7 +477,7 @@ def config_from_dict(data: Any, file: str | Path = "<config>") -> Config:
         for loc, message in _reference_problems(
             functions if isinstance(functions, dict) else None, raw
         ):
-            problem = Problem(_render(loc), message)
+            problem = Problem(render(loc), message)
             if problem not in problems:
                 problems.append(problem)
         raise ConfigError(name, problems) from None
@@ -775,12 +490,7 @@ def parse_config(
 ) -> Config:
     """Parse and validate YAML text; `file` is the name error messages use."""
     name = str(file)
-    data = _parse_yaml(text, name)
-    problems: list[tuple[Loc, str]] = []
-    as_written: dict[str, str] = {}
-    data = _substitute(data, os.environ if environ is None else environ, (), problems, as_written)
-    if problems:
-        raise ConfigError(name, [Problem(_render(loc), message) for loc, message in problems])
+    data, as_written = read_yaml(text, name, environ)
     token = AS_WRITTEN.set(as_written)
     try:
         return config_from_dict(data, name)

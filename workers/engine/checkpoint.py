@@ -125,10 +125,6 @@ class CheckpointTracker:
             u.done.discard(u.outstanding.popleft())
         self._dirty.add(unit)
 
-    def pending(self, unit: str) -> int:
-        u = self._units.get(unit)
-        return len(u.outstanding) if u else 0
-
     def safe_position(self, unit: str) -> int | None:
         """The next position to read after a restart, or None if nothing was ever settled."""
         u = self._units.get(unit)
@@ -149,9 +145,6 @@ class CheckpointTracker:
                 moved[unit] = pos
         self._dirty.clear()
         return moved
-
-    def committed(self) -> dict[str, int]:
-        return {k: u.committed for k, u in self._units.items() if u.committed is not None}
 
     def forget(self, units: Iterable[str]) -> None:
         """Drop state for units that were revoked (another consumer owns them now)."""

@@ -34,8 +34,6 @@ class Capabilities:
     checkpoint: Literal["offset", "ack"]
     # The source can stop fetching some units while others keep flowing.
     pausable: bool = False
-    # The broker counts deliveries, so attempt counts survive restarts (Record.attempts).
-    delivery_counts: bool = False
     # (source, position) names the same message on every delivery (a Kafka offset, a Redis
     # entry id). Otherwise `Source.fingerprint` tells a message again after a redelivery.
     stable_positions: bool = True

@@ -2,7 +2,7 @@
 each connector's own models (`connectors/<name>/config.py`).
 
 Every check raises with one readable message; `invalid` reports several keys at once, relative to
-the value being validated, and `workers.app.config` puts them back where they belong.
+the value being validated, and `workers.app.config_errors` puts them back where they belong.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def invalid(*problems: tuple[Loc, str]) -> PydanticCustomError:
     """A validation error for keys relative to the validated value (several at once).
 
     Model validators can only raise one error and only at the model's own location; the
-    relative paths ride in the context and `_problems_of` puts them back where they belong.
+    relative paths ride in the context and `config_errors.problems_of` puts them back where they
+    belong.
     """
     summary = "; ".join(message for _, message in problems)
     return PydanticCustomError(
