@@ -156,7 +156,7 @@ def stages(broker: str, target: Target, workdir: Workdir) -> dict[str, float]:
     _, mapping = _mapping(target, ds, folder)
     out: dict[str, float] = {}
     if broker == "redis":
-        from connectors.redis.connector import RedisSource
+        from connectors.redis.source import RedisSource
 
         entries, read, ack = _redis_batch(target, ds)
         source: Any = RedisSource(mapping, 0)
@@ -288,7 +288,7 @@ def switch_interval(seconds: float) -> Iterator[None]:
 @contextlib.contextmanager
 def redis_deferred_acks() -> Iterator[None]:
     """RedisSource.ack queues the ids; the loop thread XACKs them on its next poll."""
-    from connectors.redis.connector import RedisSource
+    from connectors.redis.source import RedisSource
 
     def ack(self: Any, records: Any) -> None:
         with self._lock:
@@ -301,9 +301,9 @@ def redis_deferred_acks() -> Iterator[None]:
 
 @contextlib.contextmanager
 def short_paused_wait() -> Iterator[None]:
-    import connectors.redis.connector
+    import connectors.redis.source
 
-    with patched(connectors.redis.connector, "PAUSED_WAIT_S", 0.0005):
+    with patched(connectors.redis.source, "PAUSED_WAIT_S", 0.0005):
         yield
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import orjson
 
 from workers.app.registry import shape_for_event
+from workers.engine.ports import FieldedShape
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +33,9 @@ class EventRecord:
     """One record of an event, whatever the broker."""
 
     source: str  # "topic-partition", queue or stream
-    value: bytes  # Kafka value, RabbitMQ body; a Redis entry's only field, or its fields as JSON
+    # Kafka value, RabbitMQ body; for a Redis entry what its event shape says the value is (its
+    # only field's, or its fields as JSON)
+    value: bytes
     key: bytes | None
     headers: list[tuple[str, bytes]]
     timestamp_ms: int
@@ -66,20 +69,14 @@ class EventRecord:
 def records(event: dict[str, Any]) -> Iterator[EventRecord]:
     """Every record of a Kafka, RabbitMQ or Redis Streams event, in event order."""
     shape = shape_for_event(event)
+    # A shape whose records are named fields (Redis entries) says what they are, as it says
+    # what the value is.
+    fields_of = shape.handler_fields if isinstance(shape, FieldedShape) else None
     for r in shape.records(event):
-        fields: dict[str, bytes] = {}
-        value = r.value
-        raw_fields = getattr(r.meta, "raw_fields", None)  # a Redis entry's
-        if raw_fields is not None:
-            fields = {
-                name.decode("utf-8", "surrogateescape"): value
-                for name, value in raw_fields().items()
-            }
-            if len(fields) == 1:
-                value = next(iter(fields.values()))
+        fields = fields_of(r) if fields_of is not None else {}
         yield EventRecord(
             source=r.source,
-            value=value,
+            value=r.value,
             key=r.key,
             headers=list(r.headers),
             timestamp_ms=r.timestamp_ms,

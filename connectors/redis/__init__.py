@@ -10,31 +10,31 @@ from workers.engine.ports import Connector, DeadLetterStore, Destination, Source
 
 
 def _source(mapping: Any, instance: int) -> Source:
-    from connectors.redis.connector import RedisSource
+    from connectors.redis.source import RedisSource
 
     return RedisSource(mapping, instance)
 
 
 def _destination(dst: Any, mapping: Any) -> Destination:
-    from connectors.redis.connector import RedisDestination
+    from connectors.redis.destination import RedisDestination
 
     return RedisDestination(dst, mapping)
 
 
 def _store(dst: Any, mapping: Any) -> DeadLetterStore:
-    from connectors.redis.connector import RedisDeadLetterStore
+    from connectors.redis.store import RedisDeadLetterStore
 
     return RedisDeadLetterStore(dst, mapping)
 
 
 def _publisher(src: Any) -> SourcePublisher:
-    from connectors.redis.connector import RedisSourcePublisher
+    from connectors.redis.publisher import RedisSourcePublisher
 
     return RedisSourcePublisher(src)
 
 
 def _probe_source(src: Any) -> None:
-    from connectors.redis.connector import probe_redis
+    from connectors.redis.probe import probe_redis
 
     probe_redis(src)
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from workers.engine.letters import iso_ms
+from workers.engine.letters import REPLAY_HEADER, iso_ms
 from workers.engine.records import Record
 from workers.engine.shapes import decoded as _decoded
 from workers.engine.shapes import encoded_size
@@ -31,6 +31,13 @@ def parse_stream_id(entry_id: str) -> int:
 
 def format_stream_id(position: int) -> str:
     return f"{position >> 64}-{position & ((1 << 64) - 1)}"
+
+
+def timestamp_start_id(ms: int) -> str:
+    """Where a consumer group starts to read entries stamped at `ms` or later."""
+    # The group's last-delivered id is exclusive: start just below the first id of `ms` so an
+    # entry stamped exactly at the timestamp is read (as Kafka's offsets_for_times would).
+    return format_stream_id((ms << 64) - 1) if ms > 0 else "0-0"
 
 
 # Marks a Redis field name written as the base64 of its bytes (see `field_name`).
@@ -62,6 +69,45 @@ def field_bytes(name: str) -> bytes:
         except binascii.Error:
             pass  # not written by field_name (an event made by hand): the text is the name
     return name.encode("utf-8", "surrogateescape")
+
+
+# The field a replay onto the source adds (`workers dlq replay --to source`), as the replay header
+# of Kafka and RabbitMQ records.
+REPLAY_FIELD = REPLAY_HEADER
+
+
+def entry_value(fields: Mapping[str, bytes], key_name: str | None = None) -> bytes:
+    """What an entry's value is: the value the source gives its record, the one filters and
+    replays onto other brokers take, and `workers.events.EventRecord.value`.
+
+    `fields` are keyed by the names as the event shows them (`field_name`). The value is the only
+    field's, not counting `esm-replay-count` (a replayed entry keeps the value it had before) nor,
+    when the mapping has a `partition_key_field` (`key_name`), that field beside one other (as a
+    Kafka record has a key and a value). Otherwise it is a JSON object of the fields (the key
+    field included), their values decoded as UTF-8. Handlers see the event, which does not say
+    which field is the key: for them `key_name` is None.
+    """
+    if len(fields) == 1:
+        for value in fields.values():
+            return value
+    body = fields
+    if REPLAY_FIELD in fields:
+        body = {k: v for k, v in fields.items() if k != REPLAY_FIELD}
+        if len(body) == 1:
+            return next(iter(body.values()))
+    if key_name is not None and len(body) == 2 and key_name in fields:
+        return next(v for k, v in body.items() if k != key_name)
+    return orjson.dumps({k: v.decode("utf-8", "replace") for k, v in body.items()})
+
+
+def handler_fields(fields: Mapping[str, bytes]) -> dict[str, bytes]:
+    """An entry's fields as `workers.events.EventRecord.fields` holds them: under their original
+    names as text, a name that is not UTF-8 decoded with "surrogateescape" so that its bytes
+    come back exactly (`name.encode("utf-8", "surrogateescape")`)."""
+    return {
+        field_bytes(name).decode("utf-8", "surrogateescape"): value
+        for name, value in fields.items()
+    }
 
 
 @dataclass(slots=True)  # not frozen: one per record, and a frozen __init__ costs more
@@ -118,7 +164,7 @@ class RedisShape:
         for stream, items in event.get("records", {}).items():
             for item in items:
                 fields = {k: _unb64(v) for k, v in item.get("fields", {}).items()}
-                value = orjson.dumps({k: v.decode("utf-8", "replace") for k, v in fields.items()})
+                value = entry_value(fields)
                 out.append(
                     Record(
                         source=stream,
@@ -130,6 +176,10 @@ class RedisShape:
                     )
                 )
         return out
+
+    def handler_fields(self, record: Record) -> dict[str, bytes]:
+        meta: RedisMeta = record.meta
+        return handler_fields(meta.fields)
 
     def item_key(self, record: Record) -> Hashable:
         meta: RedisMeta = record.meta

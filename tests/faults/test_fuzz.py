@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from connectors.kafka.shape import KafkaMeta, KafkaShape, kafka_item
 from connectors.rabbitmq.connector import basic_properties
 from connectors.rabbitmq.shape import RabbitMeta, RabbitShape
-from connectors.redis.connector import RedisSource
 from connectors.redis.shape import RedisShape
+from connectors.redis.source import RedisSource
 from tests.cli import REPO
 from tests.faults.hostile import field_name_bytes
 from workers.app import config as cfg

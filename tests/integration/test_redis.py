@@ -23,7 +23,10 @@ import redis
 import yaml
 
 from connectors.redis import config as redis_cfg
-from connectors.redis.connector import RedisDestination, RedisSource, probe_redis, server_of
+from connectors.redis.client import server_of
+from connectors.redis.destination import RedisDestination
+from connectors.redis.probe import probe_redis
+from connectors.redis.source import RedisSource
 from tests import brokers
 from tests.cli import run_workers, workers_run
 from tests.engine import DirectInvoker

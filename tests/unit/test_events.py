@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
+
 from connectors.kafka.shape import KafkaMeta, KafkaShape
 from connectors.rabbitmq.shape import RabbitMeta, RabbitShape
-from connectors.redis.shape import RedisMeta, RedisShape, field_bytes, field_name, parse_stream_id
+from connectors.redis.shape import (
+    RedisShape,
+    entry_value,
+    field_bytes,
+    field_name,
+)
+from connectors.redis.source import RedisSource
+from workers.app import config as cfg
 from workers.engine.policy import PartialFailure, interpret
 from workers.engine.records import Record
-from workers.events import batch_response, records
+from workers.events import EventRecord, batch_response, records
 
 
 def test_kafka_records_decoded_and_identified() -> None:
@@ -36,24 +47,69 @@ def test_kafka_records_decoded_and_identified() -> None:
     assert interpret(response, built, shape, True) == PartialFailure(frozenset({("t-0", 5)}))
 
 
-def test_rabbitmq_and_redis_records() -> None:
+def test_rabbitmq_records() -> None:
     rmq = RabbitShape("h").event(
         [Record("q", 1, b'{"n": 2}', meta=RabbitMeta("q", "/", 3, {"headers": {"x": "y"}}))]
     )
     (r,) = records(rmq)
     assert r.json() == {"n": 2} and r.item_identifier == {"queue": "q", "deliveryTag": 3}
-    entry = "1700000000000-0"
-    one = RedisShape("h").event(
-        [Record("s", parse_stream_id(entry), b"", meta=RedisMeta("s", entry, {"body": b"[1]"}))]
+
+
+def redis_source(partition_key_field: str | None = None) -> RedisSource:
+    """A source that is never opened: `_records` makes records of XREADGROUP entries."""
+    source: dict[str, Any] = {"type": "redis", "url": "redis://127.0.0.1:1/0", "streams": ["s"]}
+    if partition_key_field is not None:
+        source["partition_key_field"] = partition_key_field
+    mapping = cfg.EventSourceMapping.model_validate(
+        {"name": "events", "function": "f", "source": source}
     )
-    (r,) = records(one)
-    assert r.json() == [1] and r.fields == {"body": b"[1]"}
-    assert r.item_identifier == {"stream": "s", "id": entry}
-    many = RedisShape("h").event(
-        [Record("s", 1, b"", meta=RedisMeta("s", "0-1", {"a": b"1", "b": b"x"}))]
-    )
-    (r,) = records(many)
-    assert r.fields == {"a": b"1", "b": b"x"} and r.json() == {"a": "1", "b": "x"}
+    return RedisSource(mapping, 0)
+
+
+def read_back(
+    entries: list[tuple[bytes, dict[bytes, bytes]]], partition_key_field: str | None = None
+) -> tuple[list[Record], list[EventRecord]]:
+    """The source's records of `entries`, and what a handler reads of the event they make."""
+    built = redis_source(partition_key_field)._records("s", entries, 0.0)
+    event = orjson.loads(orjson.dumps(RedisShape("h").event(built)))
+    return built, list(records(event))
+
+
+def test_redis_records_read_as_the_source_made_them() -> None:
+    entries = [
+        (b"1700000000000-0", {b"body": b"[1]"}),
+        (b"1700000000000-1", {b"a": b"1", b"b": b"x"}),
+        # Replayed onto the source: the value is what it was before, the count stays a field.
+        (b"1700000000000-2", {b"body": b"[2]", b"esm-replay-count": b"1"}),
+        (b"1700000000000-3", {b"a": b"\xff", b"b": b"2", b"esm-replay-count": b"3"}),
+        (b"1700000000000-4", {b"\xff": b"bin"}),
+    ]
+    built, got = read_back(entries)
+    # What the handler's helper says each value is, the source said too.
+    assert [r.value for r in got] == [r.value for r in built]
+    assert [r.fields for r in got] == [
+        {k.decode("utf-8", "surrogateescape"): v for k, v in fields.items()}
+        for _, fields in entries
+    ]
+    assert got[0].json() == [1] and got[0].field("body") == b"[1]"
+    assert got[1].json() == {"a": "1", "b": "x"}
+    assert got[2].json() == [2] and got[2].field("esm-replay-count") == b"1"
+    assert got[3].json() == {"a": "\ufffd", "b": "2"}
+    assert got[4].value == b"bin" and got[4].field(b"\xff") == b"bin"
+    assert [r.item_identifier for r in got] == [
+        {"stream": "s", "id": entry_id.decode()} for entry_id, _ in entries
+    ]
+
+
+def test_redis_partition_key_field_is_part_of_the_value_the_handler_reads() -> None:
+    # The event does not say which field is the partition key: the source's record has a key
+    # and the other field as its value, the handler reads both fields as the value.
+    built, got = read_back([(b"1-0", {b"k": b"a", b"v": b"1"}), (b"1-1", {b"v": b"2"})], "k")
+    assert [(r.key, r.value) for r in built] == [(b"a", b"1"), (None, b"2")]
+    assert got[0].json() == {"k": "a", "v": "1"} and got[0].field("k") == b"a"
+    assert got[1].value == b"2"
+    assert got[0].value == entry_value({"k": b"a", "v": b"1"})
+    assert built[0].value == entry_value({"k": b"a", "v": b"1"}, "k")
 
 
 def test_redis_field_names_that_are_not_utf8_keep_their_identity() -> None:
@@ -67,12 +123,7 @@ def test_redis_field_names_that_are_not_utf8_keep_their_identity() -> None:
     # A b64: name that is no base64 (an event written by hand) is taken as written.
     assert field_bytes("b64:not base64!") == b"b64:not base64!"
 
-    entry = "1-1"
-    [r] = records(
-        RedisShape("").event(
-            [Record("s", parse_stream_id(entry), b"", meta=RedisMeta("s", entry, names))]
-        )
-    )
+    _, [r] = read_back([(b"1-1", raw)])
     assert r.fields == {k.decode("utf-8", "surrogateescape"): v for k, v in raw.items()}
     assert r.field(b"\xff") == b"1" and r.field(b"\xfe") == b"2" and r.field("ok") == b"3"
     assert r.field("b64:eA==") == b"4"

@@ -74,6 +74,15 @@ class EventShape(Protocol):
         ...
 
 
+@runtime_checkable
+class FieldedShape(Protocol):
+    """Optional part of an `EventShape` whose records are made of named fields (Redis entries)."""
+
+    def handler_fields(self, record: Record) -> dict[str, bytes]:
+        """The record's fields as `workers.events.EventRecord.fields` holds them."""
+        ...
+
+
 class AssignmentListener(Protocol):
     """Told by a source when its assignment changes (consumer-group rebalances)."""
 
