@@ -79,7 +79,7 @@ class RedisSource(SourceBase):
         self._touch_every_s = src.claim_idle_s / 3
         self._entries = EntryConverter(self.mapping, src.partition_key_field)
         self._client: redis.Redis | None = None
-        self._lock = threading.Lock()  # guards _in_flight and _unacked (ack() runs on workers)
+        # All state is the loop thread's: the engine calls a source from that thread only.
         # Entries handed to the engine and not yet acked: stream -> id -> when last delivered or
         # touched (monotonic). Reads skip them, so a re-read never hands out a duplicate.
         self._in_flight: dict[str, dict[str, float]] = {s: {} for s in self.streams}
@@ -387,13 +387,12 @@ class RedisSource(SourceBase):
     ) -> list[Record]:
         """Engine records for `entries`, skipping any already in flight."""
         fresh: list[Entry] = []
-        with self._lock:
-            held = self._in_flight[stream]
-            for raw_id, fields in entries:
-                entry_id = raw_id.decode()
-                if entry_id not in held:
-                    held[entry_id] = now
-                    fresh.append((entry_id, raw_id, fields))
+        held = self._in_flight[stream]
+        for raw_id, fields in entries:
+            entry_id = raw_id.decode()
+            if entry_id not in held:
+                held[entry_id] = now
+                fresh.append((entry_id, raw_id, fields))
         try:
             return self._entries.convert(stream, fresh, counts)
         except Exception:
@@ -420,11 +419,10 @@ class RedisSource(SourceBase):
         cutoff = now - self._touch_every_s
         margin_s = self._touch_every_s / 2
         due: dict[tuple[str, float], list[str]] = {}
-        with self._lock:
-            for stream, held in self._in_flight.items():
-                for entry_id, since in held.items():
-                    if since <= cutoff:
-                        due.setdefault((stream, since), []).append(entry_id)
+        for stream, held in self._in_flight.items():
+            for entry_id, since in held.items():
+                if since <= cutoff:
+                    due.setdefault((stream, since), []).append(entry_id)
         if not due:
             return
         pipe = client.pipeline(transaction=False)
@@ -435,12 +433,11 @@ class RedisSource(SourceBase):
                     stream, self.group, self.consumer, min_idle_ms, list(chunk), justid=True
                 )
         pipe.execute(raise_on_error=False)
-        with self._lock:
-            for (stream, _), ids in due.items():
-                held = self._in_flight[stream]
-                for entry_id in ids:
-                    if entry_id in held:
-                        held[entry_id] = now
+        for (stream, _), ids in due.items():
+            held = self._in_flight[stream]
+            for entry_id in ids:
+                if entry_id in held:
+                    held[entry_id] = now
 
     # --- checkpointing ---------------------------------------------------------------------------
 
@@ -456,9 +453,8 @@ class RedisSource(SourceBase):
                 raise RedisConnectionError("source closed")
             self._xack(client, by_stream)
         except RETRYABLE_ERRORS as exc:
-            with self._lock:
-                for stream, ids in by_stream.items():
-                    self._unacked.setdefault(stream, set()).update(ids)
+            for stream, ids in by_stream.items():
+                self._unacked.setdefault(stream, set()).update(ids)
             log.warning(
                 "mapping %s: acking %d entries failed (%s); retrying after reconnecting",
                 self.mapping,
@@ -480,26 +476,23 @@ class RedisSource(SourceBase):
         pipe.execute()
 
     def _forget(self, by_stream: Mapping[str, Collection[str]]) -> None:
-        with self._lock:
-            for stream, ids in by_stream.items():
-                held = self._in_flight.get(stream)
-                if held is not None:
-                    for entry_id in ids:
-                        held.pop(entry_id, None)
+        for stream, ids in by_stream.items():
+            held = self._in_flight.get(stream)
+            if held is not None:
+                for entry_id in ids:
+                    held.pop(entry_id, None)
 
     def _flush_unacked(self, client: redis.Redis) -> None:
-        with self._lock:
-            pending = {s: set(ids) for s, ids in self._unacked.items() if ids}
+        pending = {s: set(ids) for s, ids in self._unacked.items() if ids}
         if not pending:
             return
         self._xack(client, pending)
-        with self._lock:
-            for stream, ids in pending.items():
-                left = self._unacked.get(stream, set()) - ids
-                if left:
-                    self._unacked[stream] = left
-                else:
-                    self._unacked.pop(stream, None)
+        for stream, ids in pending.items():
+            left = self._unacked.get(stream, set()) - ids
+            if left:
+                self._unacked[stream] = left
+            else:
+                self._unacked.pop(stream, None)
         self._forget(pending)
         log.info(
             "mapping %s: acked %d entries held back by a lost connection",
@@ -528,9 +521,8 @@ class RedisSource(SourceBase):
         """
         if self._client is None or self._reset or self._history or self._paused:
             return False
-        with self._lock:
-            if self._unacked:
-                return False
+        if self._unacked:
+            return False
         now = time.monotonic()
         if now - self._drained_at >= DRAINED_TTL_S:
             try:
@@ -555,8 +547,7 @@ class RedisSource(SourceBase):
                 return False
             if last and id_key(last[0][0]) > id_key(info["last-delivered-id"]):
                 return False
-            with self._lock:
-                held = len(self._in_flight[stream])
+            held = len(self._in_flight[stream])
             for consumer in summary.get("consumers") or ():
                 pending = int(consumer["pending"])
                 if (consumer["name"] != me and pending) or pending > held:
