@@ -386,11 +386,11 @@ class Poller:
                 if moved:
                     # Under the lock: two threads must not commit one partition out of order.
                     self.source.commit(moved)
-                    self.stats.checkpoints.update(moved)
+                    self.stats.checkpointed(moved)
         else:
             self.source.ack(records)
             last = records[-1]
-            self.stats.checkpoints[last.source] = self.source.shape.item_identifier(last)
+            self.stats.checkpointed({last.source: self.source.shape.item_identifier(last)})
 
     # --- assignment (AssignmentListener) ---------------------------------------------------------
 
@@ -467,5 +467,7 @@ class Poller:
         if self.in_flight is not None and self._failure is None:
             self.in_flight.close()
         log.info(
-            "mapping %s: stopped; checkpoints %s", self.settings.mapping, self.stats.checkpoints
+            "mapping %s: stopped; checkpoints %s",
+            self.settings.mapping,
+            self.stats.snapshot()["checkpoints"],
         )
