@@ -7,8 +7,9 @@ import logging
 import os
 import sys
 import threading
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ def process_invoker() -> Iterator[Factory]:
 @pytest.fixture
 def thread_invoker() -> Iterator[Callable[..., ThreadInvoker]]:
     saved_environ = dict(os.environ)
+    saved_path = list(sys.path)
     created: list[ThreadInvoker] = []
 
     def make(function: str, **overrides: Any) -> ThreadInvoker:
@@ -75,8 +77,18 @@ def thread_invoker() -> Iterator[Callable[..., ThreadInvoker]]:
     yield make
     for invoker in created:
         invoker.close()
-    os.environ.clear()
-    os.environ.update(saved_environ)
+    # Threads abandoned by a timeout keep their function's variables until their handler returns.
+    deadline = time.monotonic() + 10
+    while any(i.stats.environments for i in created) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(invoker.stats.environments == 0 for invoker in created)
+    # Once every function is closed and its threads have ended, nothing of theirs is left.
+    assert without_pytest(os.environ) == without_pytest(saved_environ)
+    assert sys.path == saved_path
+
+
+def without_pytest(environ: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k != "PYTEST_CURRENT_TEST"}  # pytest's own
 
 
 def in_background(call: Callable[[], InvokeResult]) -> tuple[threading.Thread, list[InvokeResult]]:
