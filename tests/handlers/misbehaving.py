@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -79,6 +80,19 @@ def prints(event: Any, context: Any) -> None:
 
 
 def reads_env(event: Any, context: Any) -> dict[str, str | None]:
+    return {name: os.environ.get(name) for name in event["names"]}
+
+
+# Under thread isolation the test shares this module with the handler: it sees STARTED and
+# opens GATE.
+STARTED = threading.Event()
+GATE = threading.Event()
+
+
+def reads_env_when_let_through(event: Any, context: Any) -> dict[str, str | None]:
+    STARTED.set()
+    if not GATE.wait(timeout=20):
+        raise TimeoutError("the test never opened the gate")
     return {name: os.environ.get(name) for name in event["names"]}
 
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
-from collections.abc import Callable, Iterator
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +25,7 @@ from workers.engine.outcomes import (
     Success,
     Timeout,
 )
-from workers.invoke.environments import ProcessInvoker, ThreadInvoker, create_invoker
+from workers.invoke import ProcessInvoker, ThreadInvoker, create_invoker
 
 ROOT = Path(__file__).resolve().parents[2]
 HANDLERS = "tests.handlers.misbehaving"
@@ -62,6 +65,7 @@ def process_invoker() -> Iterator[Factory]:
 @pytest.fixture
 def thread_invoker() -> Iterator[Callable[..., ThreadInvoker]]:
     saved_environ = dict(os.environ)
+    saved_path = list(sys.path)
     created: list[ThreadInvoker] = []
 
     def make(function: str, **overrides: Any) -> ThreadInvoker:
@@ -73,8 +77,18 @@ def thread_invoker() -> Iterator[Callable[..., ThreadInvoker]]:
     yield make
     for invoker in created:
         invoker.close()
-    os.environ.clear()
-    os.environ.update(saved_environ)
+    # Threads abandoned by a timeout keep their function's variables until their handler returns.
+    deadline = time.monotonic() + 10
+    while any(i.stats.environments for i in created) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(invoker.stats.environments == 0 for invoker in created)
+    # Once every function is closed and its threads have ended, nothing of theirs is left.
+    assert without_pytest(os.environ) == without_pytest(saved_environ)
+    assert sys.path == saved_path
+
+
+def without_pytest(environ: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k != "PYTEST_CURRENT_TEST"}  # pytest's own
 
 
 def in_background(call: Callable[[], InvokeResult]) -> tuple[threading.Thread, list[InvokeResult]]:
@@ -113,7 +127,7 @@ def test_handler_exception_is_a_function_error_with_type_message_and_stack(
     assert result.error.message == "bad record 7"
     assert "misbehaving.py" in result.error.stack_trace[0]
     assert "in raises" in result.error.stack_trace[0]
-    assert not any("environments.py" in line for line in result.error.stack_trace)
+    assert not any("workers/invoke" in line for line in result.error.stack_trace)
 
 
 def test_retryable_error_asks_for_a_retry(process_invoker: Factory) -> None:
@@ -433,3 +447,143 @@ def test_thread_import_error(thread_invoker: Callable[..., ThreadInvoker]) -> No
 
     assert isinstance(result, FunctionError)
     assert result.error.error_type == "Runtime.HandlerNotFound"
+
+
+# -- what one thread-isolated function's variables and path do to other functions ------------
+
+
+def named(name: str, function: str, **overrides: Any) -> FunctionSpec:
+    settings: dict[str, Any] = {"timeout_s": 10.0, "concurrency": 1, "isolation": "thread"}
+    settings.update(overrides)
+    return FunctionSpec(name=name, handler=f"{HANDLERS}:{function}", **settings)
+
+
+def make_invoker(spec_: FunctionSpec, directory: Path = ROOT) -> ThreadInvoker | ProcessInvoker:
+    with contextlib.chdir(directory):
+        invoker = create_invoker(spec_)
+    assert isinstance(invoker, ThreadInvoker | ProcessInvoker)
+    return invoker
+
+
+NAMES = ["ONLY_ALPHA", "AWS_LAMBDA_FUNCTION_NAME", "_HANDLER"]
+
+
+def test_a_thread_function_sees_its_variables_and_the_next_function_does_not() -> None:
+    before = {name: os.environ.get(name) for name in NAMES}
+    alpha = make_invoker(named("alpha", "reads_env", environment={"ONLY_ALPHA": "yes"}))
+    beta = make_invoker(named("beta", "reads_env"))
+    try:
+        seen_by_alpha = alpha.invoke({"names": NAMES}, request())
+        seen_by_beta = beta.invoke({"names": NAMES}, request())
+        seen_by_alpha_again = alpha.invoke({"names": NAMES}, request())
+    finally:
+        alpha.close()
+        beta.close()
+
+    alpha_sees = {
+        "ONLY_ALPHA": "yes",
+        "AWS_LAMBDA_FUNCTION_NAME": "alpha",
+        "_HANDLER": f"{HANDLERS}:reads_env",
+    }
+    assert seen_by_alpha == Success(alpha_sees)
+    assert seen_by_beta == Success(
+        {
+            "ONLY_ALPHA": None,
+            "AWS_LAMBDA_FUNCTION_NAME": "beta",
+            "_HANDLER": f"{HANDLERS}:reads_env",
+        }
+    )
+    assert seen_by_alpha_again == Success(alpha_sees)
+    # Closed, neither leaves anything in the worker's own environment.
+    assert {name: os.environ.get(name) for name in NAMES} == before
+
+
+def test_a_thread_function_that_returned_leaves_nothing_to_one_still_running() -> None:
+    from tests.handlers import misbehaving
+
+    misbehaving.STARTED.clear()
+    misbehaving.GATE.clear()
+    alpha = make_invoker(named("alpha", "reads_env", environment={"ONLY_ALPHA": "yes"}))
+    beta = make_invoker(named("beta", "reads_env_when_let_through"))
+    try:
+        running, results = in_background(lambda: beta.invoke({"names": NAMES}, request()))
+        assert misbehaving.STARTED.wait(timeout=20)
+        # Both running at once share the process's variables (documented); alpha returns first.
+        assert alpha.invoke({"names": ["ONLY_ALPHA"]}, request()) == Success({"ONLY_ALPHA": "yes"})
+        misbehaving.GATE.set()
+        running.join(timeout=20)
+    finally:
+        misbehaving.GATE.set()
+        alpha.close()
+        beta.close()
+
+    assert results == [
+        Success(
+            {
+                "ONLY_ALPHA": None,
+                "AWS_LAMBDA_FUNCTION_NAME": "beta",
+                "_HANDLER": f"{HANDLERS}:reads_env_when_let_through",
+            }
+        )
+    ]
+
+
+def test_a_process_function_does_not_inherit_a_thread_function_variables() -> None:
+    alpha = make_invoker(named("alpha", "reads_env", environment={"ONLY_ALPHA": "yes"}))
+    try:
+        assert alpha.invoke({"names": ["ONLY_ALPHA"]}, request()) == Success({"ONLY_ALPHA": "yes"})
+        # Alpha's variables stay applied while nothing else runs; a child must not get them.
+        beta = make_invoker(named("beta", "reads_env", isolation="process"))
+        try:
+            result = beta.invoke({"names": NAMES}, request())
+        finally:
+            beta.close()
+    finally:
+        alpha.close()
+
+    assert result == Success(
+        {
+            "ONLY_ALPHA": None,
+            "AWS_LAMBDA_FUNCTION_NAME": "beta",
+            "_HANDLER": f"{HANDLERS}:reads_env",
+        }
+    )
+
+
+def test_a_thread_function_import_path_is_not_another_function_import_path(
+    tmp_path: Path,
+) -> None:
+    # Names of their own, so that nothing is found already imported in sys.modules.
+    suffix = uuid.uuid4().hex[:12]
+    helper, alpha_module, beta_module = (f"{n}_{suffix}" for n in ("helper", "alpha", "beta"))
+    alpha_dir, beta_dir = tmp_path / "alpha", tmp_path / "beta"
+    alpha_dir.mkdir()
+    beta_dir.mkdir()
+    (alpha_dir / f"{helper}.py").write_text("VALUE = 'from alpha'\n")
+    (alpha_dir / f"{alpha_module}.py").write_text(
+        f"import {helper}\n\ndef handler(event, context):\n    return {helper}.VALUE\n"
+    )
+    (beta_dir / f"{beta_module}.py").write_text(
+        f"def handler(event, context):\n    import {helper}\n    return {helper}.VALUE\n"
+    )
+    alpha = make_invoker(
+        FunctionSpec(name="alpha", handler=f"{alpha_module}:handler", isolation="thread"),
+        alpha_dir,
+    )
+    beta = make_invoker(
+        FunctionSpec(name="beta", handler=f"{beta_module}:handler", isolation="thread"), beta_dir
+    )
+    try:
+        assert beta.invoke({}, request()) != Success("from alpha")  # before alpha ever ran
+        assert alpha.invoke({}, request()) == Success("from alpha")
+        helper_module = sys.modules.pop(helper)  # sys.modules is shared: see the README
+        result = beta.invoke({}, request())
+    finally:
+        alpha.close()
+        beta.close()
+
+    assert helper_module.VALUE == "from alpha"
+    assert isinstance(result, FunctionError)
+    assert result.error.error_type == "ModuleNotFoundError"
+    assert str(alpha_dir) not in sys.path
+    assert str(beta_dir) not in sys.path

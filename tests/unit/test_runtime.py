@@ -23,7 +23,7 @@ from workers.engine.batcher import BatchLimits
 from workers.engine.invoker import FunctionSpec
 from workers.engine.policy import Policy
 from workers.engine.poller import Poller, PollerSettings
-from workers.invoke.environments import create_invoker
+from workers.invoke import create_invoker
 
 ROOT = Path(__file__).resolve().parents[2]
 

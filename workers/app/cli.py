@@ -334,7 +334,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_invoke(args: argparse.Namespace) -> int:
     from workers.engine.invoker import InvocationRequest
     from workers.engine.outcomes import Success
-    from workers.invoke.environments import create_invoker
+    from workers.invoke import create_invoker
 
     config = load_config(args.config)
     if args.function not in config.functions:
@@ -451,7 +451,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     from workers.app.dlq import Replayer, payload_records
     from workers.app.registry import open_destination, open_source_publisher
     from workers.app.wiring import policy_of
-    from workers.invoke.environments import create_invoker
+    from workers.invoke import create_invoker
 
     config, mapping, store = _store(args)
     invoker = publisher = destination = None

@@ -14,7 +14,7 @@ from workers.engine.flight import SuspectList
 from workers.engine.invoker import Invoker
 from workers.engine.policy import Policy
 from workers.engine.poller import Poller, PollerSettings
-from workers.invoke.environments import create_invoker
+from workers.invoke import create_invoker
 
 log = logging.getLogger("workers.runtime")
 

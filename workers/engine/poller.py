@@ -398,13 +398,13 @@ class Poller:
             moved = self._tracker.advance()
             if moved:
                 self.source.commit(moved)
-                self.stats.checkpoints.update(moved)
+                self.stats.checkpointed(moved)
         else:
             released = self._acks.release(records)
             if released:
                 self.source.ack(released)
                 last = released[-1]
-                self.stats.checkpoints[last.source] = self.source.shape.item_identifier(last)
+                self.stats.checkpointed({last.source: self.source.shape.item_identifier(last)})
 
     # --- assignment (AssignmentListener) ---------------------------------------------------------
 
@@ -490,5 +490,7 @@ class Poller:
         if self.in_flight is not None and self._failure is None:
             self.in_flight.close()
         log.info(
-            "mapping %s: stopped; checkpoints %s", self.settings.mapping, self.stats.checkpoints
+            "mapping %s: stopped; checkpoints %s",
+            self.settings.mapping,
+            self.stats.snapshot()["checkpoints"],
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -44,6 +45,11 @@ class MappingStats:
             if index < len(self.duration_counts):
                 self.duration_counts[index] += 1
             self.duration_sum_s += seconds
+
+    def checkpointed(self, positions: Mapping[str, Any]) -> None:
+        """Record the last checkpoint of each unit in `positions`."""
+        with self._lock:
+            self.checkpoints.update(positions)
 
     def set_position(self, assigned: list[str], lag: dict[str, int]) -> None:
         with self._lock:

@@ -1,0 +1,239 @@
+"""What runs inside an execution environment's child process: import the handler once, then
+serve invocations from the pipe, with the handler's output sent back as log messages."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import orjson
+
+from workers.engine.outcomes import ErrorInfo
+from workers.invoke.context import LambdaContext
+from workers.invoke.lifeline import die_with_parent
+from workers.invoke.loading import InitFailure, load_handler
+from workers.invoke.shared import (
+    ENCODE_OPTIONS,
+    INIT_ERROR,
+    LOG,
+    MARSHAL,
+    OK,
+    OOM,
+    READY,
+    AsyncRunner,
+    call_handler,
+    marshal_message,
+)
+
+
+@dataclass(frozen=True)
+class ChildConfig:
+    function_name: str
+    handler: str
+    memory_mb: int
+    environ: dict[str, str]
+    cwd: str
+    log_stream_name: str
+
+
+class _Channel:
+    """The child's end of the pipe; the lock keeps frames whole when handler threads print."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.request_id = "init"
+        self._lock = threading.Lock()
+
+    def send(self, payload: bytes) -> None:
+        with self._lock:
+            self.conn.send_bytes(payload)
+
+    def log(self, text: str) -> None:
+        try:
+            payload = orjson.dumps([LOG, self.request_id, text])
+        except orjson.JSONEncodeError:  # lone surrogates
+            payload = orjson.dumps([LOG, self.request_id, _printable(text)])
+        # If the worker is gone, output has nowhere to go.
+        with contextlib.suppress(OSError, ValueError):
+            self.send(payload)
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _PipeWriter(io.TextIOBase):
+    """sys.stdout/sys.stderr of the child: whole lines go to the worker's log over the pipe."""
+
+    encoding = "utf-8"
+    errors = "strict"
+
+    def __init__(self, channel: _Channel, fd: int) -> None:
+        super().__init__()
+        self._channel = channel
+        self._fd = fd
+        self._pending = ""
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        # Code that needs a real descriptor (faulthandler, subprocess) gets the inherited one.
+        return self._fd
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        with self._lock:
+            if "\n" not in s:
+                self._pending += s
+                return len(s)
+            lines, _, self._pending = (self._pending + s).rpartition("\n")
+        self._channel.log(lines)
+        return len(s)
+
+    def flush(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, ""
+        if pending:
+            self._channel.log(pending)
+
+
+def child_main(conn: Connection, config: ChildConfig) -> None:
+    # Ctrl-C reaches the whole process group, but the worker drains in-flight invocations on
+    # SIGINT: the environments must outlive it. SIGTERM keeps its default so stray ones can go.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # But not their poller: an environment busy in a handler would never see its pipe close.
+    die_with_parent()
+    os.environ.clear()
+    os.environ.update(config.environ)
+    if not sys.path or sys.path[0] != config.cwd:
+        sys.path.insert(0, config.cwd)
+    channel = _Channel(conn)
+    stdout, stderr = _PipeWriter(channel, 1), _PipeWriter(channel, 2)
+    sys.stdout, sys.stderr = stdout, stderr
+    # Lambda's runtime puts a handler on the root logger, so `logger.setLevel(INFO)` is enough
+    # for a handler's log lines to appear (and `logging.basicConfig` is a no-op, as there).
+    root_handler = logging.StreamHandler(stderr)
+    root_handler.setFormatter(logging.Formatter("[%(levelname)s] %(name)s: %(message)s"))
+    logging.getLogger().addHandler(root_handler)
+    _limit_malloc_arenas()
+
+    started = time.perf_counter()
+    try:
+        handler = load_handler(config.handler)
+    except InitFailure as failure:
+        stdout.flush()
+        stderr.flush()
+        error = failure.error
+        channel.send(orjson.dumps([INIT_ERROR, error.error_type, error.message, error.stack_trace]))
+        return
+    init_ms = (time.perf_counter() - started) * 1000
+    _limit_address_space(config.memory_mb)
+    stdout.flush()
+    stderr.flush()
+    channel.send(orjson.dumps([READY, init_ms]))
+    _serve(channel, handler, config, (stdout, stderr))
+
+
+def _serve(
+    channel: _Channel,
+    handler: Callable[..., Any],
+    config: ChildConfig,
+    outputs: tuple[_PipeWriter, _PipeWriter],
+) -> None:
+    runner = AsyncRunner()
+    while True:
+        try:
+            try:
+                data = channel.conn.recv_bytes()
+            except (EOFError, OSError):
+                return  # the worker closed the pipe or died
+            reply = _invoke_once(channel, handler, config, runner, data)
+            del data
+            for output in outputs:
+                output.flush()
+            channel.send(reply)
+        except MemoryError:
+            # Past RLIMIT_AS the interpreter's state is unknown: report it, and exit so that the
+            # worker replaces this environment.
+            try:
+                for output in outputs:
+                    output.flush()
+                channel.send(orjson.dumps([OOM]))
+            finally:
+                os._exit(1)
+
+
+def _invoke_once(
+    channel: _Channel,
+    handler: Callable[..., Any],
+    config: ChildConfig,
+    runner: AsyncRunner,
+    data: bytes,
+) -> bytes:
+    request_id, mapping_name, attempt, deadline, event = orjson.loads(data)
+    channel.request_id = request_id
+    context = LambdaContext(
+        function_name=config.function_name,
+        memory_limit_in_mb=config.memory_mb,
+        aws_request_id=request_id,
+        log_stream_name=config.log_stream_name,
+        deadline_monotonic=deadline,
+        mapping_name=mapping_name,
+        attempt=attempt,
+    )
+    tag, value = call_handler(handler, event, context, runner)
+    if tag == OK:
+        try:
+            return orjson.dumps([OK, value], option=ENCODE_OPTIONS)
+        except orjson.JSONEncodeError as exc:
+            return orjson.dumps([MARSHAL, marshal_message(exc)])
+    error: ErrorInfo = value
+    reply = [tag, error.error_type, error.message, error.stack_trace]
+    try:
+        return orjson.dumps(reply)
+    except orjson.JSONEncodeError:
+        # An error description with lone surrogates: keep it readable rather than lose it.
+        stack = [_printable(line) for line in error.stack_trace]
+        return orjson.dumps([tag, _printable(error.error_type), _printable(error.message), stack])
+
+
+def _limit_malloc_arenas() -> None:
+    # glibc reserves 64 MiB of address space for each malloc arena (up to one per thread);
+    # under RLIMIT_AS that reserve would count as memory the handler never used.
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
+    except (OSError, AttributeError):
+        pass
+
+
+def _limit_address_space(memory_mb: int) -> None:
+    """Cap the address space at what the interpreter and handler module use, plus memory_mb."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            pages = int(statm.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return  # not Linux: no limit
+    limit = pages * os.sysconf("SC_PAGE_SIZE") + memory_mb * 1024 * 1024
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

@@ -1,0 +1,445 @@
+"""Process isolation: a pool of warm child processes per function, each reached over a pipe,
+killed on a timeout and replaced after a crash (the child's side is `workers.invoke.child`)."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import math
+import multiprocessing
+import os
+import select
+import threading
+import time
+from multiprocessing.connection import Connection
+from multiprocessing.context import ForkServerContext, SpawnContext
+from multiprocessing.process import BaseProcess
+from typing import Any, Literal
+
+import orjson
+
+from workers.engine.invoker import FunctionSpec, InvocationRequest
+from workers.engine.outcomes import (
+    Crash,
+    ErrorInfo,
+    FunctionError,
+    InvalidResponse,
+    InvokeResult,
+    RetryLater,
+    Success,
+    Timeout,
+)
+from workers.invoke.child import ChildConfig, child_main
+from workers.invoke.context import new_log_stream_name
+from workers.invoke.loading import function_environment
+from workers.invoke.scope import ProcessScope
+from workers.invoke.shared import (
+    ERROR,
+    INIT_ERROR,
+    LOG,
+    MARSHAL,
+    OK,
+    OOM,
+    READY,
+    RETRY,
+    Stats,
+    exit_error,
+    exit_reason,
+    shutdown_error,
+    timeout_error,
+)
+
+# Lambda gives the init phase 10 s of its own; a longer function timeout raises that allowance.
+INIT_TIMEOUT_S = 10.0
+# After SIGKILL a process is gone within milliseconds unless stuck in the kernel (D state).
+_REAP_TIMEOUT_S = 5.0
+
+
+def _readable(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+class _Environment:
+    """One child process and the worker's end of its pipe.
+
+    The thread that checked it out (or is starting it) owns it; `close()` of the invoker may
+    kill and reap it from another thread, but only the owner releases its descriptors.
+    """
+
+    __slots__ = ("_lock", "_poller", "_released", "conn", "conn_fd", "exitcode", "pid", "process")
+
+    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.pid = process.pid
+        self.conn = conn
+        self.conn_fd = conn.fileno()
+        self.exitcode: int | None = None
+        # One poll set over the pipe and the process sentinel, built once: a reply and a death
+        # both wake the waiting thread at once.
+        self._poller = select.poll()
+        self._poller.register(self.conn_fd, select.POLLIN)
+        self._poller.register(process.sentinel, select.POLLIN)
+        self._lock = threading.Lock()
+        self._released = False
+
+    def receive(self, deadline: float) -> list[Any] | Literal[False] | None:
+        """The next message; None if the process died; False once the deadline has passed."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            ready = self._poller.poll(math.ceil(remaining * 1000))
+            if not ready:
+                continue
+            # The pipe before the sentinel: what the child sent before it died still counts.
+            if not any(fd == self.conn_fd for fd, _ in ready):
+                return None
+            try:
+                message = orjson.loads(self.conn.recv_bytes())
+            except (EOFError, OSError, orjson.JSONDecodeError):
+                return None
+            return message if isinstance(message, list) and message else None
+
+    def alive(self) -> bool:
+        return not _readable(self.process.sentinel)
+
+    def kill(self) -> None:
+        with self._lock:
+            if self.exitcode is None and not self._released and self.alive():
+                self.process.kill()
+
+    def reap(self) -> int | None:
+        """Kill if needed and wait for the process; safe from any thread, any number of times."""
+        with self._lock:
+            if self.exitcode is None and not self._released:
+                if self.alive():
+                    self.process.kill()
+                self.process.join(_REAP_TIMEOUT_S)
+                self.exitcode = self.process.exitcode
+            return self.exitcode
+
+    def release(self) -> None:
+        """Reap, then close the pipe and the process handle (by the owner only)."""
+        self.reap()
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            self.conn.close()
+            if self.exitcode is not None:
+                self.process.close()
+
+
+StartMethod = Literal["forkserver", "spawn"]
+
+
+def _multiprocessing_context(method: StartMethod | None) -> ForkServerContext | SpawnContext:
+    # forkserver forks each environment from a small single-threaded server: no copy of the
+    # worker's threads or broker client state (as fork would), and cheaper than spawn.
+    if method is None:
+        available = multiprocessing.get_all_start_methods()
+        method = "forkserver" if "forkserver" in available else "spawn"
+    if method == "forkserver":
+        context = multiprocessing.get_context("forkserver")
+        # Environments fork from the server with the child's module already imported (a no-op
+        # once the server runs). "__main__" is the default: the main module is imported once
+        # there rather than again in every environment.
+        context.set_forkserver_preload(["__main__", child_main.__module__])
+        return context
+    return multiprocessing.get_context("spawn")
+
+
+class ProcessInvoker:
+    """Up to `spec.concurrency` warm child processes, each serving one invocation at a time.
+
+    A timed-out or crashed environment is killed and replaced on next use. `memory_mb` is
+    enforced with RLIMIT_AS over the address space the environment had after importing the
+    handler, so libraries that reserve large address ranges (some JIT and GPU runtimes) need
+    a higher `memory_mb` than their resident use suggests; so do handlers that start many
+    threads (each stack reserves 8 MiB).
+    """
+
+    def __init__(
+        self,
+        spec: FunctionSpec,
+        *,
+        log: logging.Logger | None = None,
+        start_method: StartMethod | None = None,
+        scope: ProcessScope | None = None,
+    ) -> None:
+        if spec.concurrency < 1:
+            raise ValueError(f"function {spec.name!r}: concurrency must be at least 1")
+        self.spec = spec
+        self.stats = Stats()
+        self._log = log or logging.getLogger(f"workers.function.{spec.name}")
+        self._context = _multiprocessing_context(start_method)
+        self._cwd = os.getcwd()
+        # What the worker's process had, without the variables of thread-isolated functions.
+        self._parent_environ = (scope or ProcessScope.current()).unlayered()
+        self._init_timeout_s = max(INIT_TIMEOUT_S, spec.timeout_s)
+        self._cond = threading.Condition()
+        self._idle: list[_Environment] = []  # a stack: the most recently used is the warmest
+        self._live: set[_Environment] = set()
+        self._slots_used = 0  # environments alive or starting
+        self._closed = False
+        # Closed at exit before multiprocessing's own exit handler (registered earlier, so run
+        # later), which would otherwise wait forever for children waiting on their pipe.
+        atexit.register(self.close)
+
+    def invoke(self, event: dict[str, Any], request: InvocationRequest) -> InvokeResult:
+        # Encoded before checkout: an event that cannot be encoded fails here, costing no
+        # environment, and no environment sits idle while a large event is encoded.
+        encoded_event = orjson.dumps(event)
+        env = self._checkout(request)
+        if not isinstance(env, _Environment):
+            self._count(env)
+            return env
+        result: InvokeResult | None = None
+        try:
+            result = self._run(env, encoded_event, request)
+        finally:
+            self._checkin(env, result)
+        self._count(result)
+        return result
+
+    def close(self) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            idle, self._idle = self._idle, []
+            busy = [env for env in self._live if env not in idle]
+            self._cond.notify_all()
+        # Kill everything first so that the waits below overlap.
+        for env in idle + busy:
+            env.kill()
+        for env in idle:
+            self._release(env)
+        # Busy environments are reaped here (their invocations wake up with a Crash) and
+        # released by the threads that own them.
+        for env in busy:
+            env.reap()
+        atexit.unregister(self.close)
+
+    # -- checkout / checkin --------------------------------------------------------------
+
+    def _checkout(self, request: InvocationRequest) -> _Environment | InvokeResult:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        return Crash(shutdown_error(request.request_id))
+                    if self._idle:
+                        env: _Environment | None = self._idle.pop()
+                        break
+                    if self._slots_used < self.spec.concurrency:
+                        self._slots_used += 1
+                        env = None
+                        break
+                    self._cond.wait()
+            if env is None:
+                return self._start(request)
+            if env.alive():
+                return env
+            # Died while idle (the kernel's OOM killer, an operator): not this invocation's fault.
+            self._log.warning(
+                "%s: environment pid %s died while idle (%s)",
+                self.spec.name,
+                env.pid,
+                exit_reason(env.reap()),
+            )
+            self._release(env)
+
+    def _checkin(self, env: _Environment, result: InvokeResult | None) -> None:
+        # After a timeout, a crash or an unexpected error the environment is gone or suspect.
+        keep = isinstance(result, Success | FunctionError | RetryLater | InvalidResponse)
+        with self._cond:
+            if keep and not self._closed:
+                self._idle.append(env)
+                self._cond.notify()
+                return
+        self._release(env)
+
+    def _count(self, result: InvokeResult) -> None:
+        with self._cond:
+            self.stats.invocations += 1
+            if isinstance(result, Timeout):
+                self.stats.timeouts += 1
+            elif isinstance(result, Crash):
+                self.stats.crashes += 1
+
+    def _release(self, env: _Environment) -> None:
+        env.release()
+        with self._cond:
+            if env in self._live:
+                self._live.discard(env)
+                self._slots_used -= 1
+                self.stats.environments = len(self._live)
+                self._cond.notify()
+
+    # -- starting an environment (a cold start) -----------------------------------------
+
+    def _start(self, request: InvocationRequest) -> _Environment | InvokeResult:
+        """Start a child in the slot reserved by the caller; on failure the slot is released."""
+        started = time.perf_counter()
+        log_stream_name = new_log_stream_name()
+        environ = {
+            **self._parent_environ,
+            **function_environment(
+                self.spec,
+                base=self._parent_environ,
+                log_stream_name=log_stream_name,
+                task_root=self._cwd,
+            ),
+        }
+        config = ChildConfig(
+            function_name=self.spec.name,
+            handler=self.spec.handler,
+            memory_mb=self.spec.memory_mb,
+            environ=environ,
+            cwd=self._cwd,
+            log_stream_name=log_stream_name,
+        )
+        parent_conn, child_conn = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=child_main,
+            args=(child_conn, config),
+            name=f"esm-env:{self.spec.name}",
+            # Not daemonic, so that handlers may start processes of their own.
+            daemon=False,
+        )
+        try:
+            process.start()
+        except Exception as exc:  # fork/exec failures, a start method misconfigured
+            parent_conn.close()
+            with self._cond:
+                self._slots_used -= 1
+                self._cond.notify()
+            self._log.error("cannot start an execution environment for %s: %s", self.spec.name, exc)
+            return Crash(exit_error(request.request_id, f"Runtime failed to start: {exc}"))
+        finally:
+            child_conn.close()
+        env = _Environment(process, parent_conn)
+        with self._cond:
+            self._live.add(env)
+            self.stats.environments = len(self._live)
+            closed = self._closed
+        if closed:
+            self._release(env)
+            return Crash(shutdown_error(request.request_id))
+
+        deadline = time.monotonic() + self._init_timeout_s
+        while True:
+            message = env.receive(deadline)
+            if isinstance(message, list) and message[0] == LOG:
+                self._log_output(message)
+                continue
+            break
+        result: InvokeResult
+        if isinstance(message, list) and message[0] == READY:
+            with self._cond:
+                self.stats.cold_starts += 1
+            self._log.debug(
+                "cold start of %s: environment pid %s ready in %.1f ms (handler import %.1f ms)",
+                self.spec.name,
+                env.pid,
+                (time.perf_counter() - started) * 1000,
+                message[1],
+            )
+            return env
+        if isinstance(message, list) and message[0] == INIT_ERROR:
+            result = FunctionError(ErrorInfo(message[1], message[2], list(message[3])))
+            self._log.debug("init of %s failed: %s", self.spec.name, message[2])
+        elif message is False:
+            result = Timeout(
+                ErrorInfo(
+                    "Sandbox.Timedout", f"Init timed out after {self._init_timeout_s:.2f} seconds"
+                )
+            )
+        else:
+            result = self._died(env, request)
+        self._release(env)
+        return result
+
+    # -- one invocation ------------------------------------------------------------------
+
+    def _run(
+        self, env: _Environment, encoded_event: bytes, request: InvocationRequest
+    ) -> InvokeResult:
+        timeout_s = self.spec.timeout_s
+        deadline = time.monotonic() + timeout_s
+        # [request_id, mapping_name, attempt, deadline, event] without re-encoding the event.
+        header = orjson.dumps([request.request_id, request.mapping_name, request.attempt, deadline])
+        payload = b"".join((header[:-1], b",", encoded_event, b"]"))
+        try:
+            env.conn.send_bytes(payload)
+        except OSError:
+            return self._died(env, request)
+        del payload
+        while True:
+            message = env.receive(deadline)
+            if message is False:
+                env.reap()
+                self._log.info(
+                    "%s: request %s timed out after %.2f s; environment pid %s killed",
+                    self.spec.name,
+                    request.request_id,
+                    timeout_s,
+                    env.pid,
+                )
+                return Timeout(timeout_error(timeout_s))
+            if message is None:
+                return self._died(env, request)
+            tag = message[0]
+            if tag == LOG:
+                self._log_output(message)
+            elif tag == OK:
+                return Success(response=message[1])
+            elif tag == ERROR:
+                return FunctionError(ErrorInfo(message[1], message[2], list(message[3])))
+            elif tag == RETRY:
+                return RetryLater(ErrorInfo(message[1], message[2], list(message[3])))
+            elif tag == MARSHAL:
+                return InvalidResponse(ErrorInfo("Runtime.MarshalError", message[1]))
+            elif tag == OOM:
+                env.reap()
+                self._log.info(
+                    "%s: request %s exceeded the memory limit of %s MB; environment pid %s ended",
+                    self.spec.name,
+                    request.request_id,
+                    self.spec.memory_mb,
+                    env.pid,
+                )
+                return Crash(
+                    exit_error(
+                        request.request_id,
+                        f"Runtime exited: memory limit of {self.spec.memory_mb} MB exceeded",
+                        "Runtime.OutOfMemory",
+                    )
+                )
+            else:
+                env.reap()
+                return Crash(exit_error(request.request_id, f"unexpected message {tag!r}"))
+
+    def _died(self, env: _Environment, request: InvocationRequest) -> Crash:
+        exitcode = env.reap()
+        with self._cond:
+            closed = self._closed
+        if closed:
+            return Crash(shutdown_error(request.request_id))
+        reason = exit_reason(exitcode)
+        self._log.info(
+            "%s: request %s: environment pid %s died: %s",
+            self.spec.name,
+            request.request_id,
+            env.pid,
+            reason,
+        )
+        return Crash(exit_error(request.request_id, reason))
+
+    def _log_output(self, message: list[Any]) -> None:
+        if not self._log.isEnabledFor(logging.INFO):
+            return
+        request_id = message[1]
+        for line in message[2].splitlines():
+            self._log.info("[%s] %s", request_id, line, extra={"aws_request_id": request_id})
