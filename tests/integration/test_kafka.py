@@ -108,9 +108,10 @@ class TestKafkaContract(SourceContract):
         source, _ = self.opened(name)
         try:
             records = poll_n(source, 2, self.join_timeout_s)
-            assert all(r.item is not None for r in records)  # built once, while reading
+            items = [r.item for r in records]
+            assert all(item is not None for item in items)  # built once, while reading
             event = source.shape.event(records)
-            assert all(r.item is None for r in records)  # taken by the first event
+            assert [r.item for r in records] == items  # copied into the event, left in place
             assert event["eventSource"] == "SelfManagedKafka"
             assert event["bootstrapServers"] == self.bootstrap
             first, tombstone = event["records"][f"{name}-1"]
