@@ -187,7 +187,7 @@ def stages(broker: str, target: Target, workdir: Workdir) -> dict[str, float]:
     else:
         from confluent_kafka import TopicPartition
 
-        from connectors.kafka.connector import KafkaSource
+        from connectors.kafka.source import KafkaSource
 
         messages = _kafka_batch(target, ds)
         source = KafkaSource(mapping, 0)
@@ -311,15 +311,15 @@ def short_paused_wait() -> Iterator[None]:
 def kafka_items_per_invocation() -> Iterator[None]:
     """The connector leaves Record.item empty, so every event builds its items (the design
     before items were built while reading)."""
-    import connectors.kafka.connector
+    import connectors.kafka.source
 
-    with patched(connectors.kafka.connector, "kafka_item", lambda *args: None):
+    with patched(connectors.kafka.source, "kafka_item", lambda *args: None):
         yield
 
 
 @contextlib.contextmanager
 def kafka_client_config(**extra: Any) -> Iterator[None]:
-    from connectors.kafka.connector import KafkaSource
+    from connectors.kafka.source import KafkaSource
 
     original = KafkaSource._new_consumer
 
@@ -332,9 +332,9 @@ def kafka_client_config(**extra: Any) -> Iterator[None]:
 
 @contextlib.contextmanager
 def kafka_soft_pause(records: int) -> Iterator[None]:
-    import connectors.kafka.connector
+    import connectors.kafka.source
 
-    with patched(connectors.kafka.connector, "SOFT_PAUSE_RECORDS", records):
+    with patched(connectors.kafka.source, "SOFT_PAUSE_RECORDS", records):
         yield
 
 
