@@ -10,31 +10,31 @@ from workers.engine.ports import Connector, DeadLetterStore, Destination, Source
 
 
 def _source(mapping: Any, instance: int) -> Source:
-    from connectors.kafka.connector import KafkaSource
+    from connectors.kafka.source import KafkaSource
 
     return KafkaSource(mapping, instance)
 
 
 def _destination(dst: Any, mapping: Any) -> Destination:
-    from connectors.kafka.connector import KafkaDestination
+    from connectors.kafka.destination import KafkaDestination
 
     return KafkaDestination(dst, mapping)
 
 
 def _store(dst: Any, mapping: Any) -> DeadLetterStore:
-    from connectors.kafka.connector import KafkaDeadLetterStore
+    from connectors.kafka.store import KafkaDeadLetterStore
 
     return KafkaDeadLetterStore(dst, mapping)
 
 
 def _publisher(src: Any) -> SourcePublisher:
-    from connectors.kafka.connector import KafkaSourcePublisher
+    from connectors.kafka.publisher import KafkaSourcePublisher
 
     return KafkaSourcePublisher(src)
 
 
 def _probe_source(src: Any) -> None:
-    from connectors.kafka.connector import probe_kafka
+    from connectors.kafka.probe import probe_kafka
 
     probe_kafka(src)
 

@@ -83,11 +83,19 @@ class KafkaShape:
         self.bootstrap_servers = bootstrap_servers
 
     def event(self, records: Sequence[Record]) -> dict[str, Any]:
-        # The hot path of every invocation: items the connector built are taken, not rebuilt.
+        # The hot path of every invocation: items the connector built are copied, not rebuilt.
+        # The records are left as they are, and the event shares nothing mutable with them: a
+        # handler in a thread gets the event itself, and what it changes must not reach a retry.
         by_partition: dict[str, list[dict[str, Any]]] = {}
         for r in records:
             item = r.item
-            if item is None:
+            if item is not None:
+                # Every value but the headers is a str or an int; the headers are listed anew.
+                item = item.copy()
+                item["headers"] = (
+                    [{name: list(data)} for name, data in r.headers] if r.headers else []
+                )
+            else:
                 meta: KafkaMeta = r.meta
                 item = kafka_item(
                     meta.topic,
@@ -99,8 +107,6 @@ class KafkaShape:
                     r.value,
                     r.headers,
                 )
-            else:
-                r.item = None
             items = by_partition.get(r.source)
             if items is None:
                 items = by_partition[r.source] = []

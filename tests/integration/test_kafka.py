@@ -17,9 +17,12 @@ import pytest
 import yaml
 from confluent_kafka import TopicPartition
 
-import connectors.kafka.connector as kafka_connector
+import connectors.kafka.source as kafka_source
 from connectors.kafka import config as kafka_cfg
-from connectors.kafka.connector import KafkaDestination, KafkaSource, KafkaUnavailable, probe_kafka
+from connectors.kafka.client import KafkaUnavailable
+from connectors.kafka.destination import KafkaDestination
+from connectors.kafka.probe import probe_kafka
+from connectors.kafka.source import KafkaSource
 from tests import brokers
 from tests.brokers import KafkaRecord, Tansu, committed_offsets, end_offsets, read_topic
 from tests.cli import run_workers, workers_run
@@ -108,9 +111,10 @@ class TestKafkaContract(SourceContract):
         source, _ = self.opened(name)
         try:
             records = poll_n(source, 2, self.join_timeout_s)
-            assert all(r.item is not None for r in records)  # built once, while reading
+            items = [r.item for r in records]
+            assert all(item is not None for item in items)  # built once, while reading
             event = source.shape.event(records)
-            assert all(r.item is None for r in records)  # taken by the first event
+            assert [r.item for r in records] == items  # copied into the event, left in place
             assert event["eventSource"] == "SelfManagedKafka"
             assert event["bootstrapServers"] == self.bootstrap
             first, tombstone = event["records"][f"{name}-1"]
@@ -214,7 +218,7 @@ def test_missing_topic_and_unreachable_broker_are_clear_errors(kafka_broker: Tan
 def test_paused_partition_holds_then_pauses_and_resumes_in_order(
     kafka_broker: Tansu, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(kafka_connector, "SOFT_PAUSE_RECORDS", 10)
+    monkeypatch.setattr(kafka_source, "SOFT_PAUSE_RECORDS", 10)
     bootstrap = kafka_broker.bootstrap
     name = brokers.unique_name("kafka-pause")
     brokers.create_topic(bootstrap, name, 2)

@@ -20,12 +20,9 @@ import yaml
 from confluent_kafka import Consumer
 
 from connectors.kafka import config as kafka_cfg
-from connectors.kafka.connector import (
-    REPLAY_STATE_TOPIC,
-    KafkaDeadLetterStore,
-    KafkaSourcePublisher,
-)
+from connectors.kafka.publisher import KafkaSourcePublisher
 from connectors.kafka.shape import KafkaMeta
+from connectors.kafka.store import REPLAY_STATE_TOPIC, KafkaDeadLetterStore
 from tests import brokers
 from tests.brokers import KafkaRecord, Tansu, committed_offsets, end_offsets, read_topic
 from tests.cli import interrupted_replay

@@ -26,7 +26,8 @@ import pytest
 import yaml
 
 from connectors.kafka import config as kafka_cfg
-from connectors.kafka.connector import LETTER_ENVELOPE_BYTES, KafkaDestination, KafkaRecordTooLarge
+from connectors.kafka.destination import LETTER_ENVELOPE_BYTES, KafkaDestination
+from connectors.kafka.producer import KafkaRecordTooLarge
 from tests import brokers
 from tests.brokers import KafkaRecord, Tansu, committed_offsets, read_topic
 from tests.cli import workers_run
