@@ -4,7 +4,6 @@ checkpoints, pause/resume and Lambda's starting positions."""
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -126,7 +125,6 @@ class KafkaSource(SourceBase):
         self._hard_paused: set[str] = set()
         # Positions the engine asked to commit, issued by the loop thread (see `commit`).
         self._pending: dict[str, int] = {}
-        self._pending_lock = threading.Lock()
 
     # --- connection ------------------------------------------------------------------------------
 
@@ -181,8 +179,7 @@ class KafkaSource(SourceBase):
         self._empty_since = None
         self._fatal = None
         self._last_error = ""
-        with self._pending_lock:
-            self._pending.clear()
+        self._pending.clear()
 
     def close(self) -> None:
         consumer, self._consumer = self._consumer, None
@@ -283,9 +280,8 @@ class KafkaSource(SourceBase):
                 self._listener.on_revoked(units)
         finally:
             # No commit: the partitions belong to someone else, whose commits must not be undone.
-            with self._pending_lock:
-                for unit in units:
-                    self._pending.pop(unit, None)
+            for unit in units:
+                self._pending.pop(unit, None)
             self._forget(units)
 
     def _forget(self, units: Collection[str]) -> None:
@@ -466,24 +462,17 @@ class KafkaSource(SourceBase):
     # --- checkpoints -----------------------------------------------------------------------------
 
     def commit(self, positions: Mapping[str, int]) -> None:
-        """Record positions to commit; the loop thread sends them on its next poll.
-
-        Called from worker threads. confluent-kafka serialises calls into one consumer across
-        threads (a commit waits for a running consume() to return), and the revoke callback runs
-        inside consume() while it waits for those same workers, so workers never call the
-        consumer themselves.
-        """
-        with self._pending_lock:
-            self._pending.update(positions)
+        """Record positions to commit: sent asynchronously by the next poll, or synchronously
+        by a revoke (the engine calls this from inside `on_revoked`) and by `close`."""
+        self._pending.update(positions)
 
     def _commit_pending(
         self, consumer: Consumer, units: Collection[str] | None, sync: bool
     ) -> None:
-        with self._pending_lock:
-            if units is None:
-                taken, self._pending = self._pending, {}
-            else:
-                taken = {u: self._pending.pop(u) for u in units if u in self._pending}
+        if units is None:
+            taken, self._pending = self._pending, {}
+        else:
+            taken = {u: self._pending.pop(u) for u in units if u in self._pending}
         if not taken:
             return
         offsets = [TopicPartition(*_split_unit(unit), position) for unit, position in taken.items()]

@@ -138,7 +138,8 @@ class RedisShape:
         self.server = server  # host:port/db, never credentials
 
     def event(self, records: Sequence[Record]) -> dict[str, Any]:
-        # Items the connector built are taken, not rebuilt (see Record.item).
+        # Items the connector built are copied, not rebuilt (see Record.item): the records are
+        # left as they were, and nothing a handler does to its event reaches a retry.
         by_stream: dict[str, list[dict[str, Any]]] = {}
         for r in records:
             item = r.item
@@ -151,7 +152,7 @@ class RedisShape:
                     {k: _b2a(v, newline=False).decode() for k, v in meta.fields.items()},
                 )
             else:
-                r.item = None
+                item = {**item, "fields": dict(item["fields"])}
             stream = item["stream"]
             items = by_stream.get(stream)
             if items is None:
