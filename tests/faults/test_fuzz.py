@@ -25,10 +25,9 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from connectors.kafka.shape import KafkaMeta, KafkaShape, kafka_item
-from connectors.rabbitmq.connector import basic_properties
-from connectors.rabbitmq.shape import RabbitMeta, RabbitShape
-from connectors.redis.connector import RedisSource
+from connectors.rabbitmq.shape import RabbitMeta, RabbitShape, basic_properties
 from connectors.redis.shape import RedisShape
+from connectors.redis.source import RedisSource
 from tests.cli import REPO
 from tests.faults.hostile import field_name_bytes
 from workers.app import config as cfg

@@ -20,15 +20,11 @@ import pytest
 import yaml
 
 from connectors.rabbitmq import config as rabbitmq_cfg
-from connectors.rabbitmq.connector import (
-    DeliveryRefused,
-    QueueNotFound,
-    RabbitMQDestination,
-    RabbitMQSource,
-    header_json,
-    java_date,
-    probe_rabbitmq,
-)
+from connectors.rabbitmq.connection import DeliveryRefused, QueueNotFound
+from connectors.rabbitmq.destination import RabbitMQDestination
+from connectors.rabbitmq.probe import probe_rabbitmq
+from connectors.rabbitmq.shape import header_json, java_date
+from connectors.rabbitmq.source import RabbitMQSource
 from tests import cli
 from tests.brokers import rabbitmq_reachable, rabbitmq_url, require, unique_name
 from tests.cli import workers_run
@@ -221,6 +217,7 @@ class TestRabbitMQContract(SourceContract):
     # No group to join: a queue delivers at once. Tests that wait for records that must not
     # come wait this long.
     join_timeout_s = 3.0
+    delivery_counts = True  # x-delivery-count
 
     @pytest.fixture(autouse=True)
     def _admin(self) -> Iterator[None]:

@@ -20,17 +20,10 @@ import pytest
 import yaml
 
 from connectors.rabbitmq import config as rabbitmq_cfg
-from connectors.rabbitmq.connector import (
-    DeliveryRefused,
-    LetterNotSettled,
-    RabbitMQConfigError,
-    RabbitMQDeadLetterStore,
-    RabbitMQSourcePublisher,
-    header_json,
-    header_value,
-    replay_properties,
-)
-from connectors.rabbitmq.shape import RabbitMeta
+from connectors.rabbitmq.connection import DeliveryRefused, RabbitMQConfigError
+from connectors.rabbitmq.publisher import RabbitMQSourcePublisher, replay_properties
+from connectors.rabbitmq.shape import RabbitMeta, header_json, header_value
+from connectors.rabbitmq.store import LetterNotSettled, RabbitMQDeadLetterStore
 from tests.brokers import rabbitmq_reachable, rabbitmq_url, require, unique_name
 from tests.cli import interrupted_replay
 from workers.app import config as cfg
