@@ -158,21 +158,27 @@ def record_headers(headers: dict[str, Any]) -> tuple[list[tuple[str, bytes]], in
 
 
 def _rmq_timestamp_ms(props: dict[str, Any]) -> int:
+    """The record's timestamp from `basicProperties.timestamp`: the date `java_date` wrote (whole
+    seconds), or a number of milliseconds in an event written by hand; 0 without either."""
     value = props.get("timestamp")
+    if isinstance(value, str):
+        when = parse_java_date(value)
+        return 0 if when is None else int(when.timestamp()) * 1000
     return int(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0
 
 
 def _rmq_headers(props: dict[str, Any]) -> list[tuple[str, bytes]]:
+    """The record headers the source handed to the engine, from `basicProperties.headers` in
+    `header_json`'s form. A number with a fraction stays a float: on the wire it was a double (or
+    a decimal, which the source leaves out and which reads back the same)."""
     headers = props.get("headers") or {}
     if not isinstance(headers, dict):
         return []
-    out = []
-    for name, value in headers.items():
-        if isinstance(value, str):
-            out.append((name, value.encode()))
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            out.append((name, str(value).encode()))
-    return out
+    values = {
+        str(name): value if isinstance(value, float) else header_value(value)
+        for name, value in headers.items()
+    }
+    return record_headers(values)[0]
 
 
 @dataclass(frozen=True, slots=True)

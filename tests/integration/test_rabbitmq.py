@@ -4,6 +4,7 @@ and `workers run` end to end (dead letters, broker-closed connections, partial b
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import shutil
 import subprocess
 import sys
@@ -32,12 +33,15 @@ from tests.engine import letter_values, rmq_items, value_of
 from tests.integration.contract import RecordingListener, SourceContract, poll_n
 from workers.app import config as cfg
 from workers.engine.ports import Destination, Source
+from workers.events import records as event_records
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
 REPO = Path(__file__).resolve().parents[2]
 URL = rabbitmq_url()
 VHOST = "/" if urlsplit(URL).path in ("", "/") else unquote(urlsplit(URL).path[1:])
+# A header of AMQP timestamp type: not a scalar, so no record header.
+WHEN = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -217,7 +221,6 @@ class TestRabbitMQContract(SourceContract):
     # No group to join: a queue delivers at once. Tests that wait for records that must not
     # come wait this long.
     join_timeout_s = 3.0
-    delivery_counts = True  # x-delivery-count
 
     @pytest.fixture(autouse=True)
     def _admin(self) -> Iterator[None]:
@@ -254,7 +257,7 @@ class TestRabbitMQContract(SourceContract):
             name,
             [b'{"n": 1}'],
             content_type="application/json",
-            headers={"tenant": "acme", "n": 7},
+            headers={"tenant": "acme", "n": 7, "flag": True, "raw": b"\xff", "at": WHEN},
             message_id="m-1",
         )
         source = self.make_source(name)
@@ -274,6 +277,20 @@ class TestRabbitMQContract(SourceContract):
             assert message["redelivered"] is False and isinstance(message["deliveryTag"], int)
             assert base64.b64decode(message["data"]) == b'{"n": 1}'
             assert record.attempts == 0
+            # A handler reading the event with workers.events sees the headers and the timestamp
+            # the engine saw.
+            (back,) = event_records(orjson.loads(orjson.dumps(event)))
+            assert (
+                back.headers
+                == list(record.headers)
+                == [
+                    ("tenant", b"acme"),
+                    ("n", b"7"),
+                    ("flag", b"True"),
+                    ("raw", b"\xff"),
+                ]
+            )
+            assert back.timestamp_ms == record.timestamp_ms > 0
             source.ack([record])
         finally:
             source.close()
