@@ -171,7 +171,7 @@ def stages(broker: str, target: Target, workdir: Workdir) -> dict[str, float]:
 
         count = BATCH
     elif broker == "rabbitmq":
-        from connectors.rabbitmq.connector import RabbitMQSource
+        from connectors.rabbitmq.source import RabbitMQSource
 
         items = _rabbit_batch(target, ds)
         source = RabbitMQSource(mapping, 0)

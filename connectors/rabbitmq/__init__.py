@@ -10,31 +10,31 @@ from workers.engine.ports import Connector, DeadLetterStore, Destination, Source
 
 
 def _source(mapping: Any, instance: int) -> Source:
-    from connectors.rabbitmq.connector import RabbitMQSource
+    from connectors.rabbitmq.source import RabbitMQSource
 
     return RabbitMQSource(mapping, instance)
 
 
 def _destination(dst: Any, mapping: Any) -> Destination:
-    from connectors.rabbitmq.connector import RabbitMQDestination
+    from connectors.rabbitmq.destination import RabbitMQDestination
 
     return RabbitMQDestination(dst, mapping)
 
 
 def _store(dst: Any, mapping: Any) -> DeadLetterStore:
-    from connectors.rabbitmq.connector import RabbitMQDeadLetterStore
+    from connectors.rabbitmq.store import RabbitMQDeadLetterStore
 
     return RabbitMQDeadLetterStore(dst, mapping)
 
 
 def _publisher(src: Any) -> SourcePublisher:
-    from connectors.rabbitmq.connector import RabbitMQSourcePublisher
+    from connectors.rabbitmq.publisher import RabbitMQSourcePublisher
 
     return RabbitMQSourcePublisher(src)
 
 
 def _probe_source(src: Any) -> None:
-    from connectors.rabbitmq.connector import probe_rabbitmq
+    from connectors.rabbitmq.probe import probe_rabbitmq
 
     probe_rabbitmq(src)
 

@@ -7,7 +7,7 @@ redelivers the message to the next one, and the consumer reconnects forever with
 it. Here such a timestamp decodes to its raw integer seconds and such a number to the float
 itself, so the message reaches the engine (and the handler or the destination) like any other.
 Every other field decodes exactly as pika does it. `install()` runs once, when
-`connectors.rabbitmq.connector` is imported.
+`connectors.rabbitmq.connection` is imported.
 """
 
 from __future__ import annotations

@@ -1,28 +1,55 @@
-"""`workers validate --connect` for a RabbitMQ dead-letter exchange and queue: it exists and can be
-written, so a mapping never starts with letters that nothing can store (they would stall their
-partition until it is fixed)."""
+"""`workers validate --connect` for RabbitMQ: the source queue exists; the dead-letter exchange
+and queue exist and can be written, so a mapping never starts with letters that nothing can
+store (they would stall their partition until it is fixed)."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pika
+import pika.exceptions
+from pika.adapters.blocking_connection import BlockingConnection
+
 from connectors.rabbitmq import config as cfg
+from connectors.rabbitmq.connection import (
+    RabbitMQConfigError,
+    close_quietly,
+    connection_parameters,
+    queue_error,
+)
 from workers.engine.probing import CONNECT_TIMEOUT_S, DestinationUnusable
-from workers.engine.redact import redact_url
+from workers.engine.redact import describe, redact_url
+
+
+def _connect(url: str) -> BlockingConnection:
+    """A connection that gives up within the probe's time; raises pika's AMQPError."""
+    params = connection_parameters(url, "esm-workers validate")
+    params.socket_timeout = CONNECT_TIMEOUT_S
+    params.stack_timeout = 2 * CONNECT_TIMEOUT_S
+    return pika.BlockingConnection(params)
+
+
+def probe_rabbitmq(src: cfg.RabbitMQSource) -> None:
+    """Connect, check that the queue exists, disconnect; raises with a readable message."""
+    where = f"queue {src.queue!r} in vhost {src.virtual_host!r} at {redact_url(src.url)}"
+    try:
+        connection = _connect(src.url)
+    except pika.exceptions.AMQPError as exc:
+        raise RabbitMQConfigError(f"cannot connect for {where}: {describe(exc)}") from None
+    try:
+        channel = connection.channel()
+        try:
+            channel.queue_declare(src.queue, passive=True)
+        except pika.exceptions.ChannelClosedByBroker as exc:
+            raise queue_error(exc, where) from None
+    finally:
+        close_quietly(connection)
 
 
 def probe_destination(dst: cfg.RabbitMQDestination) -> str:
-    import pika
-    import pika.exceptions
-
-    from connectors.rabbitmq.connector import _close_quietly, connection_parameters
-
     where = redact_url(dst.url)
-    params = connection_parameters(dst.url, "esm-workers validate")
-    params.socket_timeout = CONNECT_TIMEOUT_S
-    params.stack_timeout = 2 * CONNECT_TIMEOUT_S
     try:
-        connection = pika.BlockingConnection(params)
+        connection = _connect(dst.url)
     except pika.exceptions.AMQPError as exc:
         raise DestinationUnusable(f"cannot connect to {where}: {exc!r}") from None
     checked = []
@@ -42,7 +69,7 @@ def probe_destination(dst: cfg.RabbitMQDestination) -> str:
             " exchanges)"
         ) from None
     finally:
-        _close_quietly(connection)
+        close_quietly(connection)
     return f"{' and '.join(checked) or 'the default exchange'} at {where} exist"
 
 

@@ -18,8 +18,8 @@ import pika
 import pytest
 import yaml
 
-from connectors.rabbitmq.connector import header_json, header_value, replay_properties
-from connectors.rabbitmq.shape import RabbitMeta
+from connectors.rabbitmq.publisher import replay_properties
+from connectors.rabbitmq.shape import RabbitMeta, header_json, header_value
 from tests.brokers import unique_name
 from tests.contract.store import (
     DeadLetterStoreContract,

@@ -4,6 +4,7 @@ and `workers run` end to end (dead letters, broker-closed connections, partial b
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import shutil
 import subprocess
 import sys
@@ -20,15 +21,11 @@ import pytest
 import yaml
 
 from connectors.rabbitmq import config as rabbitmq_cfg
-from connectors.rabbitmq.connector import (
-    DeliveryRefused,
-    QueueNotFound,
-    RabbitMQDestination,
-    RabbitMQSource,
-    header_json,
-    java_date,
-    probe_rabbitmq,
-)
+from connectors.rabbitmq.connection import DeliveryRefused, QueueNotFound
+from connectors.rabbitmq.destination import RabbitMQDestination
+from connectors.rabbitmq.probe import probe_rabbitmq
+from connectors.rabbitmq.shape import header_json, java_date
+from connectors.rabbitmq.source import RabbitMQSource
 from tests import cli
 from tests.brokers import rabbitmq_reachable, rabbitmq_url, require, unique_name
 from tests.cli import workers_run
@@ -36,12 +33,15 @@ from tests.engine import letter_values, rmq_items, value_of
 from tests.integration.contract import RecordingListener, SourceContract, poll_n
 from workers.app import config as cfg
 from workers.engine.ports import Destination, Source
+from workers.events import records as event_records
 
 pytestmark = [pytest.mark.integration, pytest.mark.rabbitmq]
 
 REPO = Path(__file__).resolve().parents[2]
 URL = rabbitmq_url()
 VHOST = "/" if urlsplit(URL).path in ("", "/") else unquote(urlsplit(URL).path[1:])
+# A header of AMQP timestamp type: not a scalar, so no record header.
+WHEN = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -258,7 +258,7 @@ class TestRabbitMQContract(SourceContract):
             name,
             [b'{"n": 1}'],
             content_type="application/json",
-            headers={"tenant": "acme", "n": 7},
+            headers={"tenant": "acme", "n": 7, "flag": True, "raw": b"\xff", "at": WHEN},
             message_id="m-1",
         )
         source = self.make_source(name)
@@ -278,6 +278,20 @@ class TestRabbitMQContract(SourceContract):
             assert message["redelivered"] is False and isinstance(message["deliveryTag"], int)
             assert base64.b64decode(message["data"]) == b'{"n": 1}'
             assert record.attempts == 0
+            # A handler reading the event with workers.events sees the headers and the timestamp
+            # the engine saw.
+            (back,) = event_records(orjson.loads(orjson.dumps(event)))
+            assert (
+                back.headers
+                == list(record.headers)
+                == [
+                    ("tenant", b"acme"),
+                    ("n", b"7"),
+                    ("flag", b"True"),
+                    ("raw", b"\xff"),
+                ]
+            )
+            assert back.timestamp_ms == record.timestamp_ms > 0
             source.ack([record])
         finally:
             source.close()

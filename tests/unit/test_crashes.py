@@ -11,10 +11,10 @@ from typing import Any
 import pika.data
 import pytest
 
-import connectors.rabbitmq.connector  # noqa: F401  (installs connectors.rabbitmq.pika_compat)
+import connectors.rabbitmq.connection  # noqa: F401  (installs connectors.rabbitmq.pika_compat)
 from connectors.kafka.shape import KafkaMeta
 from connectors.memory.broker import MemoryBroker, MemoryDestination, MemoryLogSource
-from connectors.rabbitmq.connector import java_date
+from connectors.rabbitmq.shape import java_date
 from tests.engine import DirectInvoker, fake_broker, kafka_items, value_of
 from workers.engine.batcher import BatchLimits
 from workers.engine.flight import DeathCounts, InFlightFile, Suspects, read_in_flight

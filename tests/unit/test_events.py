@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime as dt
+from decimal import Decimal
 from typing import Any
 
 import orjson
+import pika
 
 from connectors.kafka.shape import KafkaMeta, KafkaShape
-from connectors.rabbitmq.shape import RabbitMeta, RabbitShape
+from connectors.rabbitmq.shape import RabbitMeta, RabbitShape, basic_properties, record_headers
 from connectors.redis.shape import (
     RedisShape,
     entry_value,
@@ -47,12 +50,91 @@ def test_kafka_records_decoded_and_identified() -> None:
     assert interpret(response, built, shape, True) == PartialFailure(frozenset({("t-0", 5)}))
 
 
+NOW_MS = 1_790_000_000_000
+
+
+def rabbit_delivery(tag: int, body: bytes, props: pika.BasicProperties) -> Record:
+    """A record as the RabbitMQ source makes it of a delivery (`RabbitMQSource._take`)."""
+    ts = props.timestamp
+    return Record(
+        "q",
+        tag,
+        body,
+        timestamp_ms=ts * 1000 if isinstance(ts, int) and ts > 0 else NOW_MS,
+        headers=record_headers(props.headers or {})[0],
+        meta=RabbitMeta("q", "/", tag, basic_properties(props, len(body))),
+    )
+
+
+def rabbit_event(built: list[Record]) -> dict[str, Any]:
+    """The event of `built` as a handler receives it: through JSON."""
+    return dict(orjson.loads(orjson.dumps(RabbitShape("h:5672").event(built))))
+
+
 def test_rabbitmq_records() -> None:
-    rmq = RabbitShape("h").event(
-        [Record("q", 1, b'{"n": 2}', meta=RabbitMeta("q", "/", 3, {"headers": {"x": "y"}}))]
+    rmq = rabbit_event(
+        [rabbit_delivery(3, b'{"n": 2}', pika.BasicProperties(headers={"x": "y"}, timestamp=9))]
     )
     (r,) = records(rmq)
     assert r.json() == {"n": 2} and r.item_identifier == {"queue": "q", "deliveryTag": 3}
+    assert r.header("x") == b"y" and r.timestamp_ms == 9000
+
+
+def test_rabbitmq_headers_of_every_type_and_the_timestamp_read_back() -> None:
+    headers: dict[str, Any] = {
+        "text": "value1",
+        "utf8": "h\u00e9llo \u2603",
+        "empty": "",
+        "raw": b"\xff\x00\x80",
+        "rawtext": b"plain",
+        "yes": True,
+        "no": False,
+        "n": 10,
+        "negative": -3,
+        "long": 2**40,
+        "double": 1.5,
+        "x-delivery-count": 2,
+        # Not scalars: the source hands none of these to the engine as a record header.
+        "when": dt.datetime(2026, 1, 1, 12, 30, tzinfo=dt.UTC),
+        "table": {"a": "b", "n": 1},
+        "array": [1, "x", True],
+        "void": None,
+    }
+    timestamp_s = 1_700_000_000
+    built = rabbit_delivery(
+        1, b"{}", pika.BasicProperties(headers=headers, timestamp=timestamp_s, message_id="m")
+    )
+    (r,) = records(rabbit_event([built]))
+    assert r.headers == list(built.headers)
+    assert r.headers == [
+        ("text", b"value1"),
+        ("utf8", "h\u00e9llo \u2603".encode()),
+        ("empty", b""),
+        ("raw", b"\xff\x00\x80"),
+        ("rawtext", b"plain"),
+        ("yes", b"True"),
+        ("no", b"False"),
+        ("n", b"10"),
+        ("negative", b"-3"),
+        ("long", str(2**40).encode()),
+        ("double", b"1.5"),
+        ("x-delivery-count", b"2"),
+    ]
+    assert r.timestamp_ms == built.timestamp_ms == timestamp_s * 1000
+    # Lambda's form of the timestamp read back around 12 AM and 12 PM, on a leap day and at the
+    # ends of the range a date shows (AMQP timestamps are whole seconds).
+    for seconds in [0, 1, 2021, 43_199, 43_200, 86_399, 951_782_400, 253_402_300_799]:
+        (r,) = records(
+            rabbit_event([rabbit_delivery(1, b"", pika.BasicProperties(timestamp=seconds))])
+        )
+        assert r.timestamp_ms == seconds * 1000
+    # A decimal shows as a number in the event, as a double does: read back, it is one.
+    decimal = rabbit_delivery(1, b"", pika.BasicProperties(headers={"d": Decimal("2.5")}))
+    (r,) = records(rabbit_event([decimal]))
+    assert r.headers == [("d", b"2.5")]
+    # Without a timestamp the source stamps the record when it arrives; the event cannot say when.
+    (r,) = records(rabbit_event([rabbit_delivery(1, b"", pika.BasicProperties())]))
+    assert r.timestamp_ms == 0 and r.headers == []
 
 
 def redis_source(partition_key_field: str | None = None) -> RedisSource:

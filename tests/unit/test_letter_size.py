@@ -361,7 +361,7 @@ def test_a_letter_without_payload_is_listed_and_replay_skips_it() -> None:
 
 
 def test_rabbitmq_size_refusal_is_read_from_the_channel_close() -> None:
-    from connectors.rabbitmq.connector import size_refusal_limit
+    from connectors.rabbitmq.connection import size_refusal_limit
 
     text = (
         "PRECONDITION_FAILED - message size 134217729 is larger than configured max size 134217728"

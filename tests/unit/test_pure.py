@@ -5,10 +5,11 @@ from __future__ import annotations
 import base64
 import random
 
+import pika
 import pytest
 
 from connectors.kafka.shape import KafkaMeta, KafkaShape
-from connectors.rabbitmq.shape import RabbitMeta, RabbitShape
+from connectors.rabbitmq.shape import RabbitMeta, RabbitShape, basic_properties, record_headers
 from connectors.redis.shape import RedisMeta, RedisShape, format_stream_id, parse_stream_id
 from workers.engine.backoff import Backoff
 from workers.engine.batcher import BatchLimits, LaneBuffer
@@ -251,7 +252,20 @@ def test_records_read_back_from_events_match_what_built_them() -> None:
         ),
         Record("t-2", 6, b"v2", timestamp_ms=1_700_000_000_001, meta=KafkaMeta("t", 2)),
     ]
-    rmq = [Record("q", 1, b"m", meta=RabbitMeta("q", "/v", 9, {"contentType": "text/plain"}))]
+    # As the RabbitMQ source builds a record of a delivery.
+    props = pika.BasicProperties(
+        content_type="text/plain", headers={"s": "x", "b": True, "n": 7}, timestamp=1_700_000_000
+    )
+    rmq = [
+        Record(
+            "q",
+            1,
+            b"m",
+            timestamp_ms=1_700_000_000_000,
+            headers=record_headers(props.headers)[0],
+            meta=RabbitMeta("q", "/v", 9, basic_properties(props, 1)),
+        )
+    ]
     redis = [
         Record(
             "s",
@@ -273,3 +287,7 @@ def test_records_read_back_from_events_match_what_built_them() -> None:
         (r.key, r.value, list(r.headers))
         for r in KafkaShape("b").records(KafkaShape("b").event(kafka))
     ] == [(r.key, r.value, list(r.headers)) for r in kafka]
+    assert [
+        (r.value, list(r.headers), r.timestamp_ms)
+        for r in RabbitShape("h").records(RabbitShape("h").event(rmq))
+    ] == [(r.value, list(r.headers), r.timestamp_ms) for r in rmq]
