@@ -4,7 +4,6 @@ channel loss, acking settled deliveries in contiguous runs."""
 from __future__ import annotations
 
 import itertools
-import threading
 import time
 import zlib
 from collections import deque
@@ -29,6 +28,7 @@ from connectors.rabbitmq.connection import (
     queue_error,
 )
 from connectors.rabbitmq.shape import RabbitMeta, RabbitShape, basic_properties, record_headers
+from workers.engine.checkpoint import CheckpointTracker
 from workers.engine.ports import AssignmentListener, Capabilities, SourceBase, undecodable
 from workers.engine.records import Record
 from workers.engine.redact import describe, redact_url
@@ -46,6 +46,8 @@ MAX_PREFETCH = 5000
 # up and one multiple-ack covers them; then they are acked one by one.
 ACK_HOLD_S = 0.5
 ACK_HOLD_SHARE = 0.5
+# The one unit of `_tags`: the channel's delivery tags.
+_TAGS = "tags"
 
 # Bytes the basicProperties object adds to a record in the event, beyond the record overhead.
 _PROPERTIES_BYTES = 300
@@ -62,11 +64,12 @@ def prefetch_for(mapping: EventSourceMapping) -> int:
 
 
 class RabbitMQSource(SourceBase):
-    """Consumes one queue with manual acks; acks arrive from worker threads.
+    """Consumes one queue with manual acks.
 
-    pika's BlockingConnection belongs to the poller's loop thread. `ack()` only records the
-    delivery tags and asks the connection (`add_callback_threadsafe`) to send them from its own
-    thread; `poll()` sends whatever is left at its start and end.
+    pika's BlockingConnection belongs to the poller's loop thread, the only thread the engine
+    calls a source from. Settled delivery tags are acked with one multiple-ack for the
+    contiguous run from the lowest unacked tag (the engine's `CheckpointTracker` finds it), and
+    one by one once held long enough.
     """
 
     capabilities = Capabilities(
@@ -100,20 +103,16 @@ class RabbitMQSource(SourceBase):
         self._positions = itertools.count(1)
         # Deliveries received but not yet handed to the engine (loop thread only).
         self._pending: deque[tuple[Any, pika.spec.BasicProperties, bytes]] = deque()
-        # Delivery tags of this channel not yet acked to the broker, in delivery order; tags
-        # acked one by one stay here (and in `_sent`) until the run from the lowest passes them.
-        self._unacked: deque[int] = deque()
-        self._sent: set[int] = set()
+        # Delivery tags of this channel: the contiguous run of settled tags from the lowest is
+        # acked with one multiple-ack up to `_acked_upto`; settled tags above it are `_held`.
+        self._tags = CheckpointTracker()
+        self._acked_upto = 0
         self._held: set[int] = set()
         self._held_since: float | None = None
         self._ready = 0  # messages ready in the queue at the last look
         self._ready_at = float("-inf")
-        # Shared with worker threads, under `_lock`: positions of this channel's records not yet
-        # settled, and settled tags not yet sent.
-        self._lock = threading.Lock()
+        # Position -> delivery tag of this channel's records not yet settled.
         self._live: dict[int, int] = {}
-        self._done: list[int] = []
-        self._flush_scheduled = False
         self.dropped_acks = 0  # settled records of a lost channel (the broker redelivers them)
 
     # --- lifecycle -------------------------------------------------------------------------------
@@ -165,14 +164,10 @@ class RabbitMQSource(SourceBase):
 
     def _drop(self, reason: BaseException | None) -> None:
         """Forget the channel: its unacked deliveries go back to the queue on the broker."""
-        with self._lock:
-            self.dropped_acks += len(self._done)
-            self._live.clear()
-            self._done = []
-            self._flush_scheduled = False
+        self._live.clear()
         self._pending.clear()
-        self._unacked.clear()
-        self._sent.clear()
+        self._tags = CheckpointTracker()
+        self._acked_upto = 0
         self._held.clear()
         self._held_since = None
         connection, self._connection, self._channel = self._connection, None, None
@@ -205,7 +200,7 @@ class RabbitMQSource(SourceBase):
         body: bytes,
     ) -> None:
         self._pending.append((method, properties, body))
-        self._unacked.append(method.delivery_tag)
+        self._tags.track(_TAGS, method.delivery_tag)
 
     def _on_cancel(self, frame: Any) -> None:
         self._cancelled = True
@@ -286,8 +281,7 @@ class RabbitMQSource(SourceBase):
             except Exception as exc:  # no message may stop the queue: it becomes a letter
                 out.append(self._undecodable(position, tag, method, body, exc))
             live.append((position, tag))
-        with self._lock:
-            self._live.update(live)
+        self._live.update(live)
         return out
 
     def _undecodable(
@@ -324,54 +318,37 @@ class RabbitMQSource(SourceBase):
     # --- acks ------------------------------------------------------------------------------------
 
     def ack(self, records: Sequence[Record]) -> None:
-        """Thread-safe: record the tags, wake the connection's thread to send them."""
-        with self._lock:
-            live = self._live
-            for r in records:
-                tag = live.pop(r.position, None)
-                if tag is None:
-                    # Its channel is gone (the broker redelivers it) or it was acked before.
-                    self.dropped_acks += 1
-                else:
-                    self._done.append(tag)
-            if not self._done or self._flush_scheduled:
-                return
-            self._flush_scheduled = True
-            connection = self._connection
-        if connection is None:
-            return
-        try:
-            connection.add_callback_threadsafe(self._flush_acks)
-        except pika.exceptions.AMQPError:
-            # Closed or closing: the loop thread finds out on its next call and drops the tags.
-            with self._lock:
-                self._flush_scheduled = False
+        live = self._live
+        tags = []
+        for r in records:
+            tag = live.pop(r.position, None)
+            if tag is None:
+                # Its channel is gone (the broker redelivers it) or it was acked before.
+                self.dropped_acks += 1
+            else:
+                tags.append(tag)
+        if tags:
+            self._tags.settle(_TAGS, tags)
+            self._held.update(tags)
+            self._flush_acks()
 
     def _flush_acks(self, final: bool = False) -> None:
-        """Send settled tags (connection thread): one multiple-ack for the contiguous run from
-        the lowest unacked tag, single acks for the rest once held long enough."""
-        with self._lock:
-            self._flush_scheduled = False
-            done, self._done = self._done, []
-        held = self._held
-        if not done and not held:
-            return
+        """One multiple-ack for the contiguous run of settled tags from the lowest unacked one;
+        single acks for the rest once held long enough."""
         channel = self._channel
-        if channel is None:
+        if channel is None or not self._held:
             return
-        held.update(done)
-        unacked, sent = self._unacked, self._sent
-        last = 0
-        while unacked and (unacked[0] in held or unacked[0] in sent):
-            tag = unacked.popleft()
-            if tag in held:
-                held.discard(tag)
-                last = tag
-            else:
-                sent.discard(tag)
-        if last:
-            # https://www.rabbitmq.com/docs/confirms#consumer-acks-multiple-parameter
-            channel.basic_ack(last, multiple=True)
+        upto = self._tags.advance().get(_TAGS, 0) - 1  # every tag below the first unsettled one
+        if upto > self._acked_upto:
+            self._acked_upto = upto
+            covered = [tag for tag in self._held if tag <= upto]
+            if covered:
+                # The highest tag not acked alone before: a multiple-ack naming a tag that is no
+                # longer outstanding closes the channel (PRECONDITION_FAILED).
+                # https://www.rabbitmq.com/docs/confirms#consumer-acks-multiple-parameter
+                channel.basic_ack(max(covered), multiple=True)
+                self._held = {tag for tag in self._held if tag > upto}
+        held = self._held
         if not held:
             self._held_since = None
             return
@@ -383,9 +360,10 @@ class RabbitMQSource(SourceBase):
             or now - self._held_since >= ACK_HOLD_S
             or len(held) >= self.prefetch_count * ACK_HOLD_SHARE
         ):
+            # Acked alone; they stay settled in `_tags`, so that the run can pass them, and a
+            # later multiple-ack names a tag above them (it acks only outstanding tags).
             for tag in sorted(held):
                 channel.basic_ack(tag)
-            sent.update(held)
             held.clear()
             self._held_since = None
 
