@@ -26,6 +26,7 @@ from connectors.kafka.producer import (
     KafkaRecordTooLarge,
 )
 from connectors.kafka.shape import KafkaMeta
+from workers.engine.letters import letter_labels
 from workers.engine.lettersize import PAYLOAD_OMITTED
 from workers.engine.ports import LetterTooLarge
 from workers.engine.records import Record
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from workers.app.config import EventSourceMapping
 
 # The header naming the mapping a dead letter belongs to (a topic may hold several mappings').
-MAPPING_HEADER = "esm-mapping"
 # Room `max_letter_bytes` leaves for a letter's headers (mapping, condition, error type, source
 # topic, partition and offset) and its framing; `deliver` checks the exact size.
 LETTER_ENVELOPE_BYTES = 1024
@@ -84,12 +84,8 @@ class KafkaDestination:
 
     def deliver(self, letter: dict[str, Any], records: Sequence[Record]) -> None:
         body = orjson.dumps(letter)
-        request = letter.get("requestContext") or {}
-        error = letter.get("error") or {}
         headers: Headers = [
-            (MAPPING_HEADER, self.mapping.encode()),
-            ("esm-condition", str(request.get("condition", "")).encode()),
-            ("esm-error-type", str(error.get("errorType", "")).encode()),
+            (name, value.encode()) for name, value in letter_labels(letter, self.mapping).items()
         ]
         key: bytes | None = None
         if records:

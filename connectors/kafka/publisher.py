@@ -24,6 +24,7 @@ from connectors.kafka.shape import KafkaMeta
 from workers.engine.letters import REPLAY_HEADER
 from workers.engine.ports import ConnectorConfigError
 from workers.engine.records import Record
+from workers.engine.routing import ReplayRoutes
 
 
 class KafkaSourcePublisher:
@@ -55,7 +56,9 @@ class KafkaSourcePublisher:
         }
         self._sender = ConfirmedProducer(self.config, "replayed records")
         self._partitions: dict[str, int] = {}
-        self._warned: set[str] = set()
+        self._routes = ReplayRoutes(
+            self.servers, self._reads, [t for t in self.topics if not t.startswith("^")]
+        )
 
     def _on_error(self, err: KafkaError) -> None:
         self._errors.log(logging.ERROR if err.fatal() else logging.WARNING, err.str())
@@ -83,29 +86,19 @@ class KafkaSourcePublisher:
     def _target(self, record: Record) -> tuple[str, int | None]:
         """The topic and partition for a record; None: the key partitioner chooses."""
         meta = record.meta
-        if isinstance(meta, KafkaMeta) and self._reads(meta.topic):
-            topic, partition = meta.topic, meta.partition
+        origin = meta.topic if isinstance(meta, KafkaMeta) else record.source
+        topic = self._routes.target(origin, record)
+        if isinstance(meta, KafkaMeta) and topic == meta.topic:
+            partition = meta.partition
             if partition < self._partition_count(topic):
                 return topic, partition
-            self._warn_once(
+            self._routes.warn_once(
                 f"{topic}-{partition}",
                 f"partition {partition} of {topic} no longer exists; the key partitioner"
                 " chooses for its records",
             )
             return topic, None
-        literal = [t for t in self.topics if not t.startswith("^")]
-        if not literal:
-            raise ConnectorConfigError(
-                f"record {record.source}@{record.position}: the mapping reads no topic by name"
-                " to replay it onto"
-            )
-        topic = literal[0]
         self._partition_count(topic)  # fails readably when it does not exist
-        origin = meta.topic if isinstance(meta, KafkaMeta) else record.source
-        self._warn_once(
-            origin,
-            f"{origin} is not a source of the mapping; replaying its records onto {topic}",
-        )
         return topic, None
 
     def _reads(self, topic: str) -> bool:
@@ -126,11 +119,6 @@ class KafkaSourcePublisher:
                 raise ConnectorConfigError(f"topic {topic!r} not found at {self.servers}: {reason}")
             count = self._partitions[topic] = len(found.partitions)
         return count
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            log.warning("replay to %s: %s", self.servers, message)
 
     def close(self) -> None:
         self._sender.close()

@@ -37,13 +37,12 @@ from connectors.kafka.client import (
     producer_settings,
     reason_of,
 )
-from connectors.kafka.destination import MAPPING_HEADER
 from connectors.kafka.producer import (
     DEFAULT_MESSAGE_TIMEOUT_MS,
     ConfirmedProducer,
     KafkaDeliveryError,
 )
-from workers.engine.letters import parse_letter
+from workers.engine.letters import MAPPING_LABEL, belongs_to, parse_letter
 from workers.engine.ports import StoredLetter
 
 if TYPE_CHECKING:
@@ -114,7 +113,6 @@ class KafkaDeadLetterStore:
         self.servers = dst.bootstrap_servers
         self.mapping = mapping.name
         self.group = f"{mapping.name}{REPLAY_GROUP_SUFFIX}"
-        self._owner = mapping.name.encode()
         self._where = f"dead-letter topic {self.topic!r} at {self.servers}"
         self._errors = Throttled(log, f"mapping {mapping.name}: dead-letter topic: ")
         self._last_error = ""
@@ -353,11 +351,12 @@ class KafkaDeadLetterStore:
         progress.passed = offset + 1
         if offset in progress.done:
             return None
-        for name, data in cast(Headers, m.headers() or []):
-            if name == MAPPING_HEADER and data is not None:
-                owner = data.encode() if isinstance(data, str) else data
-                if owner != self._owner:
-                    return None  # another mapping's letter on a shared topic
+        label = next(
+            (data for name, data in cast(Headers, m.headers() or []) if name == MAPPING_LABEL),
+            None,
+        )
+        if not belongs_to(self.mapping, label):
+            return None  # another mapping's letter on a shared topic
         letter, problem = parse_letter(m.value())
         if letter is None:
             log.warning(
@@ -369,7 +368,7 @@ class KafkaDeadLetterStore:
                 problem,
             )
             return None
-        if letter.get("mapping", self.mapping) != self.mapping:
+        if label is None and not belongs_to(self.mapping, None, letter):
             return None
         letter_id: str = letter["requestContext"]["requestId"]
         if letter_id in self._done_ids or letter_id in seen:

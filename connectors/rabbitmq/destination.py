@@ -12,6 +12,7 @@ import pika
 
 from connectors.rabbitmq import config as cfg
 from connectors.rabbitmq.connection import ConfirmedChannel
+from workers.engine.letters import letter_labels
 from workers.engine.records import Record
 from workers.engine.redact import redact_url
 
@@ -40,14 +41,10 @@ class RabbitMQDestination:
     def deliver(self, letter: dict[str, Any], records: Sequence[Record]) -> None:
         body = orjson.dumps(letter)
         request = letter.get("requestContext") or {}
-        error = letter.get("error") or {}
         headers: dict[str, Any] = {
-            "esm-mapping": self.mapping,
-            "esm-condition": str(request.get("condition", "")),
+            **letter_labels(letter, self.mapping),
             "esm-batch-size": len(records),
         }
-        if error.get("errorType"):
-            headers["esm-error-type"] = str(error["errorType"])
         properties = pika.BasicProperties(
             content_type="application/json",
             delivery_mode=pika.DeliveryMode.Persistent.value,

@@ -13,6 +13,7 @@ from redis.exceptions import RedisError, ResponseError
 from connectors.redis import config as cfg
 from connectors.redis.client import chunks, log, redis_client, server_of
 from connectors.redis.shape import RedisMeta
+from workers.engine.letters import CONDITION_LABEL, ERROR_TYPE_LABEL, MAPPING_LABEL, letter_labels
 from workers.engine.ports import LetterTooLarge
 from workers.engine.records import Record
 from workers.engine.redact import describe, redact_url
@@ -55,13 +56,13 @@ class RedisDestination:
         )
 
     def deliver(self, letter: dict[str, Any], records: Sequence[Record]) -> None:
-        context = letter.get("requestContext") or {}
-        error = letter.get("error") or {}
+        labels = letter_labels(letter, self.mapping)
         fields: dict[Any, Any] = {
             "letter": orjson.dumps(letter),
-            "mapping": self.mapping,
-            "condition": str(context.get("condition", "")),
-            "errorType": str(error.get("errorType", "")),
+            # The labels under this stream's own field names.
+            "mapping": labels[MAPPING_LABEL],
+            "condition": labels[CONDITION_LABEL],
+            "errorType": labels[ERROR_TYPE_LABEL],
         }
         group = self._ack_group
         acks: dict[str, list[str]] = {}

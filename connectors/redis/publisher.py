@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from connectors.redis import config as cfg
-from connectors.redis.client import REPLAY_FIELD_BYTES, log, redis_client, source_streams
+from connectors.redis.client import REPLAY_FIELD_BYTES, redis_client, source_streams
 from connectors.redis.shape import RedisMeta
 from workers.engine.records import Record
 from workers.engine.redact import redact_url
+from workers.engine.routing import ReplayRoutes
 
 
 class RedisSourcePublisher:
@@ -29,7 +30,7 @@ class RedisSourcePublisher:
         self.key_field = src.partition_key_field
         self._where = f"redis {redact_url(src.url)}"
         self._client = redis_client(src.url)
-        self._warned: set[str] = set()
+        self._routes = ReplayRoutes(self._where, self.streams.__contains__, self.streams)
 
     def publish(self, records: Sequence[Record], replay_count: int) -> None:
         if not records:
@@ -50,19 +51,8 @@ class RedisSourcePublisher:
             if self.key_field is not None and record.key is not None:
                 fields[self.key_field.encode()] = record.key
             fields[b"value"] = record.value
-            return self.streams[0], fields
-        stream = meta.stream
-        if stream not in self.streams:
-            stream = self.streams[0]
-            if meta.stream not in self._warned:
-                self._warned.add(meta.stream)
-                log.warning(
-                    "%s: stream %s is no longer a source of the mapping; replaying its records"
-                    " onto %s",
-                    self._where,
-                    meta.stream,
-                    stream,
-                )
+            return self._routes.target(None, record), fields
+        stream = self._routes.target(meta.stream, record)
         fields = meta.raw_fields()
         fields.pop(REPLAY_FIELD_BYTES, None)
         return stream, fields

@@ -10,7 +10,7 @@ import redis
 
 from connectors.redis import config as cfg
 from connectors.redis.client import group_info, log, redis_client
-from workers.engine.letters import parse_letter
+from workers.engine.letters import belongs_to, parse_letter
 from workers.engine.ports import StoredLetter
 from workers.engine.redact import redact_url
 
@@ -141,7 +141,7 @@ class RedisDeadLetterStore:
 
     def _stored(self, entry_id: str, fields: dict[bytes, bytes]) -> StoredLetter | None:
         owner = fields.get(b"mapping")
-        if owner is not None and owner.decode("utf-8", "replace") != self.mapping:
+        if not belongs_to(self.mapping, owner):
             return None  # another mapping's letter on a shared stream
         letter, problem = parse_letter(fields.get(b"letter"))
         if letter is None:
@@ -153,7 +153,7 @@ class RedisDeadLetterStore:
                 problem,
             )
             return None
-        if owner is None and letter.get("mapping", self.mapping) != self.mapping:
+        if owner is None and not belongs_to(self.mapping, None, letter):
             return None
         return StoredLetter(letter["requestContext"]["requestId"], letter, handle=entry_id)
 

@@ -6,7 +6,7 @@ import logging
 import threading
 import uuid
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -356,3 +356,33 @@ def _replay_count(record: Record) -> int:
             except ValueError:
                 return 0
     return 0
+
+
+# Labels every destination puts next to a letter (message headers; Redis stream fields under
+# their own names), so that letters can be routed, filtered and told apart without parsing them.
+MAPPING_LABEL = "esm-mapping"
+CONDITION_LABEL = "esm-condition"
+ERROR_TYPE_LABEL = "esm-error-type"
+
+
+def letter_labels(letter: Mapping[str, Any], mapping: str) -> dict[str, str]:
+    """The mapping, condition and error type of a letter, by label name."""
+    request = letter.get("requestContext") or {}
+    error = letter.get("error") or {}
+    return {
+        MAPPING_LABEL: mapping,
+        CONDITION_LABEL: str(request.get("condition", "")),
+        ERROR_TYPE_LABEL: str(error.get("errorType", "")),
+    }
+
+
+def belongs_to(
+    mapping: str, label: str | bytes | None, letter: Mapping[str, Any] | None = None
+) -> bool:
+    """Whether a stored letter is `mapping`'s (destinations may be shared between mappings):
+    its mapping label says so when it has one, else the letter's `mapping` field; a letter
+    that names no mapping at all is taken as the reader's."""
+    if label is not None:
+        owner = label.decode("utf-8", "replace") if isinstance(label, bytes) else label
+        return owner == mapping
+    return letter is None or letter.get("mapping", mapping) == mapping
