@@ -70,7 +70,8 @@ class OffsetContract(ContractBase):
         self.produce(name, [b"last"], [b"k0"])
         source, _ = self.opened(name)
         try:
-            again = poll_n(source, 2, self.join_timeout_s)
+            again = poll_n(source, 1, self.join_timeout_s)
+            again += poll_for(source, self.quiet_s)
             assert [r.value for r in again] == [b"last"]
             deadline = time.monotonic() + 10
             while not source.caught_up() and time.monotonic() < deadline:

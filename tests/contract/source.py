@@ -7,7 +7,7 @@ import threading
 import time
 from typing import Any
 
-from tests.contract.harness import ContractBase, by_unit, poll_n, settle
+from tests.contract.harness import ContractBase, by_unit, poll_for, poll_n, settle
 from tests.engine import DirectInvoker
 from workers.engine.batcher import BatchLimits
 from workers.engine.invoker import InvocationRequest
@@ -77,7 +77,8 @@ class SourceContract(ContractBase):
         self.produce(name, [b"after"], [None])
         source, _ = self.opened(name)
         try:
-            again = poll_n(source, 2, self.join_timeout_s)
+            again = poll_n(source, 1, self.join_timeout_s)
+            again += poll_for(source, self.quiet_s)
             assert [r.value for r in again] == [b"after"]
             settle(source, again)
         finally:

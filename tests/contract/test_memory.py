@@ -11,8 +11,15 @@ from typing import Any
 
 import pytest
 
-from connectors.memory.broker import MemoryDestination, named_broker
-from tests.contract import AckContract, OffsetContract, PauseContract, SourceContract
+from connectors.memory.broker import MemoryDestination, MemoryLogSource, named_broker
+from connectors.memory.stream import MemoryStreamSource
+from tests.contract import (
+    AckContract,
+    OffsetContract,
+    PauseContract,
+    RecordingListener,
+    SourceContract,
+)
 from tests.engine import kafka_items, value_of
 from workers.app import config as cfg
 from workers.app import registry
@@ -72,3 +79,30 @@ class TestMemoryStreamContract(MemoryContract, AckContract, PauseContract):
     def event_values(self, event: dict[str, Any]) -> list[bytes]:
         items = [item for stream in event["records"].values() for item in stream]
         return [base64.b64decode(item["fields"]["value"]) for item in items]
+
+
+def memory_mapping(**source: Any) -> cfg.EventSourceMapping:
+    return cfg.EventSourceMapping.model_validate(
+        {"name": "m", "function": "f", "source": {"type": "memory", "topic": "t", **source}}
+    )
+
+
+def test_sources_have_brokers_of_their_own_unless_they_name_a_shared_one() -> None:
+    listener = RecordingListener()
+    own = [registry.open_source(memory_mapping(generate=5), i) for i in (0, 1)]
+    for source in own:
+        source.open(listener)
+        assert len(source.poll(10, 0)) == 5  # each its own broker, filled with samples
+    assert isinstance(own[0], MemoryLogSource)
+    name = f"shared-{uuid.uuid4().hex[:10]}"
+    shared = [
+        registry.open_source(memory_mapping(generate=5, broker=name, checkpoint="ack"), i)
+        for i in (0, 1)
+    ]
+    assert isinstance(shared[0], MemoryStreamSource)
+    shared[0].open(listener)
+    records = shared[0].poll(10, 0)
+    assert len(records) == 5  # filled once, by the first source opened
+    shared[0].ack(records)
+    shared[1].open(listener)
+    assert shared[1].poll(10, 0) == []  # the same group, on the same broker
