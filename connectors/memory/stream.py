@@ -21,7 +21,7 @@ from workers.engine.shapes import encoded_size
 class MemoryStreamSource(SourceBase):
     """The one consumer of a group on every partition (stream) of a topic, with acks."""
 
-    capabilities = Capabilities(ordered=True, checkpoint="ack", pausable=True, delivery_counts=True)
+    capabilities = Capabilities(ordered=True, checkpoint="ack", pausable=True)
     retryable_errors: tuple[type[BaseException], ...] = (MemoryBrokerError,)
 
     def __init__(self, broker: MemoryBroker, topic: str, group: str) -> None:

@@ -75,6 +75,8 @@ class ContractBase:
     join_timeout_s = 30.0
     # How long to watch for records that must not arrive, once the source has read the others.
     quiet_s = 1.0
+    # The broker counts deliveries, so a record delivered again says so in `Record.attempts`.
+    delivery_counts = False
     # How long the poller must find nothing to read before a run stops (`--until-idle`).
     idle_s = 2.0
 

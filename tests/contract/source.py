@@ -97,7 +97,7 @@ class SourceContract(ContractBase):
         try:
             again = poll_n(source, 7, self.join_timeout_s)
             assert sorted(r.value for r in again) == [f"{i}".encode() for i in range(3, 10)]
-            if source.capabilities.delivery_counts:
+            if self.delivery_counts:
                 assert all(r.attempts >= 1 for r in again)
             settle(source, again)
         finally:
