@@ -1,9 +1,10 @@
 """The connector contract as capability mixins (kombu's `t/integration/common.py` style).
 
-A source's test class subclasses `SourceContract` plus the mixin of each capability its source
-declares (`OffsetContract` or `AckContract`, `PauseContract`) and `RebalanceContract` where its
-group can move units between members, and provides the hooks of `ContractBase`. The memory
-connector's classes are in `test_memory.py`; each real broker's are in its integration module.
+Sources: a source's test class subclasses `SourceContract` plus the mixin of each capability its
+source declares (`OffsetContract` or `AckContract`, `PauseContract`) and `RebalanceContract` where
+its group can move units between members, and provides the hooks of `ContractBase`. The memory
+connector's classes are in `test_source_memory.py`; each real broker's are in its integration
+module, beside what only that broker does. Dead-letter destinations and stores: `store.py`.
 """
 
 from tests.contract.acks import AckContract
