@@ -20,7 +20,7 @@ test: install brokers
 	$(BIN)/pytest -q -m "not faults_full"
 
 test-unit: install
-	$(BIN)/pytest -q tests/unit
+	$(BIN)/pytest -q -m "not integration" tests/unit tests/contract
 
 test-integration: install brokers
 	$(BIN)/pytest -q -m integration

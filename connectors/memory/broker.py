@@ -1,8 +1,10 @@
 """An in-memory broker that honours the connector contract; it runs every engine test.
 
-Two kinds of source: a partitioned log with consumer-group offsets (Kafka's semantics: ordered,
-offset checkpoints, pause/resume) and a queue with acks and redelivery of unacked messages when a
-consumer goes away (RabbitMQ's semantics, with quorum queues' delivery counts).
+Three kinds of source: a partitioned log with consumer-group offsets (Kafka's semantics: ordered,
+offset checkpoints, pause/resume), the same log read with per-record acks and pending entries
+(Redis Streams' semantics, `connectors.memory.stream`) and a queue with acks and redelivery of
+unacked messages when a consumer goes away (RabbitMQ's semantics, with quorum queues' delivery
+counts).
 """
 
 from __future__ import annotations
@@ -50,15 +52,23 @@ class MemoryBroker:
     clock: Clock = SYSTEM_CLOCK
     topics: dict[str, list[list[StoredRecord]]] = field(default_factory=dict)
     committed: dict[tuple[str, str], int] = field(default_factory=dict)  # (group, "t-p") -> next
+    # Acked reading (connectors.memory.stream): the next position a group has not delivered yet,
+    # and its pending entries (delivered, not acked) with their delivery counts, per unit.
+    delivered: dict[tuple[str, str], int] = field(default_factory=dict)
+    pending: dict[tuple[str, str], dict[int, int]] = field(default_factory=dict)
     queues: dict[str, deque[QueuedMessage]] = field(default_factory=dict)
     unacked: dict[str, dict[int, QueuedMessage]] = field(default_factory=dict)
     down: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     _seq: int = 0
 
-    def create_topic(self, name: str, partitions: int = 1) -> None:
+    def create_topic(self, name: str, partitions: int = 1) -> bool:
+        """Creates the topic unless it exists; returns whether it did."""
         with self.lock:
-            self.topics.setdefault(name, [[] for _ in range(partitions)])
+            if name in self.topics:
+                return False
+            self.topics[name] = [[] for _ in range(partitions)]
+            return True
 
     def produce(
         self,
@@ -302,3 +312,17 @@ class MemoryDestination:
 
     def close(self) -> None:
         pass
+
+
+_named: dict[str, MemoryBroker] = {}
+_named_lock = threading.Lock()
+
+
+def named_broker(name: str) -> MemoryBroker:
+    """The process-wide broker called `name`: every source of a mapping naming it shares it, so
+    a source opened again finds what an earlier one left (offsets, pending entries)."""
+    with _named_lock:
+        broker = _named.get(name)
+        if broker is None:
+            broker = _named[name] = MemoryBroker()
+        return broker

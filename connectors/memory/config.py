@@ -26,3 +26,13 @@ class MemorySource(SourceSettings):
     keys: Annotated[int, Range(0)] = Field(
         default=0, description="Distinct keys of the sample records (0: no keys)"
     )
+    checkpoint: Literal["offset", "ack"] = Field(
+        default="offset",
+        description="offset: read like Kafka (committed offsets per partition); ack: read like"
+        " Redis Streams (each record acked, unacked ones delivered again after a restart)",
+    )
+    broker: NonEmptyStr | None = Field(
+        default=None,
+        description="Name of an in-process broker that every source naming it shares, so a"
+        " restarted source resumes where the last one left off (default: a broker of its own)",
+    )

@@ -18,17 +18,23 @@ import yaml
 from confluent_kafka import TopicPartition
 
 import connectors.kafka.source as kafka_source
-from connectors.kafka import config as kafka_cfg
 from connectors.kafka.client import KafkaUnavailable
-from connectors.kafka.destination import KafkaDestination
 from connectors.kafka.probe import probe_kafka
 from connectors.kafka.source import KafkaSource
 from tests import brokers
 from tests.brokers import KafkaRecord, Tansu, committed_offsets, end_offsets, read_topic
 from tests.cli import run_workers, workers_run
+from tests.contract import (
+    OffsetContract,
+    PauseContract,
+    RebalanceContract,
+    SourceContract,
+    poll_n,
+    settle,
+)
 from tests.engine import kafka_items, letter_values, value_of
-from tests.integration.contract import SourceContract, poll_n, settle
 from workers.app import config as cfg
+from workers.app import registry
 from workers.engine.ports import Destination, Source
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka]
@@ -38,20 +44,23 @@ REPO = Path(__file__).resolve().parents[2]
 CLIENT_CONFIG: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
 
 
-def mapping_for(bootstrap: str, name: str, **source: Any) -> cfg.EventSourceMapping:
-    return cfg.EventSourceMapping.model_validate(
-        {
-            "name": name,
-            "function": "fn",
-            "source": {
-                "type": "kafka",
-                "bootstrap_servers": bootstrap,
-                "topics": [name],
-                "client_config": CLIENT_CONFIG,
-                **source,
-            },
-        }
-    )
+def mapping_for(
+    bootstrap: str, name: str, destination: dict[str, Any] | None = None, **source: Any
+) -> cfg.EventSourceMapping:
+    data: dict[str, Any] = {
+        "name": name,
+        "function": "fn",
+        "source": {
+            "type": "kafka",
+            "bootstrap_servers": bootstrap,
+            "topics": [name],
+            "client_config": CLIENT_CONFIG,
+            **source,
+        },
+    }
+    if destination is not None:
+        data["destination_config"] = destination
+    return cfg.EventSourceMapping.model_validate(data)
 
 
 def letters_in(bootstrap: str, topic: str) -> list[tuple[Any, dict[str, Any]]]:
@@ -62,10 +71,12 @@ def letters_in(bootstrap: str, topic: str) -> list[tuple[Any, dict[str, Any]]]:
 # --- the contract ------------------------------------------------------------------------------
 
 
-class TestKafkaContract(SourceContract):
+class TestKafkaContract(SourceContract, OffsetContract, PauseContract, RebalanceContract):
     # A join takes about 3 s here; the contract also waits this long to see that nothing more
     # arrives, so it is kept short.
     join_timeout_s = 12.0
+    # Once a member fetched, records of every partition it owns are on their way.
+    quiet_s = 2.0
 
     @pytest.fixture(autouse=True)
     def _broker(self, kafka_broker: Tansu) -> None:
@@ -79,8 +90,11 @@ class TestKafkaContract(SourceContract):
         return name
 
     def make_source(self, name: str) -> Source:
+        return self.make_member(name, 0)
+
+    def make_member(self, name: str, instance: int) -> Source:
         self.topic(name)
-        return KafkaSource(mapping_for(self.bootstrap, name), 0)
+        return registry.open_source(mapping_for(self.bootstrap, name), instance)
 
     def produce(self, name: str, values: Sequence[bytes], keys: Sequence[bytes | None]) -> None:
         records = [KafkaRecord(v, k) for v, k in zip(values, keys, strict=True)]
@@ -88,8 +102,11 @@ class TestKafkaContract(SourceContract):
 
     def make_destination(self, name: str) -> Destination:
         dlq = self.topic(f"{name}.dlq")
-        dst = kafka_cfg.KafkaDestination(type="kafka", topic=dlq, bootstrap_servers=self.bootstrap)
-        return KafkaDestination(dst, mapping_for(self.bootstrap, name))
+        on_failure = {"type": "kafka", "topic": dlq, "bootstrap_servers": self.bootstrap}
+        mapping = mapping_for(self.bootstrap, name, destination={"on_failure": on_failure})
+        destination = registry.open_destination(mapping)
+        assert destination is not None
+        return destination
 
     def dead_letter_values(self, name: str) -> list[bytes]:
         return letter_values([letter for _, letter in letters_in(self.bootstrap, f"{name}.dlq")])

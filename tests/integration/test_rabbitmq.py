@@ -28,9 +28,10 @@ from connectors.rabbitmq.source import RabbitMQSource
 from tests import cli
 from tests.brokers import rabbitmq_reachable, rabbitmq_url, require, unique_name
 from tests.cli import workers_run
+from tests.contract import AckContract, RecordingListener, SourceContract, poll_n
 from tests.engine import letter_values, rmq_items, value_of
-from tests.integration.contract import RecordingListener, SourceContract, poll_n
 from workers.app import config as cfg
+from workers.app import registry
 from workers.engine.ports import Destination, Source
 from workers.events import records as event_records
 
@@ -215,7 +216,7 @@ def queue_unacked(name: str) -> int:
     return queue_counts(name)[1]
 
 
-class TestRabbitMQContract(SourceContract):
+class TestRabbitMQContract(SourceContract, AckContract):
     quorum = False
     # No group to join: a queue delivers at once. Tests that wait for records that must not
     # come wait this long.
@@ -234,14 +235,16 @@ class TestRabbitMQContract(SourceContract):
         return name
 
     def make_source(self, name: str) -> Source:
-        return RabbitMQSource(mapping_for(name), 0)
+        return registry.open_source(mapping_for(name))
 
     def produce(self, name: str, values: Sequence[bytes], keys: Sequence[bytes | None]) -> None:
         self.rabbit.publish(name, values)
 
     def make_destination(self, name: str) -> Destination:
         self.rabbit.declare(f"{name}.dlq")
-        return destination_for(name, f"{name}.dlq")
+        destination = registry.open_destination(mapping_for(name, destination=f"{name}.dlq"))
+        assert destination is not None
+        return destination
 
     def dead_letter_values(self, name: str) -> list[bytes]:
         return letter_values(letters_of(self.rabbit.drain(f"{name}.dlq")))

@@ -29,9 +29,10 @@ from connectors.redis.probe import probe_redis
 from connectors.redis.source import RedisSource
 from tests import brokers
 from tests.cli import run_workers, workers_run
+from tests.contract import AckContract, PauseContract, RecordingListener, SourceContract, poll_n
 from tests.engine import DirectInvoker
-from tests.integration.contract import RecordingListener, SourceContract, poll_n
 from workers.app import config as cfg
+from workers.app import registry
 from workers.engine.batcher import BatchLimits
 from workers.engine.invoker import InvocationRequest
 from workers.engine.policy import Policy
@@ -49,15 +50,20 @@ HANDLER = "tests.handlers.redis_handlers:log_ids"
 
 
 def redis_mapping(
-    url: str, name: str, streams: Sequence[str], **source: Any
+    url: str,
+    name: str,
+    streams: Sequence[str],
+    destination: dict[str, Any] | None = None,
+    **source: Any,
 ) -> cfg.EventSourceMapping:
-    return cfg.EventSourceMapping.model_validate(
-        {
-            "name": name,
-            "function": "f",
-            "source": {"type": "redis", "url": url, "streams": list(streams), **source},
-        }
-    )
+    data: dict[str, Any] = {
+        "name": name,
+        "function": "f",
+        "source": {"type": "redis", "url": url, "streams": list(streams), **source},
+    }
+    if destination is not None:
+        data["destination_config"] = destination
+    return cfg.EventSourceMapping.model_validate(data)
 
 
 def redis_source(url: str, streams: Sequence[str], **source: Any) -> redis_cfg.RedisSource:
@@ -253,7 +259,7 @@ def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
 # --- 1. the shared contract, on two streams -------------------------------------------------------
 
 
-class TestRedisContract(SourceContract):
+class TestRedisContract(SourceContract, AckContract, PauseContract):
     # Nothing to join; poll_n waits this long when asked for more records than exist.
     join_timeout_s = 2.0
     delivery_counts = True  # XPENDING's times_delivered
@@ -273,18 +279,21 @@ class TestRedisContract(SourceContract):
         self.made.append(name)
         return name
 
-    def mapping(self, name: str) -> cfg.EventSourceMapping:
+    def mapping(
+        self, name: str, destination: dict[str, Any] | None = None
+    ) -> cfg.EventSourceMapping:
         return redis_mapping(
             self.url,
             name,
             [f"{name}-a", f"{name}-b"],
+            destination,
             consumer_name="contract",
             partition_key_field="key",
             claim_idle_s=30,
         )
 
     def make_source(self, name: str) -> Source:
-        return RedisSource(self.mapping(name), 0)
+        return registry.open_source(self.mapping(name))
 
     def produce(self, name: str, values: Sequence[bytes], keys: Sequence[bytes | None]) -> None:
         pipe = self.client.pipeline(transaction=False)
@@ -298,8 +307,10 @@ class TestRedisContract(SourceContract):
         pipe.execute()
 
     def make_destination(self, name: str) -> Destination:
-        dst = redis_cfg.RedisDestination(type="redis", url=self.url, stream=f"{name}-dlq")
-        return RedisDestination(dst, self.mapping(name))
+        on_failure = {"type": "redis", "url": self.url, "stream": f"{name}-dlq"}
+        destination = registry.open_destination(self.mapping(name, {"on_failure": on_failure}))
+        assert destination is not None
+        return destination
 
     def dead_letter_values(self, name: str) -> list[bytes]:
         out: list[bytes] = []

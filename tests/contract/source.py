@@ -1,94 +1,32 @@
-"""The connector contract, as tests every real broker's connector must pass.
-
-Each broker module subclasses `SourceContract` and provides the hooks at the top; the tests
-below then run against that broker over real connections.
-"""
+"""What every source does: poll records that carry what its event shape needs, settle them,
+report being caught up, and resume after a close as its checkpoints say; and the poller on top."""
 
 from __future__ import annotations
 
 import threading
 import time
-import uuid
-from collections.abc import Collection, Sequence
 from typing import Any
 
+from tests.contract.harness import ContractBase, by_unit, poll_for, poll_n, settle
 from tests.engine import DirectInvoker
 from workers.engine.batcher import BatchLimits
 from workers.engine.invoker import InvocationRequest
 from workers.engine.policy import Policy
 from workers.engine.poller import Poller, PollerSettings
-from workers.engine.ports import Destination, Source
-from workers.engine.records import Record
 
 
-class RecordingListener:
-    def __init__(self) -> None:
-        self.assigned: set[str] = set()
-        self.revoked: set[str] = set()
-
-    def on_assigned(self, units: Collection[str]) -> None:
-        self.assigned |= set(units)
-
-    def on_revoked(self, units: Collection[str]) -> None:
-        self.revoked |= set(units)
-
-
-def poll_n(source: Source, n: int, timeout_s: float = 30.0) -> list[Record]:
-    """Poll until `n` records arrived (or the timeout passed)."""
-    out: list[Record] = []
-    deadline = time.monotonic() + timeout_s
-    while len(out) < n and time.monotonic() < deadline:
-        out.extend(source.poll(n - len(out), 0.5))
-    return out
-
-
-def settle(source: Source, records: Sequence[Record]) -> None:
-    if source.capabilities.checkpoint == "offset":
-        last: dict[str, int] = {}
-        for r in records:
-            last[r.source] = max(last.get(r.source, -1), r.position + 1)
-        source.commit(last)
-    else:
-        source.ack(records)
-
-
-class SourceContract:
-    """Subclasses provide these hooks for one broker."""
-
-    # How long a source may take to join and see its first record (Kafka groups take seconds).
-    join_timeout_s = 30.0
-    # The broker counts deliveries, so a record delivered again says so in `Record.attempts`.
-    delivery_counts = False
-
-    def make_source(self, name: str) -> Source:
-        raise NotImplementedError
-
-    def produce(self, name: str, values: Sequence[bytes], keys: Sequence[bytes | None]) -> None:
-        raise NotImplementedError
-
-    def make_destination(self, name: str) -> Destination:
-        raise NotImplementedError
-
-    def dead_letter_values(self, name: str) -> list[bytes]:
-        """Values of every record in the destination's letters (read back from the broker)."""
-        raise NotImplementedError
-
-    def event_values(self, event: dict[str, Any]) -> list[bytes]:
-        """The record values of a handler event of this broker's shape."""
-        raise NotImplementedError
-
-    # --- helpers ---------------------------------------------------------------------------------
-
-    def fresh(self) -> str:
-        return f"contract-{uuid.uuid4().hex[:10]}"
-
-    def opened(self, name: str) -> tuple[Source, RecordingListener]:
-        source = self.make_source(name)
-        listener = RecordingListener()
-        source.open(listener)
-        return source, listener
-
-    # --- the contract ----------------------------------------------------------------------------
+class SourceContract(ContractBase):
+    def test_declared_capabilities_have_their_contracts(self) -> None:
+        source = self.make_source(self.fresh())
+        try:
+            declared = source.capabilities
+            required = self.required_capabilities()
+            assert required.get("checkpoint") == declared.checkpoint, (
+                f"{type(self).__name__} lacks the contract of {declared.checkpoint} checkpoints"
+            )
+            assert required.get("pausable", False) == declared.pausable
+        finally:
+            source.close()
 
     def test_poll_returns_records_with_payload_and_coordinates(self) -> None:
         name = self.fresh()
@@ -105,10 +43,7 @@ class SourceContract:
                 assert r.timestamp_ms > 1_600_000_000_000
                 assert r.size > len(r.value)
             if source.capabilities.ordered:
-                by_unit: dict[str, list[Record]] = {}
-                for r in records:
-                    by_unit.setdefault(r.source, []).append(r)
-                for unit_records in by_unit.values():
+                for unit_records in by_unit(records).values():
                     positions = [r.position for r in unit_records]
                     assert positions == sorted(positions)
             settle(source, records)
@@ -142,7 +77,8 @@ class SourceContract:
         self.produce(name, [b"after"], [None])
         source, _ = self.opened(name)
         try:
-            again = poll_n(source, 2, self.join_timeout_s)
+            again = poll_n(source, 1, self.join_timeout_s)
+            again += poll_for(source, self.quiet_s)
             assert [r.value for r in again] == [b"after"]
             settle(source, again)
         finally:
@@ -182,6 +118,27 @@ class SourceContract:
         finally:
             source.close()
 
+    # --- the engine on top -----------------------------------------------------------------------
+
+    def run_poller(self, name: str, handler: Any, **policy: Any) -> Poller:
+        """Runs a poller of `name` with `handler` until the source is idle; returns it."""
+        source = self.make_source(name)
+        self.check_capabilities(source)
+        poller = Poller(
+            PollerSettings(
+                mapping=name,
+                function="f",
+                limits=BatchLimits(batch_size=50, maximum_batching_window_s=0.05),
+                parallelization_factor=2,
+            ),
+            source=source,
+            invoker=DirectInvoker(handler),
+            policy=Policy(**policy),
+            destination=self.make_destination(name),
+        )
+        poller.run(until_idle_s=self.idle_s)
+        return poller
+
     def test_poller_dead_letters_exactly_the_poison_records(self) -> None:
         name = self.fresh()
         n = 300
@@ -200,25 +157,35 @@ class SourceContract:
                 for v in got:
                     handled[v] = handled.get(v, 0) + 1
 
-        source = self.make_source(name)
-        poller = Poller(
-            PollerSettings(
-                mapping=name,
-                function="f",
-                limits=BatchLimits(batch_size=50, maximum_batching_window_s=0.05),
-                parallelization_factor=2,
-            ),
-            source=source,
-            invoker=DirectInvoker(handler),
-            policy=Policy(
-                maximum_retry_attempts=1,
-                bisect_batch_on_function_error=True,
-                retry_backoff_base_s=0.01,
-            ),
-            destination=self.make_destination(name),
+        poller = self.run_poller(
+            name,
+            handler,
+            maximum_retry_attempts=1,
+            bisect_batch_on_function_error=True,
+            retry_backoff_base_s=0.01,
         )
-        poller.run(until_idle_s=2.0)
         assert sorted(self.dead_letter_values(name)) == sorted(poison)
         assert handled == {v: 1 for v in values if v not in poison}
         stats = poller.stats.snapshot()
         assert stats["dead_lettered"] == 3 and stats["succeeded"] == n - 3
+
+    def test_restarted_poller_handles_every_record_once(self) -> None:
+        """Nothing lost and, when nothing failed, nothing handled twice across a restart."""
+        name = self.fresh()
+        handled: list[bytes] = []
+        lock = threading.Lock()
+
+        def handler(event: dict[str, Any], request: InvocationRequest) -> None:
+            with lock:
+                handled.extend(self.event_values(event))
+
+        first = [f"a{i}".encode() for i in range(120)]
+        self.produce(name, first, [f"k{i % 5}".encode() for i in range(120)])
+        self.run_poller(name, handler)
+        assert sorted(handled) == sorted(first)
+        second = [f"b{i}".encode() for i in range(80)]
+        self.produce(name, second, [f"k{i % 5}".encode() for i in range(80)])
+        poller = self.run_poller(name, handler)
+        assert sorted(handled) == sorted(first + second)
+        assert poller.stats.snapshot()["succeeded"] == 80
+        assert self.dead_letter_values(name) == []
