@@ -19,6 +19,7 @@ brokers:
 test: install brokers
 	$(BIN)/pytest -q -m "not faults_full"
 
+# No broker and no process: the engine on the memory connector, in seconds.
 test-unit: install
 	$(BIN)/pytest -q -m "not integration" tests/unit tests/contract
 

@@ -1,12 +1,9 @@
 """deploy/kubernetes: the core objects against Kubernetes' own schemas, the KEDA and
-ServiceMonitor objects for the fields they need, and the ConfigMap's mappings through
-`workers validate`."""
+ServiceMonitor objects for the fields they need (tests/process/test_deploy_validate.py runs the
+ConfigMap's mappings through `workers validate`)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -75,24 +72,3 @@ def test_keda_scaled_object_scales_the_deployment_on_lag() -> None:
     assert metadata["serverAddress"].startswith("http")
     assert "esm_offset_lag" in metadata["query"] and "esm_stalled_units" in metadata["query"]
     assert float(metadata["threshold"]) > 0  # KEDA takes the threshold as a string
-
-
-def test_configmap_mappings_validate(tmp_path: Path) -> None:
-    config = tmp_path / "mappings.yaml"
-    config.write_text(load("configmap.yaml")["data"]["mappings.yaml"])
-    # The handler of the example, as a user's image would hold it under the working directory.
-    (tmp_path / "app").mkdir()
-    (tmp_path / "app" / "__init__.py").write_text("")
-    (tmp_path / "app" / "handlers.py").write_text("def handle_orders(event, context):\n    pass\n")
-    secret = {**load("secret.yaml")["stringData"], "KAFKA_SASL_PASSWORD": "pw-7f3a9c"}
-    done = subprocess.run(
-        [sys.executable, "-m", "workers", "validate", str(config)],
-        cwd=tmp_path,
-        env={**os.environ, **secret, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "ok (1 function(s), 1 mapping(s))" in done.stdout
-    assert "pw-7f3a9c" not in done.stdout + done.stderr
