@@ -85,6 +85,13 @@ def redis_reachable(url: str | None = None, timeout_s: float = 1.0) -> bool:
         client.close()
 
 
+def redis_text(reply: object) -> str:
+    """A Redis reply naming an entry (its id, a field) as text. The tests' clients do not decode
+    responses, so the reply is bytes, though redis-py types it `bytes | str`."""
+    assert isinstance(reply, bytes), reply
+    return reply.decode()
+
+
 def rabbitmq_reachable(url: str | None = None, timeout_s: float = 2.0) -> bool:
     """True when the RabbitMQ at ``url`` (default :func:`rabbitmq_url`) accepts a login."""
     import pika
@@ -385,7 +392,7 @@ class KafkaRecord:
 
     value: bytes | str | None
     key: bytes | str | None = None
-    headers: Sequence[tuple[str, bytes | str]] = field(default_factory=tuple)
+    headers: Sequence[tuple[str, bytes | str | None]] = field(default_factory=tuple)
     partition: int | None = None
     timestamp_ms: int | None = None
 

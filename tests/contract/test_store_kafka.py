@@ -16,6 +16,7 @@ import pytest
 import yaml
 from confluent_kafka import Consumer
 
+from connectors.kafka.config import KafkaSource
 from connectors.kafka.shape import KafkaMeta
 from tests import brokers
 from tests.brokers import KafkaRecord, Tansu, committed_offsets, end_offsets, read_topic
@@ -76,7 +77,8 @@ class TestKafkaStore(DestinationContract, DeadLetterStoreContract, PublisherCont
         keys: Sequence[bytes | None],
         headers: Sequence[tuple[str, bytes]],
     ) -> None:
-        [topic] = mapping.source.topics  # type: ignore[union-attr]
+        assert isinstance(mapping.source, KafkaSource)
+        [topic] = mapping.source.topics
         records = [KafkaRecord(v, k, headers=headers) for v, k in zip(values, keys, strict=True)]
         brokers.produce(self.bootstrap, topic, records)
 

@@ -11,6 +11,7 @@ import pytest
 import redis
 import yaml
 
+from connectors.redis.config import RedisSource
 from tests import brokers
 from tests.contract.store import (
     DeadLetterStoreContract,
@@ -89,7 +90,8 @@ class TestRedisStore(DestinationContract, DeadLetterStoreContract, PublisherCont
         headers: Sequence[tuple[str, bytes]],
     ) -> None:
         # Entries have fields, not headers: the key is a field, the value another.
-        [stream] = mapping.source.streams  # type: ignore[union-attr]
+        assert isinstance(mapping.source, RedisSource)
+        [stream] = mapping.source.streams
         for value, key in zip(values, keys, strict=True):
             fields: dict[Any, Any] = {"value": value}
             if key is not None:
@@ -202,7 +204,8 @@ class TestRedisReplay(ReplayToSourceContract):
 
     def check_republished(self, s: Scenario) -> None:
         client = self.client(s)
-        replayed: Any = client.xrange(s.source)[self.records :]
+        entries: Any = client.xrange(s.source)
+        replayed = entries[self.records :]
         assert [
             {k.decode(): v.decode() for k, v in fields.items() if k != b"fail"}
             for _, fields in replayed

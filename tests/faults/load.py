@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import yaml
@@ -28,6 +28,9 @@ import yaml
 from tests.brokers import KAFKA_CONSUMER_DEFAULTS
 from tests.faults.handlers import JOURNAL_ENV
 from tests.faults.results import REPO, read_journal
+
+if TYPE_CHECKING:
+    from confluent_kafka import Producer
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,7 @@ class KafkaSender(Sender):
         self.topic = topic
         self.where: dict[str, tuple[int, int]] = {}
         self.failed: list[str] = []
-        self.producer = Producer(
+        self._producer: Producer | None = Producer(
             {
                 "bootstrap.servers": bootstrap,
                 "acks": "all",
@@ -147,6 +150,11 @@ class KafkaSender(Sender):
                 "message.timeout.ms": 240_000,
             }
         )
+
+    @property
+    def producer(self) -> Producer:
+        assert self._producer is not None, "the sender is closed"
+        return self._producer
 
     def send(self, item: Item) -> None:
         def on_delivery(err: Any, msg: Any) -> None:
@@ -178,9 +186,9 @@ class KafkaSender(Sender):
     def close(self) -> None:
         # Dropping the producer closes its connections, so a broker stopping after the test
         # need not wait for them.
-        if self.producer is not None:
-            self.producer.flush(5)
-            self.producer = None
+        if self._producer is not None:
+            self._producer.flush(5)
+            self._producer = None
 
 
 class RedisSender(Sender):
@@ -203,7 +211,9 @@ class RedisSender(Sender):
 
         self._last_ms = max(self._last_ms, int(time.time() * 1000))
         entry_id = f"{self._last_ms}-{item.id.rsplit('-', 1)[1]}"
-        fields = {k: orjson.dumps(v) if isinstance(v, bool) else v for k, v in item.doc().items()}
+        fields: dict[Any, Any] = {
+            k: orjson.dumps(v) if isinstance(v, bool) else v for k, v in item.doc().items()
+        }
         deadline = time.monotonic() + self.deadline_s
         while True:
             try:

@@ -288,7 +288,7 @@ def test_destination_down_then_back_with_a_kill_in_the_outage(
     worker = Worker(first_config, tmp_path / "first.log")
     try:
         wait_until(
-            lambda: redis_letter_ids(private_redis.url, dlq) or not worker.alive(),
+            lambda: bool(redis_letter_ids(private_redis.url, dlq)) or not worker.alive(),
             150,
             "the first letter (the destination works)",
         )

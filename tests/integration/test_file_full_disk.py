@@ -68,7 +68,7 @@ def test_a_full_disk_tears_no_letter_and_acks_nothing_unwritten(
     client = redis.Redis.from_url(redis_url)
     stream = brokers.unique_name("file-full-disk")
     ids = [
-        client.xadd(stream, {"n": str(n), "pad": "x" * VALUE_BYTES}).decode()
+        brokers.redis_text(client.xadd(stream, {"n": str(n), "pad": "x" * VALUE_BYTES}))
         for n in range(ENTRIES)
     ]
     filler = tiny_disk / "filler"
@@ -117,7 +117,7 @@ def test_a_full_disk_tears_no_letter_and_acks_nothing_unwritten(
         written = entry_ids(letters_on_disk(dlq / "full.jsonl"))
         assert len(written) < ENTRIES
         pending = {
-            row["message_id"].decode()
+            brokers.redis_text(row["message_id"])
             for row in client.xpending_range(stream, "full", "-", "+", ENTRIES * 2)
         }
         assert set(ids) - set(written) <= pending, (written, pending)

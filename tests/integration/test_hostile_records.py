@@ -5,7 +5,7 @@ Each good record is handled, the hostile one handled or dead-lettered, and the r
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,10 +119,10 @@ def test_redis_entry_id_past_year_9999_is_dead_lettered_and_the_stream_moves_on(
     stream = brokers.unique_name("redis-absurd-ts")
     dlq = f"{stream}.dlq"
     try:
-        good = [client.xadd(stream, {"n": i}).decode() for i in range(7)]
+        good = [brokers.redis_text(client.xadd(stream, {"n": i})) for i in range(7)]
         # The hostile entry fails its handler; every entry after it has an id past year 9999 too.
         client.xadd(stream, {"n": "absurd", "poison": 1}, id=f"{ABSURD_MS}-0")
-        good += [client.xadd(stream, {"n": i}).decode() for i in range(7, 29)]
+        good += [brokers.redis_text(client.xadd(stream, {"n": i})) for i in range(7, 29)]
         log = tmp_path / "handled.log"
         config = write_config(
             tmp_path / "config.yaml",
@@ -136,7 +136,8 @@ def test_redis_entry_id_past_year_9999_is_dead_lettered_and_the_stream_moves_on(
 
         handled = [line.split()[2] for line in log.read_text().splitlines()]
         assert handled == good
-        [(_, fields)] = client.xrange(dlq)
+        letters: Any = client.xrange(dlq)
+        [(_, fields)] = letters
         letter = orjson.loads(fields[b"letter"])
         [item] = letter["payload"]["records"][stream]
         assert item["id"] == f"{ABSURD_MS}-0" and item["timestamp"] == ABSURD_MS
@@ -158,7 +159,7 @@ class _RawTimestamp(int):
 
 
 def _publish_raw_timestamp_headers(channel: Any, queue: str, body: bytes, seconds: int) -> None:
-    original = pika.data.encode_value
+    original: Callable[[list[bytes], Any], int] = pika.data.encode_value
 
     def encode_value(pieces: list[bytes], value: Any) -> int:
         if isinstance(value, _RawTimestamp):

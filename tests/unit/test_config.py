@@ -815,7 +815,11 @@ event_source_mappings:
 """
     )
     config = load_config(path)
-    assert [m.source.topics for m in config.event_source_mappings] == [["a"], ["b"]]
+    topics = []
+    for mapping in config.event_source_mappings:
+        assert isinstance(mapping.source, KafkaSource)
+        topics.append(mapping.source.topics)
+    assert topics == [["a"], ["b"]]
     # Elsewhere an unknown key is still an error.
     path.write_text(path.read_text().replace("functions:", "y-extra: 1\nfunctions:"))
     with pytest.raises(ConfigError, match="y-extra"):

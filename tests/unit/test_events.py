@@ -19,7 +19,8 @@ from connectors.redis.shape import (
 )
 from connectors.redis.source import RedisSource
 from workers.app import config as cfg
-from workers.engine.policy import PartialFailure, interpret
+from workers.engine.outcomes import PartialFailure
+from workers.engine.policy import interpret
 from workers.engine.records import Record
 from workers.events import EventRecord, batch_response, records
 

@@ -9,6 +9,7 @@ from typing import Any
 from connectors.memory.broker import MemoryDestination
 from tests.engine import (
     DirectInvoker,
+    Handler,
     fake_broker,
     kafka_items,
     letter_values,
@@ -27,6 +28,11 @@ def fill(broker: Any, n: int, topic: str = "t", partitions: int = 1, keys: int =
     for i in range(n):
         key = f"k{i % keys}".encode() if keys else None
         broker.produce(topic, f"{i}".encode(), key, partition=None if keys else i % partitions)
+
+
+def answering(response: Any) -> Handler:
+    """A handler that returns this response to every batch."""
+    return lambda event, request: response
 
 
 def test_one_poison_record_in_1000_with_bisect_dead_letters_only_it() -> None:
@@ -179,7 +185,7 @@ def test_invalid_responses_fail_the_whole_batch() -> None:
     for response in bad_responses:
         broker = fake_broker()
         fill(broker, 3)
-        invoker = DirectInvoker(lambda event, request, r=response: r)
+        invoker = DirectInvoker(answering(response))
         dlq = MemoryDestination()
         policy = Policy(maximum_retry_attempts=1, report_batch_item_failures=True)
         poller, _ = make_log_poller(broker, invoker, policy=policy, destination=dlq)
@@ -190,10 +196,11 @@ def test_invalid_responses_fail_the_whole_batch() -> None:
 
 
 def test_empty_and_null_responses_are_success() -> None:
-    for response in [None, {}, {"batchItemFailures": []}, {"batchItemFailures": None}]:
+    responses: list[Any] = [None, {}, {"batchItemFailures": []}, {"batchItemFailures": None}]
+    for response in responses:
         broker = fake_broker()
         fill(broker, 3)
-        invoker = DirectInvoker(lambda event, request, r=response: r)
+        invoker = DirectInvoker(answering(response))
         dlq = MemoryDestination()
         policy = Policy(maximum_retry_attempts=0, report_batch_item_failures=True)
         poller, _ = make_log_poller(broker, invoker, policy=policy, destination=dlq)

@@ -17,6 +17,7 @@ from workers.engine.checkpoint import CheckpointTracker
 from workers.engine.letters import Condition, build_letter
 from workers.engine.outcomes import ErrorInfo, InvalidResponse, PartialFailure, Success
 from workers.engine.policy import Policy, interpret
+from workers.engine.ports import EventShape
 from workers.engine.records import Record
 from workers.engine.shapes import encoded_size
 
@@ -275,11 +276,12 @@ def test_records_read_back_from_events_match_what_built_them() -> None:
             meta=RedisMeta("s", "1700000000000-1", {"a": b"1", "b": b"\xff"}),
         )
     ]
-    for shape, records in [
+    cases: list[tuple[EventShape, list[Record]]] = [
         (KafkaShape("b"), kafka),
         (RabbitShape("h"), rmq),
         (RedisShape("h"), redis),
-    ]:
+    ]
+    for shape, records in cases:
         back = shape.records(shape.event(records))
         assert shape.event(back) == shape.event(records)
         assert [shape.item_key(r) for r in back] == [shape.item_key(r) for r in records]
