@@ -7,6 +7,7 @@ handler expects. Connectors never decide policy (retry, bisect, dead-letter): th
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Collection, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -276,6 +277,17 @@ class SourceBase:
 
     def close(self) -> None:
         pass
+
+
+def lazy(module: str, name: str) -> Callable[..., Any]:
+    """`module.name(...)`, importing `module` at the first call: how a connector's descriptor
+    names its openers without importing its broker client."""
+
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args)
+
+    call.__qualname__ = f"{module}.{name}"
+    return call
 
 
 @dataclass(frozen=True, slots=True)
