@@ -17,7 +17,10 @@ from workers.app.registry import shape_for_event
 from workers.engine.records import Record
 from workers.events import records as event_records
 
-ARN = "arn:aws:kafka:us-east-1:123456789012:cluster/vpc-2priv-2pub/751d2973-a626-431c-9d4e-d7975eb44dd7-2"
+ARN = (
+    "arn:aws:kafka:us-east-1:123456789012:cluster/vpc-2priv-2pub/"
+    "751d2973-a626-431c-9d4e-d7975eb44dd7-2"
+)
 SERVERS = (
     "b-2.demo-cluster-1.a1bcde.c1.kafka.us-east-1.amazonaws.com:9092,"
     "b-1.demo-cluster-1.a1bcde.c1.kafka.us-east-1.amazonaws.com:9092"
