@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from connectors.kafka import config
-from connectors.kafka.shape import KafkaShape
+from connectors.kafka.shape import MSK, SELF_MANAGED, KafkaShape
 from workers.engine.ports import Connector, DeadLetterStore, Destination, Source, SourcePublisher
 
 
@@ -46,14 +46,16 @@ def _probe_destination(dst: Any) -> str:
 
 
 def _shape(event: dict[str, Any]) -> KafkaShape:
-    return KafkaShape(str(event.get("bootstrapServers", "")))
+    # An MSK event read back (a dead letter replayed to the function) is built again as MSK's.
+    arn = str(event.get("eventSourceArn", "")) if event.get("eventSource") == MSK else None
+    return KafkaShape(str(event.get("bootstrapServers", "")), arn)
 
 
 CONNECTOR = Connector(
     name="kafka",
     source_settings=config.KafkaSource,
     destination_settings=config.KafkaDestination,
-    event_sources=("SelfManagedKafka",),
+    event_sources=(SELF_MANAGED, MSK),
     shape_for_event=_shape,
     open_source=_source,
     open_destination=_destination,

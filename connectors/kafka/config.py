@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -15,6 +16,7 @@ from workers.engine.settings import (
     NonEmptyStr,
     Positioned,
     SourceSettings,
+    here,
     invalid,
 )
 
@@ -25,6 +27,15 @@ _KAFKA_OWNED = {
     "enable.auto.commit": "offsets are committed by the runtime once records have settled",
     "enable.auto.offset.store": "offsets are committed by the runtime once records have settled",
 }
+
+# An Amazon MSK cluster ARN: arn:<partition>:kafka:<region>:<account>:cluster/<name>/<uuid>. The
+# partition (aws, aws-cn, aws-us-gov), the 12-digit account and the `cluster/` resource are held
+# as Lambda holds them; the region is any lowercase name (`local` too, since no AWS call is made
+# with it) and the cluster id any letters, digits and hyphens (MSK's are a UUID with a `-N`
+# suffix). The ARN is only ever shown to the handler, in `eventSourceArn`.
+_MSK_CLUSTER_ARN = re.compile(
+    r"arn:aws(-[a-z]+)*:kafka:[a-z0-9-]+:[0-9]{12}:cluster/[A-Za-z0-9-]+/[A-Za-z0-9-]+"
+)
 
 
 class KafkaSource(Positioned):
@@ -37,6 +48,12 @@ class KafkaSource(Positioned):
     client_config: ClientConfig = Field(
         default_factory=dict,
         description="librdkafka properties passed as they are (SASL, TLS, session.timeout.ms...)",
+    )
+    event_source_arn: str | None = Field(
+        default=None,
+        description="An Amazon MSK cluster ARN: the handler's event is then Lambda's MSK event"
+        ' ("eventSource": "aws:kafka", "eventSourceArn": this ARN) instead of the self-managed'
+        " Kafka one",
     )
 
     def complete(self, mapping: str) -> None:
@@ -53,6 +70,16 @@ class KafkaSource(Positioned):
         ]
         if owned:
             raise invalid(*owned)
+        return value
+
+    @field_validator("event_source_arn")
+    @classmethod
+    def _msk_cluster_arn(cls, value: str | None) -> str | None:
+        if value is not None and not _MSK_CLUSTER_ARN.fullmatch(value):
+            raise here(
+                "must be an Amazon MSK cluster ARN,"
+                f" arn:aws:kafka:<region>:<account>:cluster/<name>/<uuid> (got {value!r})"
+            )
         return value
 
 

@@ -1,4 +1,5 @@
-"""Lambda's self-managed Kafka event, built from engine records and read back from one."""
+"""Lambda's Kafka events (self-managed Kafka and Amazon MSK), built from engine records and read
+back from one."""
 
 from __future__ import annotations
 
@@ -23,6 +24,10 @@ def _unb64(text: str) -> bytes:
 
 
 TIMESTAMP_TYPES = {0: "NO_TIMESTAMP_TYPE", 1: "CREATE_TIME", 2: "LOG_APPEND_TIME"}
+
+# The `eventSource` of each of Lambda's Kafka events.
+SELF_MANAGED = "SelfManagedKafka"
+MSK = "aws:kafka"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,15 +77,19 @@ def kafka_item(
 
 
 class KafkaShape:
-    """Lambda's self-managed Kafka event (`"eventSource": "SelfManagedKafka"`).
+    """Lambda's Kafka event: self-managed Kafka's (`"eventSource": "SelfManagedKafka"`), or with
+    a cluster ARN, Amazon MSK's (`"eventSource": "aws:kafka"`, `"eventSourceArn"`). Both carry
+    the same records; MSK's adds the ARN between the source and the bootstrap servers.
 
     https://docs.aws.amazon.com/lambda/latest/dg/with-kafka.html
+    https://docs.aws.amazon.com/lambda/latest/dg/with-msk.html
     """
 
     batch_info_name = "KafkaBatchInfo"
 
-    def __init__(self, bootstrap_servers: str) -> None:
+    def __init__(self, bootstrap_servers: str, event_source_arn: str | None = None) -> None:
         self.bootstrap_servers = bootstrap_servers
+        self.event_source_arn = event_source_arn
 
     def event(self, records: Sequence[Record]) -> dict[str, Any]:
         # The hot path of every invocation: items the connector built are copied, not rebuilt.
@@ -111,8 +120,15 @@ class KafkaShape:
             if items is None:
                 items = by_partition[r.source] = []
             items.append(item)
+        if self.event_source_arn is not None:
+            return {
+                "eventSource": MSK,
+                "eventSourceArn": self.event_source_arn,
+                "bootstrapServers": self.bootstrap_servers,
+                "records": by_partition,
+            }
         return {
-            "eventSource": "SelfManagedKafka",
+            "eventSource": SELF_MANAGED,
             "bootstrapServers": self.bootstrap_servers,
             "records": by_partition,
         }

@@ -81,7 +81,7 @@ class KafkaSource(SourceBase):
         self.servers = src.bootstrap_servers
         self.starting_position = src.starting_position
         self.starting_timestamp_ms = src.starting_position_timestamp_ms
-        self.shape = KafkaShape(src.bootstrap_servers)
+        self.shape = KafkaShape(src.bootstrap_servers, src.event_source_arn)
         self._errors = Throttled(log, f"mapping {mapping.name}: kafka: ")
         strategy = str(src.client_config.get("partition.assignment.strategy", "cooperative-sticky"))
         self._cooperative = _cooperative(strategy)

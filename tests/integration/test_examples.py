@@ -84,6 +84,37 @@ def test_kafka_examples(example: str, kafka_broker: brokers.Tansu, tmp_path: Pat
     assert_bad_order_dead_lettered(stats)
 
 
+MSK_CLUSTER_ARN = (
+    "arn:aws:kafka:eu-west-1:123456789012:cluster/shop/4f2a3b1c-0d9e-4a7b-8c6d-5e4f3a2b1c0d-1"
+)
+
+
+@pytest.mark.kafka
+def test_msk_example(kafka_broker: brokers.Tansu, tmp_path: Path) -> None:
+    """A handler written for Amazon MSK runs unchanged: Powertools' `KafkaMskEventModel` accepts
+    its event, which carries the configured cluster ARN (also in the dead letter's payload)."""
+    topic = kafka_broker.create_topic(brokers.unique_name("orders"))
+    brokers.produce(
+        kafka_broker.bootstrap, topic, [brokers.KafkaRecord(value=v) for v in payloads()]
+    )
+
+    stats = run_example(
+        "msk",
+        tmp_path,
+        {
+            "KAFKA_BOOTSTRAP": kafka_broker.bootstrap,
+            "TOPIC": topic,
+            "MSK_CLUSTER_ARN": MSK_CLUSTER_ARN,
+        },
+    )
+
+    assert_bad_order_dead_lettered(stats)
+    [payload] = [letter["payload"] for letter in stats["letters"]]
+    assert payload["eventSource"] == "aws:kafka"
+    assert payload["eventSourceArn"] == MSK_CLUSTER_ARN
+    assert payload["bootstrapServers"] == kafka_broker.bootstrap
+
+
 @pytest.mark.rabbitmq
 def test_rabbitmq_example(rabbitmq_url: str, tmp_path: Path) -> None:
     queue = brokers.unique_name("orders")

@@ -32,6 +32,7 @@ from tests.contract import (
     poll_n,
     settle,
 )
+from tests.contract.harness import RecordingListener
 from tests.engine import kafka_items, letter_values, value_of
 from workers.app import config as cfg
 from workers.app import registry
@@ -147,6 +148,33 @@ class TestKafkaContract(SourceContract, OffsetContract, PauseContract, Rebalance
             first["value"] = "changed"
             first["headers"].clear()
             assert source.shape.event(records) == rebuilt
+            settle(source, records)
+        finally:
+            source.close()
+
+    def test_event_with_a_cluster_arn_is_lambdas_msk_event(self) -> None:
+        name = self.fresh()
+        self.topic(name)
+        arn = "arn:aws:kafka:us-east-1:123456789012:cluster/shop/751d2973-a626-431c-9d4e-1"
+        brokers.produce(self.bootstrap, name, [KafkaRecord(b"v", b"k", headers=[("h", b"x")])])
+        source = registry.open_source(mapping_for(self.bootstrap, name, event_source_arn=arn), 0)
+        source.open(RecordingListener())
+        try:
+            records = poll_n(source, 1, self.join_timeout_s)
+            event = source.shape.event(records)
+            assert list(event) == ["eventSource", "eventSourceArn", "bootstrapServers", "records"]
+            assert event["eventSource"] == "aws:kafka"
+            assert event["eventSourceArn"] == arn
+            assert event["bootstrapServers"] == self.bootstrap
+            [(unit, [item])] = event["records"].items()
+            assert unit == f"{name}-{item['partition']}" and item["topic"] == name
+            assert item["key"] == "aw==" and item["value"] == "dg=="
+            assert item["headers"] == [{"h": [120]}]
+            # Read back (a dead letter's payload), the event names the same records.
+            read = registry.shape_for_event(event).records(event)
+            assert [(r.source, r.position, r.value) for r in read] == [
+                (r.source, r.position, r.value) for r in records
+            ]
             settle(source, records)
         finally:
             source.close()

@@ -431,6 +431,15 @@ BAD: list[tuple[str, Mutation, str, str]] = [
         "is required",
     ),
     (
+        "msk event source arn that is not a cluster arn",
+        put(
+            *M0, "source", "event_source_arn", value="arn:aws:kafka:us-east-1:123456789012:topic/t"
+        ),
+        "event_source_mappings[0].source.event_source_arn",
+        "must be an Amazon MSK cluster ARN, arn:aws:kafka:<region>:<account>:cluster/<name>/<uuid>"
+        " (got 'arn:aws:kafka:us-east-1:123456789012:topic/t')",
+    ),
+    (
         "kafka destination without cluster",
         put(*M2, "destination_config", value={"on_failure": {"type": "kafka", "topic": "dlq"}}),
         "event_source_mappings[2].destination_config.on_failure.bootstrap_servers",
