@@ -112,7 +112,7 @@ def test_a_refusal_is_logged_with_a_reason(caplog: pytest.LogCaptureFixture) -> 
         stats=MappingStats(),
     )
     record = Record("s", 1, b"", meta=RedisMeta("s", "0-1", {"v": b"1"}))
-    with caplog.at_level(logging.ERROR, logger="workers.deadletter"):
+    with caplog.at_level(logging.WARNING, logger="workers.deadletter"):
         sent = letters.send(
             [record], Condition.RETRY_ATTEMPTS_EXHAUSTED, None, 1, threading.Event()
         )

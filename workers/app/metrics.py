@@ -41,6 +41,11 @@ COUNTER_METRICS = (
         "payload_omitted",
         "Records dead-lettered without their payload, too large for the destination",
     ),
+    (
+        "esm_destination_refusals",
+        "destination_refusals",
+        "Deliveries of letters the on-failure destination refused (each attempt)",
+    ),
 )
 
 
@@ -93,6 +98,18 @@ class SupervisorCollector(Collector):
             envs.add_metric([mapping], n)
         yield lag
         yield envs
+        refusing = GaugeMetricFamily(
+            "esm_destination_refusing",
+            "1 while the on-failure destination keeps refusing letters",
+            labels=["mapping"],
+        )
+        states: dict[str, int] = {}
+        for mapping, _instance, _alive, snap in snaps:
+            now = int(snap.get("destination", {}).get("state") == "refusing")
+            states[mapping] = max(now, states.get(mapping, 0))
+        for mapping, n in states.items():
+            refusing.add_metric([mapping], n)
+        yield refusing
 
 
 def _sum_by_mapping(snaps: list[tuple[str, int, bool, dict[str, Any]]], key: str) -> dict[str, int]:
@@ -111,6 +128,8 @@ def status_of(supervisor: Supervisor) -> dict[str, Any]:
             "assigned": snap.get("assigned", []),
             "lag": snap.get("lag", {}),
             "checkpoints": snap.get("checkpoints", {}),
+            # ok, refusing (since when, why, what waits) or none configured.
+            "destination": snap.get("destination", {}),
         }
         for mapping, instance, alive, snap in supervisor.snapshots()
     ]

@@ -26,6 +26,7 @@ from workers.engine.outcomes import ErrorInfo
 from workers.engine.ports import Destination, EventShape, LetterTooLarge, SizeLimited
 from workers.engine.records import Record
 from workers.engine.redact import describe
+from workers.engine.refusals import Refusals
 from workers.engine.stats import MappingStats
 
 log = logging.getLogger("workers.deadletter")
@@ -171,6 +172,7 @@ class DeadLetters:
     A letter too large for the destination (over the limit it states, or refused for its size)
     is never sent again as it is: it is split into one letter per record, and a record whose
     letter alone is too large is dead-lettered without its payload, so no partition stalls.
+    A destination that keeps refusing is said so once per interval (`Refusals`), not per retry.
     """
 
     def __init__(
@@ -197,6 +199,9 @@ class DeadLetters:
         self._limit = LetterLimit(
             destination.max_letter_bytes if isinstance(destination, SizeLimited) else None
         )
+        self.refusals = Refusals(mapping=mapping, clock=clock, stats=stats)
+        if destination is None:
+            self.refusals.no_destination()
 
     def send(
         self,
@@ -252,6 +257,20 @@ class DeadLetters:
             now_ms=self.clock.wall_ms(),
             replay_count=max(self.replay_count, *(_replay_count(r) for r in records)),
         )
+        key = object()  # this delivery, while it waits on a refusing destination
+        try:
+            return self._attempt(key, letter, records, stop)
+        finally:
+            self.refusals.given_up(key)  # a no-op once accepted
+
+    def _attempt(
+        self,
+        key: object,
+        letter: dict[str, Any],
+        records: Sequence[Record],
+        stop: threading.Event,
+    ) -> bool | None:
+        assert self.destination is not None
         size = letter_bytes(letter)
         backoff = Backoff(base_s=0.2, cap_s=self.backoff_cap_s)
         while True:
@@ -290,30 +309,21 @@ class DeadLetters:
                     continue  # split or shrunk at the top of the loop, sent again at once
                 # Even without payload: the limit is absurdly low; stall and say so.
                 delay = backoff.next_delay()
-                log.error(
-                    "mapping %s: on-failure destination refused even the letter without payload"
-                    " of %s (%d bytes): %s; raise its size limit; retry in %.1fs",
-                    self.mapping,
-                    _where(records),
-                    size,
-                    exc,
-                    delay,
+                reason = (
+                    f"even the letter without payload of {_where(records)} ({size} bytes):"
+                    f" {describe(exc)}; raise its size limit"
                 )
+                self.refusals.refused(key, len(records), reason, delay)
                 if self.clock.wait(stop, delay):
                     return None
                 continue
             except Exception as exc:
                 delay = backoff.next_delay()
-                log.error(
-                    "mapping %s: on-failure destination refused %d record(s): %s; retry in %.1fs",
-                    self.mapping,
-                    len(records),
-                    describe(exc),
-                    delay,
-                )
+                self.refusals.refused(key, len(records), describe(exc), delay)
                 if self.clock.wait(stop, delay):
                     return None
                 continue
+            self.refusals.accepted(key)
             omitted = len(records) if letter.get(PAYLOAD_OMITTED) else 0
             self.stats.add(dead_lettered=len(records), payload_omitted=omitted)
             return True

@@ -25,6 +25,10 @@ class MappingStats:
     # Dead-lettered without their payload: too large for the destination even alone.
     payload_omitted: int = 0
     failed_invocations: int = 0
+    # Deliveries the on-failure destination refused (each attempt), and its state as the
+    # dead letters last saw it (workers.engine.refusals).
+    destination_refusals: int = 0
+    destination: dict[str, Any] = field(default_factory=lambda: {"state": "ok"})
     checkpoints: dict[str, Any] = field(default_factory=dict)
     # Refreshed by the poller's loop: what it owns and how far behind each unit is.
     assigned: list[str] = field(default_factory=list)
@@ -56,10 +60,15 @@ class MappingStats:
             self.assigned = assigned
             self.lag = lag
 
+    def set_destination(self, state: dict[str, Any]) -> None:
+        with self._lock:
+            self.destination = state
+
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_lock"}
             data["checkpoints"] = dict(self.checkpoints)
             data["lag"] = dict(self.lag)
+            data["destination"] = dict(self.destination)
             data["duration_counts"] = list(self.duration_counts)
         return data
