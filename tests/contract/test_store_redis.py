@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from tests.contract.store import (
     Scenario,
 )
 from workers.app import config as cfg
+from workers.app import registry
+from workers.engine.records import Record
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
 
@@ -213,3 +216,58 @@ class TestRedisReplay(ReplayToSourceContract):
 
     def check_replayed_handled(self, s: Scenario, handled: list[dict[str, Any]]) -> None:
         assert self.client(s).xlen(s.source) == self.records + 2 * len(self.poison)
+
+
+class RecordingListener:
+    def on_assigned(self, units: Any) -> None:
+        pass
+
+    def on_revoked(self, units: Any) -> None:
+        pass
+
+
+def test_a_refused_letter_acks_none_of_its_source_entries(streams: Streams) -> None:
+    """Same server: the letter and the ack of its entries go together, and a refused XADD
+    (here the letter key holds a string) leaves the entries pending, so a crash before the
+    letter is stored loses nothing."""
+    url = streams.url
+    source_stream, letters = streams.fresh("redis-atomic-src"), streams.fresh("redis-atomic-dlq")
+    mapping = cfg.EventSourceMapping.model_validate(
+        {
+            "name": MAPPING,
+            "function": "f",
+            "source": {"type": "redis", "url": url, "streams": [source_stream]},
+            "destination_config": {"on_failure": {"type": "redis", "url": url, "stream": letters}},
+        }
+    )
+    for i in range(3):
+        streams.client.xadd(source_stream, {"v": str(i)})
+    source = registry.open_source(mapping)
+    destination = registry.open_destination(mapping)
+    assert destination is not None
+    source.open(RecordingListener())
+    try:
+        records: list[Record] = []
+        deadline = time.monotonic() + 10
+        while len(records) < 3 and time.monotonic() < deadline:
+            records += source.poll(3 - len(records), 0.2)
+        assert len(records) == 3
+        letter = {"requestContext": {"requestId": "r1", "condition": "RetryAttemptsExhausted"}}
+
+        def pending() -> int:
+            summary: Any = streams.client.xpending(source_stream, MAPPING)
+            return int(summary["pending"])
+
+        streams.client.set(letters, "not a stream")
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            destination.deliver(letter, records)
+        assert pending() == 3  # MULTI/EXEC would have acked them with the XADD refused
+        streams.client.delete(letters)
+        destination.deliver(letter, records)
+        assert pending() == 0
+        rows: Any = streams.client.xrange(letters)
+        (entry,) = rows
+        assert orjson.loads(entry[1][b"letter"]) == letter
+    finally:
+        destination.close()
+        source.close()
