@@ -362,7 +362,7 @@ class BatchRunner:
 
     def _warn_if_ignored(self, response: Any) -> None:
         """Say once per mapping that a partial response was ignored: the records it names count
-        as succeeded, which is Lambda's behaviour but rarely what the author of the handler meant."""
+        as succeeded, which is Lambda's behaviour but rarely what the handler's author meant."""
         if self._warned_ignored:
             return
         if not ignores_item_failures(response, self.policy.report_batch_item_failures):
