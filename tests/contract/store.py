@@ -373,13 +373,24 @@ class ReplayFlowContract:
         table = workers("dlq", "list", str(s.config), s.mapping)
         assert table.returncode == 0, table.stderr
         assert rows[0]["id"] in table.stdout and "RetryAttemptsExhausted" in table.stdout
+        assert f"{s.mapping}: {n} dead letter(s) to replay\n" in table.stdout
+        # A limit shows fewer letters, never passes them off as all that is pending.
+        first = workers("dlq", "list", str(s.config), s.mapping, "--limit", "1")
+        assert first.returncode == 0, first.stderr
+        assert f"{s.mapping}: {n} dead letter(s) to replay, showing the first 1\n" in first.stdout
+        assert rows[0]["id"] in first.stdout and rows[1]["id"] not in first.stdout
 
         dry = self.replay(s, "--dry-run")
         assert dry["letters"] == n and dry["dry_run"] and dry["succeeded"] == 0
         assert self.handled(s) == [] and self.dlq_state(s) == before
 
         s.fixed.touch()
-        assert self.replay(s, "--to", "handler") == summary_of(n, succeeded=n, failed_again=0)
+        fixed = workers("dlq", "replay", str(s.config), s.mapping, "--to", "handler")
+        assert fixed.returncode == 0, fixed.stderr[-4000:]
+        assert orjson.loads(fixed.stdout) == summary_of(n, succeeded=n, failed_again=0)
+        for row in rows:
+            assert f"replayed {row['id']}: 1 record(s) succeeded" in fixed.stderr
+        assert "failed again" not in fixed.stderr
         assert self.handled_ns(s) == sorted(self.poison)  # each exactly once
         assert self.pending(s) == []
         assert self.replay(s) == summary_of(0, succeeded=0, failed_again=0)  # nothing left
@@ -393,15 +404,24 @@ class ReplayFlowContract:
         listed = workers("dlq", "list", str(s.config), s.mapping, "--json")
         assert listed.returncode == 0 and len(listed.stdout.splitlines()) == len(self.poison)
         assert listed.stderr.count("not a dead letter") == no_letters
-        before = {r["id"] for r in self.pending(s)}
+        listed_rows = self.pending(s)
+        before = {r["id"] for r in listed_rows}
 
         # Still failing: each ValueError letter is tried once and written back with replayCount
         # 1 (this run does not pick up the letters it writes); the others are skipped by the
         # filter and stay to be replayed.
         values = sorted(n for n, error in self.poison.items() if error == "ValueError")
         others = sorted(n for n, error in self.poison.items() if error != "ValueError")
-        again = self.replay(s, "--to", "handler", "--error-type", "ValueError")
-        assert again == summary_of(len(values), succeeded=0, failed_again=len(values))
+        flags = ("--to", "handler", "--error-type", "ValueError")
+        again = workers("dlq", "replay", str(s.config), s.mapping, *flags)
+        assert again.returncode == 0, again.stderr[-4000:]
+        summary = orjson.loads(again.stdout.strip().splitlines()[-1])
+        assert summary == summary_of(len(values), succeeded=0, failed_again=len(values))
+        # Each letter is said to have failed again, not to have been replayed.
+        for row in listed_rows:
+            failed = f"{row['id']} failed again: 1 record(s) dead-lettered anew"
+            assert (failed in again.stderr) == (row["error"] == "ValueError"), again.stderr
+            assert f"replayed {row['id']}" not in again.stderr
         rows = self.pending(s)
         assert sorted((r["error"], r["replays"]) for r in rows) == sorted(
             [(self.poison[n], 0) for n in others] + [("ValueError", 1) for _ in values]

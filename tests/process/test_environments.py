@@ -305,6 +305,38 @@ def test_region_is_inherited_from_the_environment(
     assert result == Success({"AWS_REGION": "eu-west-3", "AWS_DEFAULT_REGION": "eu-west-3"})
 
 
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+@pytest.mark.parametrize(
+    ("inherited", "expected"),
+    [
+        ({}, "eu-central-1"),
+        # The worker's environment wins, as it does for Lambda's own variables.
+        ({"AWS_DEFAULT_REGION": "ap-south-1"}, "ap-south-1"),
+        ({"AWS_REGION": "sa-east-1", "AWS_DEFAULT_REGION": "sa-east-1"}, "sa-east-1"),
+    ],
+)
+def test_region_is_the_functions_own_unless_the_environment_sets_one(
+    isolation: str,
+    inherited: dict[str, str],
+    expected: str,
+    process_invoker: Factory,
+    thread_invoker: Callable[..., ThreadInvoker],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    make = process_invoker if isolation == "process" else thread_invoker
+    # Undone before the invoker fixtures check that the process's variables are as they were.
+    with monkeypatch.context() as patch:
+        for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+            patch.delenv(name, raising=False)
+        for name, value in inherited.items():
+            patch.setenv(name, value)
+        invoker = make("reads_env", region="eu-central-1")
+        result = invoker.invoke({"names": ["AWS_REGION", "AWS_DEFAULT_REGION"]}, request())
+        invoker.close()
+
+    assert result == Success({"AWS_REGION": expected, "AWS_DEFAULT_REGION": expected})
+
+
 def test_context_log_reaches_the_log_with_the_request_id(
     process_invoker: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -155,6 +155,12 @@ BAD: list[tuple[str, Mutation, str, str]] = [
         "must be 'process' or 'thread' (got 'fork')",
     ),
     (
+        "bad region",
+        put(*ORDERS, "region", value="EU West 1"),
+        "functions.orders.region",
+        "must be a region name such as 'eu-west-1' (got 'EU West 1')",
+    ),
+    (
         "bad starting position",
         put(*M0, "source", "starting_position", value="EARLIEST"),
         "event_source_mappings[0].source.starting_position",
@@ -584,6 +590,7 @@ def test_example_loads_with_defaults() -> None:
     assert isinstance(redis, RedisSource)
     assert redis.url == "redis://localhost:6379/0"
     assert config.functions["orders"].environment == {"LOG_LEVEL": "INFO"}
+    assert config.functions["orders"].spec("orders").region == "us-east-1"
     assert config.metrics.port == 9464
     assert config.warnings() == []
 
@@ -601,6 +608,13 @@ def test_example_takes_the_environment() -> None:
     assert isinstance(rabbit, RabbitMQSource) and rabbit.virtual_host == "prod"
     assert isinstance(redis, RedisSource) and redis.url == "rediss://:pw@cache:6380/2"
     assert config.metrics.port == 9100
+
+
+def test_function_region_reaches_the_spec() -> None:
+    text = MINIMAL.replace('"m:f"}', '"m:f", region: eu-central-1}')
+    config = parse_config(text, "x.yaml", {})
+    assert config.functions["f"].spec("f").region == "eu-central-1"
+    assert parse_config(MINIMAL, "x.yaml", {}).functions["f"].spec("f").region == "us-east-1"
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pika
+import pytest
 
 from connectors.kafka.shape import KafkaMeta, KafkaShape
 from connectors.rabbitmq.shape import RabbitMeta, RabbitShape, basic_properties, record_headers
@@ -23,6 +25,9 @@ from workers.engine.outcomes import PartialFailure
 from workers.engine.policy import interpret
 from workers.engine.records import Record
 from workers.events import EventRecord, batch_response, records
+from workers.invoke.loading import load_handler
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_kafka_records_decoded_and_identified() -> None:
@@ -210,3 +215,46 @@ def test_redis_field_names_that_are_not_utf8_keep_their_identity() -> None:
     assert r.fields == {k.decode("utf-8", "surrogateescape"): v for k, v in raw.items()}
     assert r.field(b"\xff") == b"1" and r.field(b"\xfe") == b"2" and r.field("ok") == b"3"
     assert r.field("b64:eA==") == b"4"
+
+
+def test_the_example_configs_handler_reads_every_broker_it_is_fed_from(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # config/example.yaml feeds one function from Kafka, RabbitMQ and Redis; its handler is
+    # imported from the repository's root, as `workers validate config/example.yaml` does there.
+    monkeypatch.syspath_prepend(str(ROOT))
+    config = cfg.load_config(ROOT / "config" / "example.yaml", environ={})
+    config.check_handlers()
+    assert {m.source.type for m in config.event_source_mappings} == {"kafka", "rabbitmq", "redis"}
+    assert all(m.function == "orders" for m in config.event_source_mappings)
+    handler = load_handler(config.function_spec("orders").handler)
+
+    good, bad = b'{"id": 1, "amount": 12.5}', b'{"id": 2, "amount": -1}'
+    redis_built = redis_source()._records(
+        "s", [(b"1-0", {b"order": good}), (b"1-1", {b"id": b"2", b"amount": b"-1"})], 0.0
+    )
+    batches: list[tuple[Any, list[Record]]] = [
+        (
+            KafkaShape("b"),
+            [
+                Record("orders-0", 0, good, meta=KafkaMeta("orders", 0)),
+                Record("orders-0", 1, bad, meta=KafkaMeta("orders", 0)),
+            ],
+        ),
+        (
+            RabbitShape("h:5672"),
+            [
+                rabbit_delivery(1, good, pika.BasicProperties()),
+                rabbit_delivery(2, bad, pika.BasicProperties()),
+            ],
+        ),
+        (RedisShape("h"), redis_built),
+    ]
+    for shape, built in batches:
+        event = orjson.loads(orjson.dumps(shape.event(built)))
+        response = handler(event, None)
+        # The engine reads the response as naming the second record only, whatever the broker.
+        failed = frozenset({built[1].ident})
+        assert interpret(response, built, shape, True) == PartialFailure(failed), event
+    printed = capsys.readouterr().out
+    assert printed.count("order 1 from ") == 3 and printed.count("negative amount") == 3

@@ -13,7 +13,7 @@ import pytest
 
 from connectors.kafka.shape import KafkaMeta, KafkaShape
 from tests.engine import DirectInvoker, fake_broker, kafka_items, make_log_poller, value_of
-from workers.app.dlq import Replayer, summary_row
+from workers.app.dlq import LetterResult, Replayer, summary_row
 from workers.engine.clock import FakeClock
 from workers.engine.invoker import InvocationRequest
 from workers.engine.letters import Condition, DeadLetters, parse_letter
@@ -315,7 +315,9 @@ def test_the_partition_moves_on_past_a_failing_batch_too_large_for_one_letter() 
     assert stats["dead_lettered"] == len(kept) + 1 and stats["payload_omitted"] == 1
 
 
-def test_a_letter_without_payload_is_listed_and_replay_skips_it() -> None:
+def test_a_letter_without_payload_is_listed_and_replay_skips_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     dest = SizedDestination(3000, states_limit=True)
     assert send(dead_letters(dest), [rec(8, 50_000)])
     raw = orjson.dumps(dest.letters[0])
@@ -354,9 +356,11 @@ def test_a_letter_without_payload_is_listed_and_replay_skips_it() -> None:
         destination=SizedDestination(10**9),
         clock=FakeClock(),
     )
-    summary = replayer.run()
+    with caplog.at_level("WARNING", logger="workers.dlq"):
+        summary = replayer.run()
     assert store.done_ids == [] and invoker.calls == []
     assert summary.as_json()["skipped_no_payload"] == 1
+    assert f"letter {stored.id} cannot be replayed and was skipped" in caplog.text
     assert summary.letters == 0 and summary.records == 0
 
 
@@ -370,3 +374,20 @@ def test_rabbitmq_size_refusal_is_read_from_the_channel_close() -> None:
     assert size_refusal_limit(406, "PRECONDITION_FAILED - inequivalent arg 'durable'") is None
     assert size_refusal_limit(404, text) is None
     assert size_refusal_limit(406, "") is None
+
+
+def test_each_replayed_letter_is_described_by_what_became_of_it() -> None:
+    assert LetterResult(2, succeeded=2).describe("a") == "replayed a: 2 record(s) succeeded"
+    assert (
+        LetterResult(3, succeeded=1, dead_lettered=2).describe("b")
+        == "b failed again: 2 record(s) dead-lettered anew, 1 succeeded"
+    )
+    assert (
+        LetterResult(1, dropped=1).describe("c")
+        == "c failed again: 1 record(s) dropped (no on-failure destination)"
+    )
+    assert LetterResult(2, dry_run=True).describe("d") == "would replay d (2 record(s))"
+    assert (
+        LetterResult(2, succeeded=2, to="source").describe("e")
+        == "replayed e: 2 record(s) put back onto the source"
+    )

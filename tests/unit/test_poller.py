@@ -426,3 +426,36 @@ def test_broker_delivery_counts_alone_never_dead_letter_without_an_invocation() 
     assert {b"0", b"1", b"3"} <= set(seen)
     assert letter_values(dlq.letters) == [b"2"]
     assert broker.queue_depth("q") == (0, 0)
+
+
+def test_ignored_partial_response_succeeds_and_warns_once(caplog: Any) -> None:
+    broker = fake_broker()
+    fill(broker, 6)
+    response = {"batchItemFailures": [{"itemIdentifier": {"partition": "t-0", "offset": 0}}]}
+    invoker = DirectInvoker(answering(response))
+    dlq = MemoryDestination()
+    # Without ReportBatchItemFailures, Lambda ignores the response: the batch succeeded.
+    policy = Policy(maximum_retry_attempts=0)
+    poller, _ = make_log_poller(broker, invoker, policy=policy, destination=dlq, batch_size=2)
+    with caplog.at_level("WARNING", logger="workers.policy"):
+        poller.run(until_idle_s=1.0)
+
+    assert len(invoker.calls) == 3
+    assert dlq.letters == []
+    assert broker.committed_offsets("g", "t") == {"t-0": 6}
+    warnings = [r.getMessage() for r in caplog.records if r.name == "workers.policy"]
+    assert len(warnings) == 1
+    assert "ignored" in warnings[0]
+    assert "function_response_types: [ReportBatchItemFailures]" in warnings[0]
+
+
+def test_no_warning_when_partial_responses_are_reported_or_empty(caplog: Any) -> None:
+    for response, report in (({"batchItemFailures": []}, False), (None, False), ({}, True)):
+        broker = fake_broker()
+        fill(broker, 2)
+        invoker = DirectInvoker(answering(response))
+        policy = Policy(maximum_retry_attempts=0, report_batch_item_failures=report)
+        poller, _ = make_log_poller(broker, invoker, policy=policy, destination=None)
+        with caplog.at_level("WARNING", logger="workers.policy"):
+            poller.run(until_idle_s=1.0)
+        assert [r for r in caplog.records if r.name == "workers.policy"] == [], response

@@ -404,11 +404,15 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
 
     _, _, store = _store(args)
     rows: list[dict[str, Any]] = []
+    pending = 0
     try:
         for stored in matching(store, _letter_filter(args)):
-            if args.limit is not None and len(rows) >= args.limit:
-                break
-            rows.append(summary_row(stored))
+            if args.limit is None or len(rows) < args.limit:
+                rows.append(summary_row(stored))
+            elif args.json:
+                break  # JSON Lines carry no count
+            # Past the limit the table's heading still counts them, without decoding them.
+            pending += 1
     finally:
         store.close()
     if args.json:
@@ -423,7 +427,10 @@ def cmd_dlq_list(args: argparse.Namespace) -> int:
         when = str(row["time"]).replace("T", " ").rstrip("Z")[:19]
         table.add_row(*(when if c == "time" else str(row[c]) for c in row))
     console = Console(width=400)
-    console.print(f"{args.mapping}: {len(rows)} dead letter(s) to replay", highlight=False)
+    heading = f"{args.mapping}: {pending} dead letter(s) to replay"
+    if len(rows) < pending:
+        heading += f", showing the first {len(rows)}"
+    console.print(heading, highlight=False)
     if rows:
         console.print(table)
     return 0
@@ -448,7 +455,7 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
     import signal
 
-    from workers.app.dlq import Replayer, payload_records
+    from workers.app.dlq import Replayer
     from workers.app.registry import open_destination, open_source_publisher
     from workers.app.wiring import policy_of
     from workers.invoke import create_invoker
@@ -465,11 +472,14 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     verb = "would replay" if args.dry_run else "replayed"
     bar = _replay_progress(verb) if sys.stderr.isatty() else None
 
-    def on_letter(stored: Any, summary: Any) -> None:
+    def on_letter(stored: Any, summary: Any, result: Any) -> None:
         if bar is not None:
             bar.update(bar.task_ids[0], advance=1, records=summary.records)
-        else:
-            log.info("%s %s (%d record(s))", verb, stored.id, len(payload_records(stored.letter)))
+        # Letters that failed again are named even beside the progress bar.
+        if result.failed_again:
+            log.warning("%s", result.describe(stored.id))
+        elif bar is None:
+            log.info("%s", result.describe(stored.id))
 
     replayer = Replayer(
         mapping=mapping.name,

@@ -37,7 +37,7 @@ from pydantic import (
 
 from workers.app.config_errors import ConfigError, Problem, problems_of, render
 from workers.app.config_loading import read_yaml
-from workers.engine.invoker import FunctionSpec
+from workers.engine.invoker import DEFAULT_REGION, FunctionSpec
 from workers.engine.redact import redact_url
 from workers.engine.settings import (
     AS_WRITTEN,
@@ -76,6 +76,8 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # Functions
 
+# Lowercase letters, digits and dashes, as AWS names regions (eu-west-1, us-gov-east-1).
+_REGION = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _HANDLER = re.compile(r"(?P<module>[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):(?P<function>[A-Za-z_]\w*)")
 
 
@@ -120,6 +122,14 @@ class FunctionConfig(Model):
     environment: dict[EnvName, str] = Field(
         default_factory=dict, description="Environment variables set for the handler"
     )
+    region: str = Field(
+        default=DEFAULT_REGION,
+        description=(
+            "AWS_REGION and AWS_DEFAULT_REGION the handler sees when the worker's environment"
+            " sets neither"
+        ),
+        examples=["eu-west-1"],
+    )
 
     @field_validator("handler")
     @classmethod
@@ -127,6 +137,13 @@ class FunctionConfig(Model):
         problem = _handler_problem(value)
         if problem:
             raise here(problem)
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _region_shape(cls, value: str) -> str:
+        if not _REGION.fullmatch(value):
+            raise here(f"must be a region name such as 'eu-west-1' (got {show(value)})")
         return value
 
     def spec(self, name: str) -> FunctionSpec:
@@ -139,6 +156,7 @@ class FunctionConfig(Model):
             concurrency=self.concurrency,
             isolation=self.isolation,
             environment=dict(self.environment),
+            region=self.region,
         )
 
 

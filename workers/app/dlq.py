@@ -182,6 +182,38 @@ class ReplaySummary:
         return out
 
 
+@dataclass(frozen=True, slots=True)
+class LetterResult:
+    """What became of one letter's records in a replay."""
+
+    records: int
+    succeeded: int = 0  # taken by the handler, or published onto the source
+    dead_lettered: int = 0  # failed again and written to the destination as a new letter
+    dropped: int = 0  # failed again with nowhere to go
+    dry_run: bool = False
+    to: Literal["handler", "source"] = "handler"
+
+    @property
+    def failed_again(self) -> int:
+        return self.dead_lettered + self.dropped
+
+    def describe(self, letter_id: str) -> str:
+        if self.dry_run:
+            return f"would replay {letter_id} ({self.records} record(s))"
+        if self.to == "source":
+            return f"replayed {letter_id}: {self.succeeded} record(s) put back onto the source"
+        if not self.failed_again:
+            return f"replayed {letter_id}: {self.succeeded} record(s) succeeded"
+        parts = []
+        if self.dead_lettered:
+            parts.append(f"{self.dead_lettered} record(s) dead-lettered anew")
+        if self.dropped:
+            parts.append(f"{self.dropped} record(s) dropped (no on-failure destination)")
+        if self.succeeded:
+            parts.append(f"{self.succeeded} succeeded")
+        return f"{letter_id} failed again: " + ", ".join(parts)
+
+
 class Replayer:
     """Replays one mapping's pending dead letters."""
 
@@ -200,7 +232,7 @@ class Replayer:
         rate_per_s: float | None = None,
         limit: int | None = None,
         clock: Clock = SYSTEM_CLOCK,
-        on_letter: Callable[[StoredLetter, ReplaySummary], None] | None = None,
+        on_letter: Callable[[StoredLetter, ReplaySummary, LetterResult], None] | None = None,
     ) -> None:
         self.mapping = mapping
         self.function = function
@@ -234,8 +266,8 @@ class Replayer:
                 if payload_omitted(stored.letter):
                     summary.no_payload += 1
                     log.warning(
-                        "letter %s cannot be replayed: it was stored without its payload (%s,"
-                        " too large for the destination); the record is at %s",
+                        "letter %s cannot be replayed and was skipped: it was stored without its"
+                        " payload (%s, too large for the destination); the record is at %s",
                         stored.id,
                         (stored.letter.get("requestContext") or {}).get("condition", ""),
                         omitted_coordinates(stored.letter),
@@ -247,26 +279,30 @@ class Replayer:
                     if self.clock.wait(self.stop, due - self.clock.monotonic()):
                         summary.interrupted = True
                         break
+                result = LetterResult(len(records), dry_run=True)
                 if not dry_run:
-                    if not self._replay(stored, records, summary):
+                    result, completed = self._replay(stored, records)
+                    summary.succeeded += result.succeeded
+                    summary.failed_again += result.failed_again
+                    if not completed:
                         summary.interrupted = True
                         break
                     self.store.done(stored)
                 summary.letters += 1
                 summary.records += len(records)
                 if self.on_letter is not None:
-                    self.on_letter(stored, summary)
+                    self.on_letter(stored, summary, result)
         finally:
             self.store.close()
         return summary
 
-    def _replay(self, stored: StoredLetter, records: list[Record], summary: ReplaySummary) -> bool:
+    def _replay(self, stored: StoredLetter, records: list[Record]) -> tuple[LetterResult, bool]:
+        """What became of the letter's records, and False if stopped before they all settled."""
         replay_count = int(stored.letter.get("replayCount", 0)) + 1
         if self.to == "source":
             assert self.publisher is not None
             self.publisher.publish(records, replay_count)
-            summary.succeeded += len(records)
-            return True
+            return LetterResult(len(records), succeeded=len(records), to="source"), True
         assert self.policy is not None and self.invoker is not None
         payload = stored.letter["payload"]
         shape = shape_for_event(payload)
@@ -292,6 +328,10 @@ class Replayer:
             stats=stats,
         )
         completed = runner.run(records, self.stop)
-        summary.succeeded += stats.succeeded
-        summary.failed_again += stats.dead_lettered + stats.dropped
-        return completed
+        result = LetterResult(
+            len(records),
+            succeeded=stats.succeeded,
+            dead_lettered=stats.dead_lettered,
+            dropped=stats.dropped,
+        )
+        return result, completed

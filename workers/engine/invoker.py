@@ -7,6 +7,10 @@ from typing import Any, Literal, Protocol
 
 from workers.engine.outcomes import InvokeResult
 
+# The region a function sees when neither the environment nor the function names one; code
+# that creates an AWS SDK client at import time fails without any.
+DEFAULT_REGION = "us-east-1"
+
 
 @dataclass(frozen=True, slots=True)
 class FunctionSpec:
@@ -19,6 +23,7 @@ class FunctionSpec:
     concurrency: int = 4
     isolation: Literal["process", "thread"] = "process"
     environment: dict[str, str] = field(default_factory=dict)
+    region: str = DEFAULT_REGION  # AWS_REGION when the worker's environment sets none
 
 
 @dataclass(frozen=True, slots=True)

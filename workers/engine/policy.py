@@ -92,6 +92,16 @@ def interpret(
     return PartialFailure(frozenset(failed))
 
 
+def ignores_item_failures(response: Any, report_item_failures: bool) -> bool:
+    """True if `response` names failed records that the mapping ignores, as Lambda does when
+    `ReportBatchItemFailures` is not among the mapping's function response types."""
+    return (
+        not report_item_failures
+        and isinstance(response, dict)
+        and bool(response.get("batchItemFailures"))
+    )
+
+
 def _invalid(message: str) -> InvalidResponse:
     return InvalidResponse(ErrorInfo("InvalidBatchResponse", message))
 
@@ -173,6 +183,8 @@ class BatchRunner:
         self.in_flight = in_flight
         # Only a poller that has suspects needs to keep their invocations apart.
         self._gate = Gate() if self.suspects is not None else None
+        self._warned_ignored = False
+        self._warn_lock = threading.Lock()
 
     def run(self, records: list[Record], stop: threading.Event) -> bool:
         """Invoke until every record settled; False if `stop` cut it short (some left unsettled)."""
@@ -324,6 +336,7 @@ class BatchRunner:
         self.stats.observe_duration(self.clock.monotonic() - started)
         outcome: Outcome = result
         if isinstance(result, Success):
+            self._warn_if_ignored(result.response)
             outcome = interpret(
                 result.response,
                 work.records,
@@ -346,6 +359,26 @@ class BatchRunner:
                 _describe(outcome),
             )
         return outcome
+
+    def _warn_if_ignored(self, response: Any) -> None:
+        """Say once per mapping that a partial response was ignored: the records it names count
+        as succeeded, which is Lambda's behaviour but rarely what the handler's author meant."""
+        if self._warned_ignored:
+            return
+        if not ignores_item_failures(response, self.policy.report_batch_item_failures):
+            return
+        with self._warn_lock:
+            if self._warned_ignored:
+                return
+            self._warned_ignored = True
+        log.warning(
+            "mapping %s: function %s returned batchItemFailures, but the mapping does not set"
+            " function_response_types: [ReportBatchItemFailures], so the response was ignored"
+            " and the whole batch counted as succeeded (set that key on the mapping to retry"
+            " only the records it names; this is logged once)",
+            self.mapping,
+            self.function,
+        )
 
     def _invalid_records(self, work: _Work) -> list[tuple[Record, Exception]]:
         """Records of `work` whose own event cannot be built or encoded, and why."""

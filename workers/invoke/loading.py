@@ -16,10 +16,6 @@ from workers.engine.invoker import FunctionSpec
 from workers.engine.outcomes import ErrorInfo
 from workers.invoke.context import LATEST, log_group_name
 
-# The region a function sees when neither the environment nor the function names one; code
-# that creates an AWS SDK client at import time fails without any.
-DEFAULT_REGION = "us-east-1"
-
 # Frames of the runtime itself (this package, asyncio) are cut from the top of a handler's stack.
 _RUNTIME_FILES = (
     os.path.dirname(os.path.abspath(__file__)) + os.sep,
@@ -113,15 +109,16 @@ def function_environment(
     """The function's variables, then Lambda's reserved ones (which a function cannot override).
 
     As in Lambda's Python runtime: AWS_REGION and AWS_DEFAULT_REGION (inherited from `base`,
-    the worker's own environment, when set there, else us-east-1), AWS_EXECUTION_ENV naming the
-    Python version, and LAMBDA_TASK_ROOT the directory the handler is imported from.
+    the worker's own environment, when set there, else the function's `region`, us-east-1 by
+    default), AWS_EXECUTION_ENV naming the Python version, and LAMBDA_TASK_ROOT the directory
+    the handler is imported from.
     """
     variables = {key: str(value) for key, value in spec.environment.items()}
     region = (
         variables.get("AWS_REGION")
         or base.get("AWS_REGION")
         or base.get("AWS_DEFAULT_REGION")
-        or DEFAULT_REGION
+        or spec.region
     )
     variables.setdefault("AWS_DEFAULT_REGION", base.get("AWS_DEFAULT_REGION", region))
     variables.update(
