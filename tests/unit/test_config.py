@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import importlib
 import json
+import os
 import pickle
 import socket
 import sys
@@ -920,6 +921,10 @@ def handlers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         "def handle(event, context):\n    return None\n\n"
         "async def handle_async(event, context):\n    return None\n"
     )
+    (package / "regional.py").write_text(
+        "import os\nREGION = os.environ['AWS_REGION']\n\n"
+        "def handle(event, context):\n    return None\n"
+    )
     (package / "broken.py").write_text("import missing_dependency_xyz\n")
     (package / "crashing.py").write_text("raise RuntimeError('no config')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -937,6 +942,18 @@ def test_check_handler_importable(handlers: str, function: str, separator: str) 
     handler = f"{handlers}.good{separator}{function}"
     spec = FunctionSpec(name="f", handler=handler, environment={"TABLE": "t"})
     check_handler(spec, "x.yaml")
+
+
+def test_check_handler_imports_with_lambdas_variables(
+    handlers: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A module that reads AWS_REGION at import (as boto3.client does) validates as it runs.
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    spec = FunctionSpec(name="f", handler=f"{handlers}.regional:handle", region="eu-west-1")
+    check_handler(spec, "x.yaml")
+    assert sys.modules[f"{handlers}.regional"].REGION == "eu-west-1"
+    assert "AWS_REGION" not in os.environ  # applied for the import only
 
 
 @pytest.mark.parametrize(

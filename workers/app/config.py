@@ -178,9 +178,13 @@ def check_handler(spec: FunctionSpec, file: str | Path = "<config>") -> None:
     """Import the handler's module and check the function is there and callable.
 
     Not part of parsing: the module may only become importable once the runtime has set up
-    sys.path. The import runs with the function's `environment` applied, because handlers often
-    read it at import time (as on Lambda, where it is set before the module loads).
+    sys.path. The import runs with the function's variables applied, Lambda's reserved ones
+    (AWS_REGION, ...) included, because handlers often read them at import time (as on Lambda,
+    where they are set before the module loads): `boto3.client("s3")` at the top of a module
+    needs a region.
     """
+    from workers.invoke.loading import function_environment
+
     path = render(("functions", spec.name, "handler"))
 
     def fail(message: str) -> NoReturn:
@@ -191,7 +195,10 @@ def check_handler(spec: FunctionSpec, file: str | Path = "<config>") -> None:
         fail(f"must be 'module:function' or Lambda's 'module.function' (got {show(spec.handler)})")
     module_name, function_name = parts
     try:
-        with _environment(spec.environment):
+        overlay = function_environment(
+            spec, base=os.environ, log_stream_name="validate", task_root=os.getcwd()
+        )
+        with _environment(overlay):
             module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
