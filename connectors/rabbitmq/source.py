@@ -3,6 +3,7 @@ channel loss, acking settled deliveries in contiguous runs."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 import zlib
@@ -332,6 +333,16 @@ class RabbitMQSource(SourceBase):
             self._held.update(tags)
             self._flush_acks()
 
+    def wake(self) -> None:
+        """Any thread: return from a `poll` waiting in `process_data_events` (a callback added
+        thread-safely ends the wait), so settled records are acked without waiting for its
+        timeout. The broker sends no more than the prefetch window until they are."""
+        connection = self._connection
+        if connection is None:
+            return
+        with contextlib.suppress(Exception):  # closed or closing: the loop finds out itself
+            connection.add_callback_threadsafe(_nothing)
+
     def _flush_acks(self, final: bool = False) -> None:
         """One multiple-ack for the contiguous run of settled tags from the lowest unacked one;
         single acks for the rest once held long enough."""
@@ -408,3 +419,7 @@ class RabbitMQSource(SourceBase):
         self._ready_at = time.monotonic()
         # Deliveries that arrived during the declare wait in pika until dispatched.
         connection.process_data_events(time_limit=0)
+
+
+def _nothing() -> None:
+    pass

@@ -29,8 +29,10 @@ class SettleQueue:
         self._wake = wake
 
     def put(self, records: Sequence[Record]) -> None:
+        was_empty = not self._items
         self._items.append(records)
-        if self._wake is not None:
+        if was_empty and self._wake is not None:
+            # Once per batch of puts: the loop takes them all when it wakes.
             self._wake()
 
     def take(self) -> list[Record]:
