@@ -53,8 +53,11 @@ RECEIVES_PER_POLL = 5
 FIFO_BATCH_MAX = 10
 # How long queue counts are trusted by `caught_up()` and `lag()`.
 COUNTS_TTL_S = 0.5
-# After a failed visibility extension, how long before trying again.
+# After a failed visibility extension or delete call, how long before trying again.
 EXTEND_RETRY_S = 1.0
+DELETE_RETRY_S = 1.0
+# Longest wait of a poll with no room for records.
+FULL_WAIT_S = 0.005
 # Deletes that failed on SQS's side are tried again on later polls this many times.
 DELETE_TRIES = 5
 
@@ -110,6 +113,7 @@ class SQSSource(SourceBase):
         # Settled, to be deleted; a failed DeleteMessageBatch leaves them here for the next poll.
         self._to_delete: dict[int, _Held] = {}
         self._next_receive = 0.0
+        self._delete_retry_at = 0.0
         self._counts: dict[str, int] = {}
         self._counts_at = float("-inf")
         self._got_at = float("-inf")
@@ -194,11 +198,15 @@ class SQSSource(SourceBase):
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         now = time.monotonic()
-        if self._to_delete:
+        if self._to_delete and now >= self._delete_retry_at:
             self._flush_deletes()
         self._extend_due(now)
-        if max_records <= 0 or (self._held and now < self._next_receive):
-            self._wait(min(timeout_s, max(0.0, self._next_receive - now)) if max_records else 0)
+        if max_records <= 0:
+            # No room: the engine frees some as its lanes take batches, between polls.
+            self._wait(min(timeout_s, FULL_WAIT_S))
+            return []
+        if self._held and now < self._next_receive:
+            self._wait(min(timeout_s, self._next_receive - now))
             return []
         wait_s = IDLE_WAIT_S if not self._held and timeout_s > 0 else 0
         out: list[Record] = []
@@ -351,6 +359,7 @@ class SQSSource(SourceBase):
                     len(pending),
                     describe(exc),
                 )
+                self._delete_retry_at = time.monotonic() + DELETE_RETRY_S
                 return
             for done in reply.get("Successful", []):
                 self._forget(int(done["Id"]))
