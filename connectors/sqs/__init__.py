@@ -18,7 +18,13 @@ def _shape(event: dict[str, Any]) -> SQSShape:
 CONNECTOR = Connector(
     name="sqs",
     source_settings=config.SQSSource,
+    destination_settings=config.SQSDestination,
     event_sources=(EVENT_SOURCE,),
     shape_for_event=_shape,
     open_source=lazy("connectors.sqs.source", "SQSSource"),
+    open_destination=lazy("connectors.sqs.destination", "SQSDestination"),
+    open_store=lazy("connectors.sqs.store", "SQSDeadLetterStore"),
+    open_publisher=lazy("connectors.sqs.publisher", "SQSSourcePublisher"),
+    probe_source=lazy("connectors.sqs.probe", "probe_sqs"),
+    probe_destination=lazy("connectors.sqs.probe", "probe_destination"),
 )

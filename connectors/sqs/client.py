@@ -69,7 +69,7 @@ RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def sqs_client(src: cfg.SQSSource) -> SQSClient:
+def sqs_client(src: cfg.SQSQueue) -> SQSClient:
     """A client for the queue's endpoint and region; credentials from the AWS chain."""
     options: dict[str, Any] = dict(DEFAULT_CLIENT)
     retries: dict[str, Any] = {"mode": "standard"}

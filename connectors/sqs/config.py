@@ -9,7 +9,16 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field
 
-from workers.engine.settings import ClientConfig, SourceSettings, here, show, url_checker
+from workers.engine.settings import (
+    ClientConfig,
+    DestinationSettings,
+    Loc,
+    Model,
+    SourceSettings,
+    here,
+    show,
+    url_checker,
+)
 
 # botocore `Config` options a mapping may set; `retries.*` are the keys of its `retries` dict.
 CLIENT_OPTIONS = frozenset(
@@ -56,13 +65,9 @@ def region_of(queue_url: str) -> str | None:
     return match.group(1) if match else None
 
 
-class SQSSource(SourceSettings):
-    """An Amazon SQS queue (standard or FIFO), or a queue of an SQS-compatible server."""
+class SQSQueue(Model):
+    """A queue and how to reach it: what the sqs source and destination share."""
 
-    # Standard queues deliver in no order; a FIFO queue's groups are ordered (`Capabilities`).
-    ordered: ClassVar[bool] = False
-
-    type: Literal["sqs"]
     queue_url: QueueUrl = Field(
         description="https://sqs.REGION.amazonaws.com/ACCOUNT/QUEUE (a FIFO queue ends in .fifo)"
     )
@@ -105,3 +110,31 @@ class SQSSource(SourceSettings):
             return None
         parts = urlsplit(self.queue_url)
         return f"{parts.scheme}://{parts.netloc}"
+
+
+class SQSSource(SQSQueue, SourceSettings):
+    """An Amazon SQS queue (standard or FIFO), or a queue of an SQS-compatible server."""
+
+    # Standard queues deliver in no order; a FIFO queue's groups are ordered (`Capabilities`).
+    ordered: ClassVar[bool] = False
+
+    type: Literal["sqs"]
+
+
+class SQSDestination(SQSQueue, DestinationSettings):
+    """Dead letters sent to an SQS queue: the letter is the body, its labels message attributes."""
+
+    type: Literal["sqs"]
+
+    def complete(self, mapping: str, source: SourceSettings) -> list[tuple[Loc, str]]:
+        if isinstance(source, SQSSource) and _same_queue(source.queue_url, self.queue_url):
+            # Every letter would be read again as a record, in a loop.
+            return [(("queue_url",), "is the queue the mapping reads; letters need another")]
+        return []
+
+    def where(self) -> str:
+        return f"queue {self.queue_url}"
+
+
+def _same_queue(a: str, b: str) -> bool:
+    return a.rstrip("/").lower() == b.rstrip("/").lower()

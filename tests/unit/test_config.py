@@ -420,9 +420,9 @@ BAD: list[tuple[str, Mutation, str, str]] = [
     ),
     (
         "bad destination type",
-        put(*M0, "destination_config", value={"on_failure": {"type": "sqs", "queue": "q"}}),
+        put(*M0, "destination_config", value={"on_failure": {"type": "kinesis", "queue": "q"}}),
         "event_source_mappings[0].destination_config.on_failure.type",
-        "must be one of 'file', 'kafka', 'rabbitmq', 'redis' (got 'sqs')",
+        "must be one of 'file', 'kafka', 'rabbitmq', 'redis', 'sqs' (got 'kinesis')",
     ),
     (
         "destination without on_failure",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import orjson
 import pytest
 from pydantic import ValidationError
 
@@ -114,3 +115,17 @@ def test_lambdas_event_reads_back_and_rebuilds_exactly() -> None:
     info = shape.batch_info(got)
     assert info["batchSize"] == 2 and info["firstMessageId"] == EVENT["Records"][0]["messageId"]
     assert [r.item_identifier for r in records(EVENT)] == [r["messageId"] for r in EVENT["Records"]]
+
+
+def test_letters_are_bodies_sqs_takes() -> None:
+    from connectors.sqs.letters import header_attributes, letter_body, sqs_text
+
+    plain = {"payload": {"text": "é\u2028"}}
+    assert letter_body(plain) == '{"payload":{"text":"é\u2028"}}'
+    refused = {"payload": {"text": "\ufffe\x00"}}
+    body = letter_body(refused)
+    assert sqs_text(body) and body.isascii() and orjson.loads(body) == refused
+    assert header_attributes([("a", b"text"), ("b", b"\xff"), ("c", b"")]) == {
+        "a": {"DataType": "String", "StringValue": "text"},
+        "b": {"DataType": "Binary", "BinaryValue": b"\xff"},
+    }
