@@ -4,9 +4,13 @@ FIFO dead-letter queue that stores a letter sent twice once."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
+import yaml
 
 from connectors.sqs.config import SQSSource
 from tests import brokers
@@ -14,6 +18,8 @@ from tests.contract.store import (
     DeadLetterStoreContract,
     DestinationContract,
     PublisherContract,
+    ReplayToSourceContract,
+    Scenario,
     letter,
 )
 from workers.app import config as cfg
@@ -148,3 +154,113 @@ def test_validate_connect_checks_both_queues(sqs_server: brokers.MotoServer) -> 
         registry.probe(sqs_mapping(source, missing))
     with pytest.raises(ConnectorConfigError, match="does not exist"):
         registry.probe(sqs_mapping(missing, letters))
+
+
+class TestSQSReplay(ReplayToSourceContract):
+    records = 10
+    poison = {2: "ValueError", 5: "ValueError", 7: "ValueError"}
+    interrupt_flags = ("--rate", "4")
+
+    def scenario(self, tmp_path: Path) -> Scenario:
+        raise NotImplementedError  # replaced by the fixture below, which needs the server
+
+    @pytest.fixture
+    def s(self, tmp_path: Path, sqs_server: brokers.MotoServer) -> Iterator[Scenario]:
+        name = brokers.unique_name("sqs-replay")
+        s = Scenario(
+            config=tmp_path / "mappings.yaml",
+            mapping=name,
+            out=tmp_path / "handled.jsonl",
+            fixed=tmp_path / "fixed",
+            source=sqs_server.create_queue(name),
+            dlq=sqs_server.create_queue(f"{name}-dlq"),
+            extra={"client": sqs_server.client(), "queue": name},
+        )
+        function = {
+            "handler": "tests.handlers.sqs_replay_handlers:picky",
+            "isolation": "thread",
+            "timeout_s": 10,
+            "environment": {
+                "SR_OUT": str(s.out),
+                "SR_FIXED": str(s.fixed),
+                "SR_POISON": ",".join(f"v{n}" for n in self.poison),
+            },
+        }
+        mapping = {
+            "name": name,
+            "function": "fn",
+            "source": {"type": "sqs", "queue_url": s.source},
+            "batch_size": 10,
+            "maximum_batching_window_s": 0.1,
+            "bisect_batch_on_function_error": True,
+            "maximum_retry_attempts": 0,
+            "destination_config": {"on_failure": {"type": "sqs", "queue_url": s.dlq}},
+        }
+        config = {"functions": {"fn": function}, "event_source_mappings": [mapping]}
+        s.config.write_text(yaml.safe_dump(config, sort_keys=False))
+        for n in range(self.records):
+            self.client(s).send_message(
+                QueueUrl=s.source,
+                MessageBody=f"v{n}",
+                MessageAttributes={"tenant": {"DataType": "String", "StringValue": "acme"}},
+            )
+        yield s
+
+    def client(self, s: Scenario) -> Any:
+        return s.extra["client"]
+
+    def counts(self, url: str, s: Scenario) -> tuple[int, int]:
+        attributes = self.client(s).get_queue_attributes(
+            QueueUrl=url,
+            AttributeNames=[
+                "ApproximateNumberOfMessages",
+                "ApproximateNumberOfMessagesNotVisible",
+            ],
+        )["Attributes"]
+        return (
+            int(attributes["ApproximateNumberOfMessages"]),
+            int(attributes["ApproximateNumberOfMessagesNotVisible"]),
+        )
+
+    def handled(self, s: Scenario) -> list[dict[str, Any]]:
+        if not s.out.exists():
+            return []
+        seen = [orjson.loads(line) for line in s.out.read_bytes().splitlines()]
+        for h in seen:
+            h["n"] = int(h["value"][1:])
+            h["replay"] = None if h["replay"] is None else int(h["replay"])
+        return seen
+
+    def dlq_state(self, s: Scenario) -> Any:
+        return self.counts(s.dlq, s)  # listing takes nothing away, and holds nothing after
+
+    def source_prefix(self, s: Scenario) -> str:
+        return f"{s.extra['queue']}(1)"
+
+    def write_raw(self, s: Scenario, bodies: Sequence[bytes]) -> None:
+        for body in bodies:
+            self.client(s).send_message(QueueUrl=s.dlq, MessageBody=body.decode())
+        s.extra["foreign"] = len(bodies)
+
+    def check_dead_lettered(self, s: Scenario) -> None:
+        assert self.counts(s.dlq, s) == (len(self.poison), 0)
+        assert self.counts(s.source, s) == (0, 0)  # the poison deleted too, once dead-lettered
+
+    def check_shown(self, s: Scenario, letter: dict[str, Any]) -> None:
+        (item,) = letter["payload"]["Records"]
+        assert item["body"] in {f"v{n}" for n in self.poison}
+        assert item["eventSource"] == "aws:sqs"
+
+    def check_all_replayed(self, s: Scenario) -> None:
+        # Replayed letters are deleted; what is no letter is made visible again, for whoever
+        # knows what it is.
+        assert self.counts(s.dlq, s) == (s.extra.get("foreign", 0), 0)
+
+    def check_republished(self, s: Scenario) -> None:
+        assert self.counts(s.dlq, s) == (0, 0)
+        assert self.counts(s.source, s) == (len(self.poison), 0)
+
+    def check_replayed_handled(self, s: Scenario, handled: list[dict[str, Any]]) -> None:
+        # Sent back with their message attributes.
+        assert [h["tenant"] for h in handled] == ["acme"] * len(self.poison)
+        assert self.counts(s.dlq, s) == (0, 0)
