@@ -124,11 +124,17 @@ class SQSSource(SourceBase):
     def open(self, listener: AssignmentListener) -> None:
         if self._client is None:
             self._client = sqs_client(self.src)
-            attributes: Mapping[Any, str] = self._call(
-                lambda c: c.get_queue_attributes(
-                    QueueUrl=self.queue_url, AttributeNames=["QueueArn", "VisibilityTimeout"]
-                )
-            )["Attributes"]
+            try:
+                attributes: Mapping[Any, str] = self._call(
+                    lambda c: c.get_queue_attributes(
+                        QueueUrl=self.queue_url, AttributeNames=["QueueArn", "VisibilityTimeout"]
+                    )
+                )["Attributes"]
+            except BaseException:
+                # Opened again after a retryable error: the queue's attributes are still needed.
+                client, self._client = self._client, None
+                client.close()
+                raise
             self._shape.arn = attributes.get("QueueArn", self._shape.arn)
             self._visibility_s = int(attributes.get("VisibilityTimeout", 30))
             if self._visibility_s < 2:
