@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -236,16 +237,20 @@ class SQSSource(SourceBase):
         self._wakeup.clear()
 
     def _receive(self, count: int, wait_s: int) -> list[Any]:
-        reply = self._call(
-            lambda c: c.receive_message(
-                QueueUrl=self.queue_url,
-                MaxNumberOfMessages=count,
-                WaitTimeSeconds=wait_s,
-                # "All", as written here: some SQS-compatible servers match it case-sensitively.
-                MessageSystemAttributeNames=["All"],
-                MessageAttributeNames=["All"],
-            )
-        )
+        request: dict[str, Any] = {
+            "QueueUrl": self.queue_url,
+            "MaxNumberOfMessages": count,
+            "WaitTimeSeconds": wait_s,
+            # "All", as written here: some SQS-compatible servers match it case-sensitively.
+            "MessageSystemAttributeNames": ["All"],
+            "MessageAttributeNames": ["All"],
+        }
+        if self.capabilities.ordered:
+            # A FIFO receive that botocore retries after a lost reply gets the same messages
+            # again, rather than leaving them invisible, and their groups blocked, until their
+            # visibility timeout.
+            request["ReceiveRequestAttemptId"] = uuid.uuid4().hex
+        reply = self._call(lambda c: c.receive_message(**request))
         return list(reply.get("Messages", []))
 
     def _records(self, messages: Sequence[Any]) -> list[Record]:
