@@ -3,6 +3,7 @@ instead when ``$CI`` is set (see tests/brokers.py and docs/brokers.md)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -48,3 +49,28 @@ def rabbitmq_url() -> str:
     url = brokers.rabbitmq_url()
     brokers.require(f"RabbitMQ at {brokers.redacted(url)}", brokers.rabbitmq_reachable(url))
     return url
+
+
+@pytest.fixture(scope="session")
+def sqs_server() -> Iterator[brokers.MotoServer]:
+    """moto's SQS server on a free 127.0.0.1 port for the whole session; ``.endpoint_url`` is its
+    address. The test credentials (``brokers.SQS_TEST_ENVIRONMENT``) are set in the environment
+    for the session, so sources opened through the standard AWS chain, and `workers`
+    subprocesses, find them. It fails, never skips, under ``$CI``."""
+    brokers.require_moto()
+    server = brokers.MotoServer()
+    saved = {name: os.environ.get(name) for name in brokers.SQS_TEST_ENVIRONMENT}
+    os.environ.update(brokers.SQS_TEST_ENVIRONMENT)
+    try:
+        try:
+            server.start()
+        except brokers.BrokerError as exc:
+            brokers.skip_or_fail(f"the local SQS server did not start: {exc}")
+        yield server
+    finally:
+        server.close()
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

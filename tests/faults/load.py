@@ -294,6 +294,44 @@ class RabbitSender(Sender):
 # --- the worker -----------------------------------------------------------------------------------
 
 
+class SQSSender(Sender):
+    """SendMessage, confirmed by its reply; on a FIFO queue the key is the MessageGroupId and
+    the id the MessageDeduplicationId, so a message sent again after a lost reply is stored
+    once."""
+
+    def __init__(self, client: Any, queue_url: str, deadline_s: float = 180.0) -> None:
+        super().__init__()
+        self.client = client
+        self.queue_url = queue_url
+        self.fifo = queue_url.endswith(".fifo")
+        self.deadline_s = deadline_s
+
+    def send(self, item: Item) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        request: dict[str, Any] = {
+            "QueueUrl": self.queue_url,
+            "MessageBody": orjson.dumps(item.doc()).decode(),
+        }
+        if self.fifo:
+            request["MessageGroupId"] = item.key
+            request["MessageDeduplicationId"] = item.id
+        deadline = time.monotonic() + self.deadline_s
+        attempts = 0
+        while True:
+            try:
+                attempts += 1
+                self.client.send_message(**request)
+                break
+            except (BotoCoreError, ClientError):
+                if not self.fifo:
+                    self.resent.add(item.id)
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        self.confirmed.append(item.id)
+
+
 def write_config(
     path: Path,
     *,
@@ -324,7 +362,7 @@ def write_config(
                 "source": source,
                 "batch_size": 20,
                 "maximum_batching_window_s": 0.05,
-                **mapping,
+                **mapping,  # overrides the defaults above
             }
         ],
     }

@@ -15,7 +15,12 @@ import orjson
 
 from tests.faults.results import results_path
 
-BROKERS = {"kafka": "Kafka (Tansu)", "redis": "Redis", "rabbitmq": "RabbitMQ"}
+BROKERS = {
+    "kafka": "Kafka (Tansu)",
+    "redis": "Redis",
+    "rabbitmq": "RabbitMQ",
+    "sqs": "SQS (moto)",
+}
 COLUMNS = (
     "scenario",
     "broker",

@@ -144,3 +144,22 @@ def test_redis_example(redis_url: str, tmp_path: Path) -> None:
     finally:
         client.delete(stream)
         client.close()
+
+
+@pytest.mark.sqs
+def test_sqs_example(sqs_server: brokers.MotoServer, tmp_path: Path) -> None:
+    queue_url = sqs_server.create_queue(brokers.unique_name("orders"))
+    client = sqs_server.client()
+    for value in payloads():
+        client.send_message(QueueUrl=queue_url, MessageBody=value.decode())
+    stats = run_example("sqs", tmp_path, {"QUEUE_URL": queue_url})
+    assert_bad_order_dead_lettered(stats)
+    # Partial failures honoured: the good orders handled once each, only the bad one retried
+    # (twice), as the handler named it by messageId.
+    assert stats["invoked"] == len(ORDERS) + 2, stats
+    [letter] = stats["letters"]
+    assert letter["requestContext"]["approximateInvokeCount"] == 3
+    # Every message settled: deleted, the dead-lettered one too.
+    counts = client.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+    assert counts["ApproximateNumberOfMessages"] == "0"
+    assert counts["ApproximateNumberOfMessagesNotVisible"] == "0"

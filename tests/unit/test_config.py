@@ -299,13 +299,13 @@ BAD: list[tuple[str, Mutation, str, str]] = [
         "missing source type",
         drop(*M0, "source", "type"),
         "event_source_mappings[0].source.type",
-        "is required (one of 'kafka', 'memory', 'rabbitmq', 'redis')",
+        "is required (one of 'kafka', 'memory', 'rabbitmq', 'redis', 'sqs')",
     ),
     (
         "unknown source type",
-        put(*M0, "source", "type", value="sqs"),
+        put(*M0, "source", "type", value="kinesis"),
         "event_source_mappings[0].source.type",
-        "must be one of 'kafka', 'memory', 'rabbitmq', 'redis' (got 'sqs')",
+        "must be one of 'kafka', 'memory', 'rabbitmq', 'redis', 'sqs' (got 'kinesis')",
     ),
     (
         "empty topics",
@@ -427,9 +427,9 @@ BAD: list[tuple[str, Mutation, str, str]] = [
     ),
     (
         "bad destination type",
-        put(*M0, "destination_config", value={"on_failure": {"type": "sqs", "queue": "q"}}),
+        put(*M0, "destination_config", value={"on_failure": {"type": "kinesis", "queue": "q"}}),
         "event_source_mappings[0].destination_config.on_failure.type",
-        "must be one of 'file', 'kafka', 'rabbitmq', 'redis' (got 'sqs')",
+        "must be one of 'file', 'kafka', 'rabbitmq', 'redis', 'sqs' (got 'kinesis')",
     ),
     (
         "destination without on_failure",

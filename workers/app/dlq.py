@@ -76,7 +76,7 @@ def payload_records(letter: dict[str, Any]) -> list[Record]:
 
 
 def coordinates(letter: dict[str, Any]) -> str:
-    """Where the letter's records came from, e.g. 'orders-0@17-19' or 'orders(3)'."""
+    """Where the letter's records came from, e.g. 'orders-0@17-19' or 'orders(3)' (a queue)."""
     if payload_omitted(letter):
         return omitted_coordinates(letter)
     spans: dict[str, list[int]] = {}
@@ -84,7 +84,12 @@ def coordinates(letter: dict[str, Any]) -> str:
     for r in records:
         spans.setdefault(r.source, []).append(r.position)
     payload = letter.get("payload") or {}
-    if payload.get("eventSource") == "aws:rmq":
+    source = payload.get("eventSource")
+    if source is None and records:
+        # Lambda's SQS event names its source in each record.
+        first = (payload.get("Records") or [{}])[0]
+        source = first.get("eventSource") if isinstance(first, dict) else None
+    if source in ("aws:rmq", "aws:sqs"):
         return ", ".join(f"{unit}({len(p)})" for unit, p in spans.items())
     if payload.get("eventSource") == "redis:streams":
         return ", ".join(
@@ -98,9 +103,12 @@ def coordinates(letter: dict[str, Any]) -> str:
 
 def omitted_coordinates(letter: dict[str, Any]) -> str:
     """The record of a letter without payload, from its itemIdentifier: 'orders-0@17',
-    'orders@1700000000000-0', 'orders#5' (a RabbitMQ delivery tag), marked '(no payload)'."""
+    'orders@1700000000000-0', 'orders#5' (a RabbitMQ delivery tag), 'message <messageId>'
+    (SQS), marked '(no payload)'."""
     ident = (letter.get(OMITTED) or {}).get("itemIdentifier") or {}
-    if "partition" in ident:
+    if isinstance(ident, str):
+        where = f"message {ident}"  # SQS: the messageId
+    elif "partition" in ident:
         where = f"{ident['partition']}@{ident.get('offset')}"
     elif "stream" in ident:
         where = f"{ident['stream']}@{ident.get('id')}"

@@ -112,6 +112,10 @@ def probe(mapping: Any) -> list[str]:
 def shape_for_event(event: dict[str, Any]) -> EventShape:
     """The shape that built `event` (a handler's event, a dead letter's payload)."""
     source = event.get("eventSource")
+    records = event.get("Records")
+    if source is None and isinstance(records, list) and records and isinstance(records[0], dict):
+        # Lambda's SQS event names its source in each record, not at the top.
+        source = records[0].get("eventSource")
     for connector in connectors().values():
         if source in connector.event_sources and connector.shape_for_event is not None:
             return connector.shape_for_event(event)
