@@ -112,6 +112,10 @@ def probe(mapping: Any) -> list[str]:
 def shape_for_event(event: dict[str, Any]) -> EventShape:
     """The shape that built `event` (a handler's event, a dead letter's payload)."""
     source = event.get("eventSource")
+    if source is None:
+        # Events in SQS's shape name their source in each record, not at the top.
+        first = next(iter(event.get("Records") or ()), None)
+        source = first.get("eventSource") if isinstance(first, dict) else None
     for connector in connectors().values():
         if source in connector.event_sources and connector.shape_for_event is not None:
             return connector.shape_for_event(event)

@@ -125,7 +125,7 @@ def build_letter(
     return letter
 
 
-def _coordinates(shape: EventShape, record: Record) -> dict[str, Any]:
+def _coordinates(shape: EventShape, record: Record) -> Any:
     try:
         return shape.item_identifier(record)
     except Exception:

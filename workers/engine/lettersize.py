@@ -25,7 +25,7 @@ def letter_bytes(letter: dict[str, Any]) -> int:
 
 def without_payload(
     letter: dict[str, Any],
-    item_identifier: dict[str, Any],
+    item_identifier: Any,
     *,
     condition: str,
     letter_bytes: int,

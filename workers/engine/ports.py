@@ -58,8 +58,9 @@ class EventShape(Protocol):
         """A hashable form of the record's `itemIdentifier`."""
         ...
 
-    def item_identifier(self, record: Record) -> dict[str, Any]:
-        """The record's `itemIdentifier` as a handler would return it."""
+    def item_identifier(self, record: Record) -> Any:
+        """The record's `itemIdentifier` as a handler would return it (an object of coordinates
+        for the stream shapes, the `messageId` string for SQS-shaped events)."""
         ...
 
     def parse_item(self, identifier: Any) -> Hashable | None:
