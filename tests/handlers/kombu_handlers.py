@@ -15,6 +15,7 @@ from aws_lambda_powertools.utilities.batch import (
     EventType,
     process_partial_response,
 )
+from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 
 processor = BatchProcessor(event_type=EventType.SQS)
@@ -36,7 +37,7 @@ def _record(record: SQSRecord) -> None:
     _append(f"{record.body}\n")
 
 
-def partial(event: dict[str, Any], context: Any) -> dict[str, Any]:
+def partial(event: dict[str, Any], context: Any) -> PartialItemFailureResponse:
     return process_partial_response(
         event=event, record_handler=_record, processor=processor, context=context
     )

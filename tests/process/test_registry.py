@@ -19,10 +19,12 @@ event_source_mappings:
   - {name: k, function: f, source: {type: kafka, bootstrap_servers: "h:1", topics: [t]}}
   - {name: r, function: f, source: {type: rabbitmq, url: "amqp://h/", queue: q}}
   - {name: s, function: f, source: {type: redis, url: "redis://h/0", streams: [s]}}
+  - {name: q, function: f, source: {type: kombu, url: "amqp://h//", queue: q}}
 ''')
 shape_for_event({"eventSource": "aws:rmq"})
+shape_for_event({"Records": [{"eventSource": "kombu:amqp"}]})
 print(",".join(sorted(connectors())))
-print(",".join(m for m in ("confluent_kafka", "pika", "redis") if m in sys.modules))
+print(",".join(m for m in ("confluent_kafka", "pika", "redis", "kombu") if m in sys.modules))
 """
 
 
@@ -33,5 +35,5 @@ def test_connectors_are_registered_and_no_driver_is_imported_until_one_is_opened
     )
     assert done.returncode == 0, done.stderr
     names, drivers = done.stdout.splitlines()
-    assert names == "file,kafka,memory,rabbitmq,redis"
+    assert names == "file,kafka,kombu,memory,rabbitmq,redis"
     assert drivers == ""  # a Kafka-only deployment needs neither pika nor redis-py

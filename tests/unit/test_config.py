@@ -292,13 +292,13 @@ BAD: list[tuple[str, Mutation, str, str]] = [
         "missing source type",
         drop(*M0, "source", "type"),
         "event_source_mappings[0].source.type",
-        "is required (one of 'kafka', 'memory', 'rabbitmq', 'redis')",
+        "is required (one of 'kafka', 'kombu', 'memory', 'rabbitmq', 'redis')",
     ),
     (
         "unknown source type",
         put(*M0, "source", "type", value="sqs"),
         "event_source_mappings[0].source.type",
-        "must be one of 'kafka', 'memory', 'rabbitmq', 'redis' (got 'sqs')",
+        "must be one of 'kafka', 'kombu', 'memory', 'rabbitmq', 'redis' (got 'sqs')",
     ),
     (
         "empty topics",
