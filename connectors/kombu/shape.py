@@ -82,6 +82,7 @@ def attributes_of(
     delivery: Mapping[str, Any],
     *,
     attempts: int,
+    redelivered: bool,
     sent_ms: int,
     received_ms: int,
 ) -> dict[str, str]:
@@ -107,7 +108,7 @@ def attributes_of(
         value = delivery.get(name)
         if value:
             out[key] = _text(value)
-    out["redelivered"] = _text(bool(delivery.get("redelivered")))
+    out["redelivered"] = _text(redelivered)
     return out
 
 

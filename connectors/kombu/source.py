@@ -239,7 +239,17 @@ class KombuSource(SourceBase):
         """Forget the connection: its unacked messages are delivered again."""
         self._live.clear()
         self._pending.clear()
+        channel = self._channel
         connection, self._connection, self._channel = self._connection, None, None
+        if self._virtual and channel is not None and not getattr(channel, "do_restore", True):
+            # A virtual transport that does not restore unacked messages when its channel
+            # closes (memory://) would lose them: put them back first.
+            try:
+                channel.basic_recover(requeue=True)
+            except Exception as exc:
+                log.warning(
+                    "mapping %s: unacked messages not restored: %s", self.mapping, describe(exc)
+                )
         _close_quietly(connection)
         if reason is not None:
             log.warning("mapping %s: lost %s: %s", self.mapping, self._where, describe(reason))
@@ -311,7 +321,12 @@ class KombuSource(SourceBase):
         properties.setdefault("content_type", message.content_type)
         properties.setdefault("content_encoding", message.content_encoding)
         delivery: Mapping[str, Any] = message.delivery_info or {}
-        redelivered = bool(delivery.get("redelivered"))
+        payload = getattr(message, "_raw", None)
+        # kombu's virtual transports mark a restored message in its delivery_info (redis) or in
+        # the payload itself (the others).
+        redelivered = bool(delivery.get("redelivered")) or (
+            isinstance(payload, dict) and bool(payload.get("redelivered"))
+        )
         headers = dict(message.headers or {})
         if self._virtual and redelivered and headers.get("redelivered") is True:
             # kombu's redis transport marks a restored message with this header; the publisher
@@ -330,7 +345,12 @@ class KombuSource(SourceBase):
             message_id=str(uuid.uuid4()),
             receipt_handle=str(message.delivery_tag),
             attributes=attributes_of(
-                properties, delivery, attempts=attempts, sent_ms=sent_ms, received_ms=now_ms
+                properties,
+                delivery,
+                attempts=attempts,
+                redelivered=redelivered,
+                sent_ms=sent_ms,
+                received_ms=now_ms,
             ),
             message_attributes=attrs,
         )

@@ -1,10 +1,12 @@
-"""The kombu connector against real brokers: the contract suite over amqp:// (the local RabbitMQ,
-messages published by pika) and redis:// (the local Redis), raw messages read with their bodies
+"""The kombu connector: the contract suite over amqp:// (the local RabbitMQ, messages published by
+pika), redis:// (the local Redis) and memory:// (no broker), raw messages read with their bodies
 and properties intact, and `workers run` end to end with a Powertools SQS handler."""
 
 from __future__ import annotations
 
 import base64
+import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator, Sequence
@@ -393,7 +395,35 @@ class TestKombuRedisContract(KombuContract):
             source.close()
 
 
+# --- memory:// ---------------------------------------------------------------------------------
+
+
+class TestKombuMemoryContract(KombuContract):
+    """kombu's in-process transport: the contract without a broker. It does not restore unacked
+    messages when its channel closes; the source puts them back itself."""
+
+    url = "memory://"
+
+    def produce(self, name: str, values: Sequence[bytes], keys: Sequence[bytes | None]) -> None:
+        with Connection(self.url) as connection:
+            producer = connection.Producer()
+            for value in values:
+                producer.publish(value, routing_key=name)
+
+
 # --- workers run -------------------------------------------------------------------------------
+
+
+def workers(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "workers", *args],
+        cwd=cli.REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
 
 
 @pytest.mark.integration
@@ -420,7 +450,7 @@ def test_workers_run_dead_letters_the_records_a_handler_fails(tmp_path: Path) ->
             "function_response_types": ["ReportBatchItemFailures"],
             "destination_config": {"on_failure": {"type": "file", "path": str(letters)}},
         }
-        function = {
+        function: dict[str, Any] = {
             "handler": "tests.handlers.kombu_handlers:partial",
             "timeout_s": 10,
             "concurrency": 2,
@@ -444,5 +474,15 @@ def test_workers_run_dead_letters_the_records_a_handler_fails(tmp_path: Path) ->
             assert info["transport"] == "amqp" and info["queues"][name]["messageIds"]
         assert summary["dead_lettered"] == len(failing)
         assert rabbit.counts(name) == 0
+
+        # The letters read back: listed, then replayed to a handler that no longer fails them.
+        listed = workers("dlq", "list", str(config), name)
+        assert listed.count("RetryAttemptsExhausted") == len(dead), listed
+        function["environment"]["KOMBU_FAIL"] = ""
+        config.write_text(
+            yaml.safe_dump({"functions": {"fn": function}, "event_source_mappings": [mapping]})
+        )
+        workers("dlq", "replay", str(config), name)
+        assert sorted(out.read_text().split()) == sorted(values)
     finally:
         rabbit.delete_all()

@@ -43,8 +43,9 @@ def record(position: int, value: bytes, headers: dict[str, Any] | None = None) -
             receipt_handle=str(position),
             attributes=attributes_of(
                 {"content_type": "text/plain", "message_id": "pub", "timestamp": 1_700_000_000},
-                {"routing_key": "orders", "redelivered": position % 2 == 1},
+                {"routing_key": "orders"},
                 attempts=position % 2,
+                redelivered=position % 2 == 1,
                 sent_ms=1_700_000_000_000 + position,
                 received_ms=1_700_000_001_000,
             ),
