@@ -39,7 +39,7 @@ class EventRecord:
     key: bytes | None
     headers: list[tuple[str, bytes]]
     timestamp_ms: int
-    item_identifier: Any  # what batchItemFailures wants for this record
+    item_identifier: Any  # what batchItemFailures wants for this record (SQS: the messageId)
     # Redis entries' fields under their original names: as text when the name is UTF-8, else
     # decoded with "surrogateescape" (name.encode("utf-8", "surrogateescape") is its bytes), so
     # names that are not UTF-8 stay apart. The event itself writes those as "b64:<base64>".

@@ -20,11 +20,13 @@ event_source_mappings:
   - {name: r, function: f, source: {type: rabbitmq, url: "amqp://h/", queue: q}}
   - {name: s, function: f, source: {type: redis, url: "redis://h/0", streams: [s]}}
   - {name: q, function: f, source: {type: sqs, queue_url: "https://sqs.eu-west-1.amazonaws.com/1/q"}}
+  - {name: b, function: f, source: {type: kombu, url: "amqp://h//", queue: q}}
 ''')
 shape_for_event({"eventSource": "aws:rmq"})
 shape_for_event({"Records": [{"eventSource": "aws:sqs"}]})
+shape_for_event({"Records": [{"eventSource": "kombu:amqp"}]})
 print(",".join(sorted(connectors())))
-drivers = ("confluent_kafka", "pika", "redis", "boto3", "botocore")
+drivers = ("confluent_kafka", "pika", "redis", "boto3", "botocore", "kombu")
 print(",".join(m for m in drivers if m in sys.modules))
 """
 
@@ -36,5 +38,5 @@ def test_connectors_are_registered_and_no_driver_is_imported_until_one_is_opened
     )
     assert done.returncode == 0, done.stderr
     names, drivers = done.stdout.splitlines()
-    assert names == "file,kafka,memory,rabbitmq,redis,sqs"
+    assert names == "file,kafka,kombu,memory,rabbitmq,redis,sqs"
     assert drivers == ""  # a Kafka-only deployment needs neither pika nor redis-py

@@ -299,13 +299,13 @@ BAD: list[tuple[str, Mutation, str, str]] = [
         "missing source type",
         drop(*M0, "source", "type"),
         "event_source_mappings[0].source.type",
-        "is required (one of 'kafka', 'memory', 'rabbitmq', 'redis', 'sqs')",
+        "is required (one of 'kafka', 'kombu', 'memory', 'rabbitmq', 'redis', 'sqs')",
     ),
     (
         "unknown source type",
         put(*M0, "source", "type", value="kinesis"),
         "event_source_mappings[0].source.type",
-        "must be one of 'kafka', 'memory', 'rabbitmq', 'redis', 'sqs' (got 'kinesis')",
+        "must be one of 'kafka', 'kombu', 'memory', 'rabbitmq', 'redis', 'sqs' (got 'kinesis')",
     ),
     (
         "empty topics",

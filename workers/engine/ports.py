@@ -59,8 +59,8 @@ class EventShape(Protocol):
         ...
 
     def item_identifier(self, record: Record) -> Any:
-        """The record's `itemIdentifier` as a handler would return it (a JSON value: an object
-        of coordinates, or SQS's `messageId` string)."""
+        """The record's `itemIdentifier` as a handler would return it (an object of coordinates
+        for the stream shapes, the `messageId` string for SQS-shaped events)."""
         ...
 
     def parse_item(self, identifier: Any) -> Hashable | None:
