@@ -73,9 +73,6 @@ class AckTable:
         gone = set(units)
         self._held = {r for r in self._held if r.source not in gone}
 
-    def __len__(self) -> int:
-        return len(self._held)
-
 
 class _Unit:
     __slots__ = ("committed", "done", "outstanding")
