@@ -77,6 +77,18 @@ class EventShape(Protocol):
 
 
 @runtime_checkable
+class PackingShape(Protocol):
+    """Optional part of an `EventShape`: a batch packed into compact columns for an environment
+    in another process, which builds Lambda's event there (`unpacker(pack(records))` equals
+    `event(records)`), so the poller's core does not build per-record dicts or encode JSON."""
+
+    # "module:function" the environment imports to turn `pack`'s bytes into the event.
+    unpacker: str
+
+    def pack(self, records: Sequence[Record]) -> bytes: ...
+
+
+@runtime_checkable
 class FieldedShape(Protocol):
     """Optional part of an `EventShape` whose records are made of named fields (Redis entries)."""
 
