@@ -14,8 +14,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from workers.app.config import ConfigError, load_config
+from workers.engine.ports import ConnectorConfigError
 from workers.engine.redact import describe
-from workers.engine.rewind import Move, RewindRefused, RewindTarget
+from workers.engine.rewind import Move, Rewinder, RewindRefused, RewindTarget
 from workers.engine.settings import timestamp_ms
 
 log = logging.getLogger("workers.rewind")
@@ -71,9 +72,13 @@ def cmd_rewind(args: argparse.Namespace) -> int:
         target = parse_target(args.to)
         mapping = load_config(args.config).mapping(args.mapping)
         rewinder = open_rewinder(mapping)
-    except (ConfigError, RewindRefused) as exc:
+    except (ConfigError, ConnectorConfigError, RewindRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return REFUSED
+    except Exception as exc:
+        log.debug("workers rewind %s failed", args.mapping, exc_info=True)
+        print(f"error: rewind {args.mapping}: {describe(exc)}", file=sys.stderr)
+        return FAILED
     try:
         return _rewind(args, rewinder, target)
     except RewindRefused as exc:
@@ -87,7 +92,7 @@ def cmd_rewind(args: argparse.Namespace) -> int:
         rewinder.close()
 
 
-def _rewind(args: argparse.Namespace, rewinder: Any, target: RewindTarget) -> int:
+def _rewind(args: argparse.Namespace, rewinder: Rewinder, target: RewindTarget) -> int:
     running = rewinder.running_consumers()
     if running:
         print(
