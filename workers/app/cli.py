@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from workers.app.config import Config, ConfigError, load_config
+from workers.app.rewind import add_parser as add_rewind_parser
 from workers.engine.redact import describe
 
 log = logging.getLogger("workers")
@@ -163,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     invoke.set_defaults(command=cmd_invoke)
     _add_dlq(sub)
+    add_rewind_parser(sub, EPILOG)
 
     demo = sub.add_parser(
         "demo",

@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from workers.engine.outcomes import ErrorInfo
 from workers.engine.records import Record
+from workers.engine.rewind import Rewinder
 
 # errorType of the letter of a message the connector could not convert.
 UNDECODABLE_ERROR_TYPE = "Runtime.UndecodableRecord"
@@ -328,3 +329,6 @@ class Connector:
     probe_source: Callable[[Any], None] | None = None
     # The same for a destination; returns what was checked ("topic 'x' at host:9092 exists").
     probe_destination: Callable[[Any], str] | None = None
+    # The mapping's consumer group on its source, for `workers rewind`; None where the source
+    # keeps no position to move (a queue).
+    open_rewinder: Callable[[Any], Rewinder] | None = None
