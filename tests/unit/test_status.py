@@ -72,6 +72,20 @@ def test_stalled_units_gauge_counts_units_of_live_pollers() -> None:
     assert 'esm_stalled_units{mapping="quiet"} 0.0' in text
 
 
+def test_each_stalled_unit_has_a_series_of_how_long() -> None:
+    text = exposition(
+        [
+            # Two consumers of one queue both see it stalled: one series, the longer.
+            ("r", 0, True, {"stalled": {"q": {"for_s": 75.5}}}),
+            ("r", 1, True, {"stalled": {"q": {"for_s": 80.0}}}),
+            ("r", 2, False, {"stalled": {"old": {"for_s": 9.0}}}),
+            ("k", 0, True, {"lag": {"t-0": 4}}),
+        ]
+    )
+    series = [line for line in text.splitlines() if line.startswith("esm_stalled_seconds{")]
+    assert series == ['esm_stalled_seconds{mapping="r",partition="q"} 80.0']
+
+
 HOSTILE = "</script><script>alert(1)</script><!-- & <b id=injected>"
 
 

@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -122,6 +123,24 @@ class SupervisorCollector(Collector):
         for mapping, entry in mappings_of(snaps).items():
             stalled.add_metric([mapping], len(entry["stalled_units"]))
         yield stalled
+        # Per unit, only while stalled: lag-based scaling can leave out what more consumers
+        # would not move (`esm_offset_lag unless on(mapping, partition) esm_stalled_seconds`).
+        stalled_for = GaugeMetricFamily(
+            "esm_stalled_seconds",
+            "How long each stalled partition, stream or queue has not moved",
+            labels=["mapping", "partition"],
+        )
+        # Consumers of one queue may each report it: one series per (mapping, unit).
+        longest: dict[tuple[str, str], float] = {}
+        for mapping, _instance, alive, snap in snaps:
+            if not alive:
+                continue
+            for unit, entry in snap.get("stalled", {}).items():
+                seconds = float(entry.get("for_s", 0))
+                longest[(mapping, unit)] = max(seconds, longest.get((mapping, unit), 0.0))
+        for (mapping, unit), seconds in longest.items():
+            stalled_for.add_metric([mapping, unit], seconds)
+        yield stalled_for
 
 
 def _sum_by_mapping(snaps: list[tuple[str, int, bool, dict[str, Any]]], key: str) -> dict[str, int]:
@@ -175,7 +194,7 @@ def serve(supervisor: Supervisor, host: str, port: int) -> ThreadingHTTPServer:
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             if path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
@@ -184,7 +203,10 @@ def serve(supervisor: Supervisor, host: str, port: int) -> ThreadingHTTPServer:
                 ok = ready(supervisor)
                 self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
             elif path == "/status":
-                body = orjson.dumps(status_of(supervisor, history), option=orjson.OPT_INDENT_2)
+                # The charts' samples only when asked: they would bury the rest.
+                with_history = parse_qs(query).get("history") == ["1"]
+                status = status_of(supervisor, history if with_history else None)
+                body = orjson.dumps(status, option=orjson.OPT_INDENT_2)
                 self._send(200, body, "application/json")
             elif path == "/":
                 body = page.render(status_of(supervisor, history))
