@@ -98,7 +98,7 @@ def embedded_status(html: str) -> Any:
 
 
 def test_the_page_embeds_the_status_as_inert_json() -> None:
-    status = {"pollers": [], "mappings": {"m": {"last_error": {"errorMessage": HOSTILE}}}}
+    status = {"pollers": [], "mappings": [{"name": "m", "last_error": {"errorMessage": HOSTILE}}]}
     html = page.render(status).decode()
     # Nothing from the data can end the script element or start markup of its own.
     assert HOSTILE not in html and "<b id=injected>" not in html

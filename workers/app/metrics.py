@@ -169,10 +169,11 @@ def status_of(supervisor: Supervisor, history: History | None = None) -> dict[st
         }
         for mapping, instance, alive, snap in snaps
     ]
+    mappings = [{"name": name, **entry} for name, entry in sorted(mappings_of(snaps).items())]
     status: dict[str, Any] = {
+        "mappings": mappings,
         "pollers": pollers,
         "summary": supervisor.summary(),
-        "mappings": mappings_of(snaps),
     }
     if history is not None:
         status["history"] = history.as_json()
