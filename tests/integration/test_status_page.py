@@ -5,16 +5,13 @@ stalled partition, with the record's error as text."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from html.parser import HTMLParser
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests import brokers
+from tests import brokers, browser
 from tests.brokers import KafkaRecord, Tansu
 
 pytestmark = [pytest.mark.integration, pytest.mark.kafka]
@@ -168,104 +165,12 @@ def test_a_poison_record_retried_forever_stalls_its_partition(run: Run) -> None:
     assert "ValueError: poison:" in line
 
 
-def chromium() -> str:
-    """Debian's Chromium (scripts/chromium.sh installs it); skips without it, fails under CI."""
-    binary = os.environ.get("CHROMIUM") or shutil.which("chromium")
-    if binary is None:
-        brokers.skip_or_fail("no chromium on PATH; install it with scripts/chromium.sh")
-    return binary
-
-
-@dataclass
-class Row:
-    attrs: dict[str, str]
-    cells: list[str] = field(default_factory=list)
-    polylines: int = 0
-
-
-class Rows(HTMLParser):
-    """The rows of each table of a DOM dump, by table id: attributes, cell texts and how many
-    chart lines each holds. Also every element id seen."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.tables: dict[str, list[Row]] = {}
-        self.ids: set[str] = set()
-        self._table: str | None = None
-        self._in_cell = False
-        self._in_svg = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = {k: v or "" for k, v in attrs}
-        if "id" in values:
-            self.ids.add(values["id"])
-        if tag == "table":
-            self._table = values.get("id", "")
-            self.tables[self._table] = []
-        elif tag == "tr" and self._table is not None:
-            self.tables[self._table].append(Row(values))
-        elif tag in ("td", "th") and self._row() is not None:
-            self._row().cells.append("")  # type: ignore[union-attr]
-            self._in_cell = True
-        elif tag == "svg":
-            self._in_svg += 1
-        elif tag == "polyline" and self._row() is not None:
-            self._row().polylines += 1  # type: ignore[union-attr]
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "table":
-            self._table = None
-        elif tag in ("td", "th"):
-            self._in_cell = False
-        elif tag == "svg":
-            self._in_svg -= 1
-
-    def handle_data(self, data: str) -> None:
-        row = self._row()
-        if row is not None and self._in_cell and not self._in_svg:
-            row.cells[-1] += data
-
-    def _row(self) -> Row | None:
-        rows = self.tables.get(self._table or "", [])
-        return rows[-1] if rows else None
-
-
 def test_the_status_page_shows_the_mapping_its_charts_and_the_stalled_partition(
     run: Run, tmp_path: Path
 ) -> None:
-    binary = chromium()
     run.wait_for("stalled partition in /status", run.stalled)
-    shot = tmp_path / "status-page.png"
-    command = [
-        binary,
-        "--headless",
-        "--no-sandbox",  # CI containers run as root
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--hide-scrollbars",
-        f"--user-data-dir={tmp_path / 'profile'}",
-        "--window-size=1400,700",
-        # Page time runs ahead without waiting, except for fetches: the page refreshes twice.
-        "--virtual-time-budget=5000",
-        f"--screenshot={shot}",
-        "--dump-dom",
-        f"http://127.0.0.1:{run.port}/",
-    ]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    except OSError as exc:
-        brokers.skip_or_fail(f"{binary} cannot be run: {exc}")
-    if done.returncode != 0 or "<html" not in done.stdout:
-        brokers.skip_or_fail(f"{binary} did not render the page: {done.stderr[-2000:]}")
-    artefacts = os.environ.get("ESM_TEST_ARTIFACTS")
-    if artefacts:
-        Path(artefacts).mkdir(parents=True, exist_ok=True)
-        shutil.copy(shot, Path(artefacts) / shot.name)
-    print(f"status page screenshot: {shot}")
-    assert shot.stat().st_size > 10_000  # a page was drawn, not a blank
-    dom = Rows()
-    dom.feed(done.stdout)
-    (mapping,) = [r for r in dom.tables["mappings"] if r.attrs.get("data-mapping") == run.name]
+    dom = browser.render(f"http://127.0.0.1:{run.port}/", tmp_path)
+    mapping = dom.rows("mappings", "data-mapping")[run.name]
     name, state, rate, lag, in_flight, succeeded, letters, error = mapping.cells
     assert name == run.name
     assert "Running" in state and "1 stalled" in state
@@ -276,7 +181,7 @@ def test_the_status_page_shows_the_mapping_its_charts_and_the_stalled_partition(
     assert int(succeeded) == BEFORE + GOOD
     assert int(letters) == 0
     assert error.startswith("ValueError: poison:") and POISON in error
-    units = {r.attrs["data-unit"]: r for r in dom.tables["units"] if "data-unit" in r.attrs}
+    units = dom.rows("units", "data-unit")
     p0, p1 = units[f"{run.name}-0"], units[f"{run.name}-1"]
     assert p0.attrs.get("data-stalled") == "true"
     assert p0.cells[4] == str(BEFORE)  # its checkpoint: the poison record's offset
@@ -287,5 +192,4 @@ def test_the_status_page_shows_the_mapping_its_charts_and_the_stalled_partition(
     # The error's markup stayed text: no element of it made it into the page.
     assert "injected" not in dom.ids
     # It refreshed itself from /status in the browser (fetch, allowed by its own policy).
-    updates = done.stdout.split('data-updates="', 1)[1].split('"', 1)[0]
-    assert int(updates) >= 1
+    assert int(dom.root["data-updates"]) >= 1
