@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install brokers promtool test test-unit test-integration test-faults lint format schema bench demo clean
+.PHONY: install brokers browser promtool test test-unit test-integration test-faults lint format schema bench demo clean
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,11 @@ $(VENV)/.installed: pyproject.toml
 brokers:
 	bash scripts/brokers.sh
 
-test: install brokers promtool
+# Headless Chromium, for the test that renders the status page.
+browser:
+	bash scripts/chromium.sh
+
+test: install brokers promtool browser
 	$(BIN)/pytest -q -m "not faults_full"
 
 # Prometheus' promtool, which evaluates the KEDA query of deploy/kubernetes in a test.
@@ -27,7 +31,7 @@ promtool: install
 test-unit: install
 	$(BIN)/pytest -q -m "not integration" tests/unit tests/contract
 
-test-integration: install brokers
+test-integration: install brokers browser
 	$(BIN)/pytest -q -m integration
 
 # Every fault scenario on every broker; `make test` runs a representative subset of them.

@@ -15,8 +15,6 @@ REDIS_PORT=6379
 RABBITMQ_HOST=127.0.0.1
 RABBITMQ_PORT=5672
 TIMEOUT_S=${BROKERS_TIMEOUT_S:-90}
-APT_TIMEOUT_S=${BROKERS_APT_TIMEOUT_S:-900}
-NO_INSTALL=${BROKERS_NO_INSTALL:-0}
 
 log() { echo "brokers: $*" >&2; }
 die() {
@@ -24,14 +22,8 @@ die() {
     exit 1
 }
 
-# Privileged commands (apt-get, rabbitmq-server, rabbitmqctl) need root; use sudo when it works
-# without a password, otherwise leave them to fail with a clear message.
-SUDO=()
-if [[ $(id -u) -ne 0 ]] && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-    SUDO=(sudo -n)
-fi
-as_root() { "${SUDO[@]}" "$@"; }
-have_root() { [[ $(id -u) -eq 0 || ${#SUDO[@]} -gt 0 ]]; }
+# shellcheck source=scripts/apt.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt.sh"
 
 # systemd is managing services when /run/systemd/system exists (sd_booted(3)).
 have_systemd() { [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; }
@@ -68,26 +60,6 @@ wait_for() {
         fi
         sleep 0.5
     done
-}
-
-APT_UPDATED=0
-apt_install() {
-    [[ $NO_INSTALL == 1 ]] && die "$* not installed and BROKERS_NO_INSTALL=1"
-    command -v apt-get >/dev/null 2>&1 ||
-        die "$* not installed and apt-get is not available; install it with your package manager"
-    have_root || die "$* not installed; installing needs root (or passwordless sudo)"
-    export DEBIAN_FRONTEND=noninteractive
-    if [[ $APT_UPDATED == 0 ]]; then
-        log "apt-get update"
-        timeout "$APT_TIMEOUT_S" "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
-            apt-get update -q </dev/null || die "apt-get update failed"
-        APT_UPDATED=1
-    fi
-    log "apt-get install $*"
-    timeout "$APT_TIMEOUT_S" "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y -q --no-install-recommends \
-        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold \
-        "$@" </dev/null || die "apt-get install $* failed"
 }
 
 # Start a systemd unit when systemd runs and knows it; false when it cannot or fails, so the

@@ -89,6 +89,7 @@ def make_log_poller(
     parallelization_factor: int = 1,
     record_filter: Callable[[Any], bool] | None = None,
     clock: Clock | None = None,
+    stalled_after_s: float = 300.0,
 ) -> tuple[Poller, MemoryLogSource]:
     source = MemoryLogSource(broker, topic, group)
     poller = Poller(
@@ -97,6 +98,7 @@ def make_log_poller(
             function="f",
             limits=BatchLimits(batch_size=batch_size, maximum_batching_window_s=window_s),
             parallelization_factor=parallelization_factor,
+            stalled_after_s=stalled_after_s,
         ),
         source=source,
         invoker=invoker,
@@ -117,6 +119,7 @@ def make_queue_poller(
     queue: str = "q",
     batch_size: int = 100,
     parallelization_factor: int = 1,
+    stalled_after_s: float = 300.0,
 ) -> tuple[Poller, MemoryQueueSource]:
     source = MemoryQueueSource(broker, queue)
     poller = Poller(
@@ -125,6 +128,7 @@ def make_queue_poller(
             function="f",
             limits=BatchLimits(batch_size=batch_size, maximum_batching_window_s=0.0),
             parallelization_factor=parallelization_factor,
+            stalled_after_s=stalled_after_s,
         ),
         source=source,
         invoker=invoker,

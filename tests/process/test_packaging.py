@@ -37,6 +37,8 @@ def test_a_built_wheel_holds_every_package_and_registers_every_connector(tmp_pat
     for name in connectors:
         assert f"{name} = connectors.{name}:CONNECTOR" in section, name
     assert "workers = workers.app.cli:main" in registered
+    # Package data: the status page served at `/`.
+    assert "workers/app/status_page.html" in names
 
 
 def test_the_compose_file_starts_the_brokers_on_the_ports_the_examples_use() -> None:

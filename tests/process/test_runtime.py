@@ -384,6 +384,9 @@ event_source_mappings:
         status = orjson.loads(get("/status")[1])
         assert status["pollers"][0]["assigned"] == ["t-0", "t-1"]
         assert status["summary"]["sample"]["succeeded"] == 300
+        code, html = get("/")
+        assert code == 200 and "<title>esm-workers status</title>" in html
+        assert '"succeeded":300' in html  # the status as it was, embedded for the first render
         assert get("/nope")[0] == 404
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -322,6 +322,13 @@ class EventSourceMapping(Model):
     )
     filter_criteria: FilterCriteria | None = None
     destination_config: DestinationConfig | None = None
+    stalled_after_s: Annotated[float, Range(0, 604800, lo_exclusive=True)] = Field(
+        default=300,
+        description=(
+            "A partition, stream or queue whose position has not moved this long while records"
+            " wait on it is reported as stalled (log, /status, esm_stalled_units)"
+        ),
+    )
 
     @field_validator("maximum_record_age_s", mode="before")
     @classmethod

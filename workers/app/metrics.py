@@ -1,4 +1,5 @@
-"""Prometheus metrics (named after Lambda's ESM metrics) and health endpoints for `workers run`.
+"""Prometheus metrics (named after Lambda's ESM metrics), health endpoints, `/status` and the
+status page for `workers run`.
 
 Served by the supervisor from the counters its poller processes report; binds to 127.0.0.1
 unless told otherwise, since the status page names brokers and partitions.
@@ -10,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,6 +23,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from workers.app import page
+from workers.app.history import History, mappings_of
 from workers.app.supervisor import Supervisor
 from workers.engine.stats import DURATION_BUCKETS_S
 
@@ -110,6 +114,33 @@ class SupervisorCollector(Collector):
         for mapping, n in states.items():
             refusing.add_metric([mapping], n)
         yield refusing
+        stalled = GaugeMetricFamily(
+            "esm_stalled_units",
+            "Partitions, streams or queues whose position has not moved for stalled_after_s"
+            " while records wait on them",
+            labels=["mapping"],
+        )
+        for mapping, entry in mappings_of(snaps).items():
+            stalled.add_metric([mapping], len(entry["stalled_units"]))
+        yield stalled
+        # Per unit, only while stalled: lag-based scaling can leave out what more consumers
+        # would not move (`esm_offset_lag unless on(mapping, partition) esm_stalled_seconds`).
+        stalled_for = GaugeMetricFamily(
+            "esm_stalled_seconds",
+            "How long each stalled partition, stream or queue has not moved",
+            labels=["mapping", "partition"],
+        )
+        # Consumers of one queue may each report it: one series per (mapping, unit).
+        longest: dict[tuple[str, str], float] = {}
+        for mapping, _instance, alive, snap in snaps:
+            if not alive:
+                continue
+            for unit, entry in snap.get("stalled", {}).items():
+                seconds = float(entry.get("for_s", 0))
+                longest[(mapping, unit)] = max(seconds, longest.get((mapping, unit), 0.0))
+        for (mapping, unit), seconds in longest.items():
+            stalled_for.add_metric([mapping, unit], seconds)
+        yield stalled_for
 
 
 def _sum_by_mapping(snaps: list[tuple[str, int, bool, dict[str, Any]]], key: str) -> dict[str, int]:
@@ -119,7 +150,8 @@ def _sum_by_mapping(snaps: list[tuple[str, int, bool, dict[str, Any]]], key: str
     return totals
 
 
-def status_of(supervisor: Supervisor) -> dict[str, Any]:
+def status_of(supervisor: Supervisor, history: History | None = None) -> dict[str, Any]:
+    snaps = supervisor.snapshots()
     pollers = [
         {
             "mapping": mapping,
@@ -130,10 +162,22 @@ def status_of(supervisor: Supervisor) -> dict[str, Any]:
             "checkpoints": snap.get("checkpoints", {}),
             # ok, refusing (since when, why, what waits) or none configured.
             "destination": snap.get("destination", {}),
+            "in_flight": snap.get("in_flight", 0),
+            # Per unit that does not move: since when, what waits, the record and why.
+            "stalled": snap.get("stalled", {}),
+            "last_error": snap.get("last_error"),
         }
-        for mapping, instance, alive, snap in supervisor.snapshots()
+        for mapping, instance, alive, snap in snaps
     ]
-    return {"pollers": pollers, "summary": supervisor.summary()}
+    mappings = [{"name": name, **entry} for name, entry in sorted(mappings_of(snaps).items())]
+    status: dict[str, Any] = {
+        "mappings": mappings,
+        "pollers": pollers,
+        "summary": supervisor.summary(),
+    }
+    if history is not None:
+        status["history"] = history.as_json()
+    return status
 
 
 def ready(supervisor: Supervisor) -> bool:
@@ -146,10 +190,12 @@ def serve(supervisor: Supervisor, host: str, port: int) -> ThreadingHTTPServer:
     """Start the endpoint in a daemon thread; returns the server (its port may have been 0)."""
     registry = CollectorRegistry()
     registry.register(SupervisorCollector(supervisor))
+    history = History(supervisor.snapshots)
+    history.start()
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             if path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
@@ -158,14 +204,24 @@ def serve(supervisor: Supervisor, host: str, port: int) -> ThreadingHTTPServer:
                 ok = ready(supervisor)
                 self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
             elif path == "/status":
-                body = orjson.dumps(status_of(supervisor), option=orjson.OPT_INDENT_2)
+                # The charts' samples only when asked: they would bury the rest.
+                with_history = parse_qs(query).get("history") == ["1"]
+                status = status_of(supervisor, history if with_history else None)
+                body = orjson.dumps(status, option=orjson.OPT_INDENT_2)
                 self._send(200, body, "application/json")
+            elif path == "/":
+                body = page.render(status_of(supervisor, history))
+                self._send(200, body, "text/html; charset=utf-8", page.headers())
             else:
                 self._send(404, b"not found\n", "text/plain")
 
-        def _send(self, code: int, body: bytes, content_type: str) -> None:
+        def _send(
+            self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+        ) -> None:
             self.send_response(code)
             self.send_header("Content-Type", content_type)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)

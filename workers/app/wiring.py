@@ -65,6 +65,7 @@ def build_poller(
         ),
         parallelization_factor=mapping.parallelization_factor,
         drain_timeout_s=spec.timeout_s + DRAIN_MARGIN_S,
+        stalled_after_s=mapping.stalled_after_s,
     )
     poller = Poller(
         settings,

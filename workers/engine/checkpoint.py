@@ -68,6 +68,13 @@ class AckTable:
         held.difference_update(out)
         return out
 
+    def unsettled(self) -> dict[str, int]:
+        """Records delivered and not yet acked, per unit."""
+        counts: dict[str, int] = {}
+        for r in self._held:
+            counts[r.source] = counts.get(r.source, 0) + 1
+        return counts
+
     def forget(self, units: Iterable[str]) -> None:
         """Drop records of units that were revoked (another consumer owns them now)."""
         gone = set(units)
@@ -132,6 +139,10 @@ class CheckpointTracker:
         if u.outstanding:
             return u.outstanding[0]
         return self._next.get(unit)
+
+    def unsettled(self) -> dict[str, int]:
+        """Positions polled and not yet committable, per unit."""
+        return {unit: len(u.outstanding) for unit, u in self._units.items() if u.outstanding}
 
     def advance(self) -> dict[str, int]:
         """Positions that moved since the last call: what to commit now."""

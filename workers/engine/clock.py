@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from datetime import UTC, datetime
 from typing import Protocol
 
 
@@ -60,3 +61,9 @@ class FakeClock:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+def iso_ms(epoch_ms: int) -> str:
+    """A clock's wall time (a present instant) as ISO-8601 in UTC with milliseconds."""
+    stamp = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")

@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from workers.engine.backoff import Backoff
-from workers.engine.clock import Clock
+from workers.engine.clock import Clock, iso_ms
 from workers.engine.flight import MAX_DEATHS, POLLER_DIED_ERROR_TYPE, Gate, InFlightFile, Suspects
 from workers.engine.invoker import InvocationRequest, Invoker, PackedEvent, PackingInvoker
 from workers.engine.letters import Condition, DeadLetters
@@ -36,6 +36,7 @@ from workers.engine.outcomes import (
 )
 from workers.engine.ports import EventShape, PackingShape
 from workers.engine.records import Record
+from workers.engine.stalls import Retrying, error_json
 from workers.engine.stats import MappingStats
 
 log = logging.getLogger("workers.policy")
@@ -168,6 +169,7 @@ class BatchRunner:
         stats: MappingStats,
         suspects: Suspects | None = None,
         in_flight: InFlightFile | None = None,
+        retrying: Retrying | None = None,
     ) -> None:
         self.mapping = mapping
         self.function = function
@@ -186,6 +188,7 @@ class BatchRunner:
         self.stats = stats
         self.suspects = suspects if suspects else None
         self.in_flight = in_flight
+        self.retrying = retrying or Retrying()
         # Only a poller that has suspects needs to keep their invocations apart.
         self._gate = Gate() if self.suspects is not None else None
         self._warned_ignored = False
@@ -195,8 +198,12 @@ class BatchRunner:
         """Invoke until every record settled; False if `stop` cut it short (some left unsettled)."""
         queue = deque(self._plan(records))
         while queue:
-            if not self._run_one(queue.popleft(), queue, stop):
-                return False
+            work = queue.popleft()
+            try:
+                if not self._run_one(work, queue, stop):
+                    return False
+            finally:
+                self.retrying.done(work)
         return True
 
     def _plan(self, records: list[Record]) -> list[_Work]:
@@ -311,8 +318,24 @@ class BatchRunner:
                     work.retries += 1
             if self.policy.exhausted(work.retries):
                 continue  # dead-lettered at the top of the loop
+            self._retrying(work)
             if self.clock.wait(stop, backoff.next_delay()):
                 return False
+
+    def _retrying(self, work: _Work) -> None:
+        """Say which records are waiting for a retry, and why (stuck detection shows it)."""
+        if not work.records or work.last_error is None:
+            return
+        first = work.records[0]
+        self.retrying.failed(
+            work,
+            first.source,
+            first.position,
+            record=self.shape.item_identifier(first),
+            records=len(work.records),
+            attempt=work.retries,
+            error=work.last_error,
+        )
 
     def _invoke(self, work: _Work) -> Outcome:
         request = InvocationRequest(
@@ -360,6 +383,7 @@ class BatchRunner:
             failed_invocations=int(failed),
         )
         if failed:
+            self._failed(work, outcome)
             log.info(
                 "mapping %s: invocation %s of %d record(s) failed: %s",
                 self.mapping,
@@ -368,6 +392,23 @@ class BatchRunner:
                 _describe(outcome),
             )
         return outcome
+
+    def _failed(self, work: _Work, outcome: Outcome) -> None:
+        """Keep the mapping's last error for `/status`."""
+        if isinstance(outcome, PartialFailure):
+            error = ErrorInfo(PARTIAL_FAILURE_ERROR.error_type, _describe(outcome))
+        elif isinstance(outcome, Success):
+            return
+        else:
+            error = outcome.error
+        self.stats.set_last_error(
+            {
+                **error_json(error),
+                "at": iso_ms(self.clock.wall_ms()),
+                "record": self.shape.item_identifier(work.records[0]),
+                "records": len(work.records),
+            }
+        )
 
     def _warn_if_ignored(self, response: Any) -> None:
         """Say once per mapping that a partial response was ignored: the records it names count

@@ -31,6 +31,7 @@ from workers.engine.policy import BatchRunner, Policy
 from workers.engine.ports import Destination, Source
 from workers.engine.records import Record
 from workers.engine.redact import describe
+from workers.engine.stalls import Retrying, Stalls
 from workers.engine.stats import MappingStats
 
 log = logging.getLogger("workers.poller")
@@ -50,6 +51,8 @@ class PollerSettings:
     max_buffered_per_unit: int = 0  # 0: derived from batch size and parallelization
     poll_timeout_s: float = 0.2
     max_threads: int = 256
+    # A unit whose position has not moved this long while work waits on it is stalled.
+    stalled_after_s: float = 300.0
 
     def buffer_cap(self) -> int:
         if self.max_buffered_per_unit > 0:
@@ -134,6 +137,14 @@ class Poller:
             clock=clock,
             stats=self.stats,
         )
+        retrying = Retrying()
+        self._stalls = Stalls(
+            mapping=settings.mapping,
+            stalled_after_s=settings.stalled_after_s,
+            clock=clock,
+            stats=self.stats,
+            retrying=retrying,
+        )
         stable = source.capabilities.stable_positions
         # Under a supervisor: what is in flight, for it to read if this process dies.
         self.in_flight = (
@@ -152,6 +163,7 @@ class Poller:
             stats=self.stats,
             suspects=Suspects(suspects or [], source.fingerprint),
             in_flight=self.in_flight,
+            retrying=retrying,
         )
 
     # --- the loop --------------------------------------------------------------------------------
@@ -175,9 +187,7 @@ class Poller:
                     errors.reset()
                     if self.clock.monotonic() - reported_at >= 1.0:
                         reported_at = self.clock.monotonic()
-                        self.stats.set_position(
-                            sorted(self.source.assignment()), dict(self.source.lag())
-                        )
+                        self._report()
                 except self.source.retryable_errors as exc:
                     delay = errors.next_delay()
                     log.warning(
@@ -203,6 +213,16 @@ class Poller:
                 f"mapping {self.settings.mapping}: a batch failed in the engine; its records were"
                 " left unsettled"
             ) from self._failure
+
+    def _report(self) -> None:
+        """Refresh what the stats say of each unit: assignment, lag, batches running, stalls."""
+        assigned = self.source.assignment()
+        lag = dict(self.source.lag())
+        with self._lock:
+            in_flight = self._in_flight
+        self.stats.set_position(sorted(assigned), lag, in_flight)
+        unsettled = self._tracker.unsettled() if self._offsets else self._acks.unsettled()
+        self._stalls.check(assigned, lag, unsettled)
 
     def stop(self) -> None:
         """Stop polling; in-flight invocations finish, nothing new starts."""
@@ -399,12 +419,14 @@ class Poller:
             if moved:
                 self.source.commit(moved)
                 self.stats.checkpointed(moved)
+                self._stalls.moved(moved)
         else:
             released = self._acks.release(records)
             if released:
                 self.source.ack(released)
                 last = released[-1]
                 self.stats.checkpointed({last.source: self.source.shape.item_identifier(last)})
+                self._stalls.moved({r.source for r in released})
 
     # --- assignment (AssignmentListener) ---------------------------------------------------------
 

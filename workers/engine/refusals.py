@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import UTC, datetime
 from typing import Any
 
-from workers.engine.clock import Clock
+from workers.engine.clock import Clock, iso_ms
 from workers.engine.stats import MappingStats
 
 log = logging.getLogger("workers.deadletter")
@@ -16,12 +15,6 @@ log = logging.getLogger("workers.deadletter")
 # While the destination keeps refusing, one warning per mapping this often, however many batch
 # threads are retrying their letters.
 WARN_EVERY_S = 30.0
-
-
-def _iso_ms(epoch_ms: int) -> str:
-    """A clock's wall time (a present instant) as ISO-8601 in UTC with milliseconds."""
-    stamp = datetime.fromtimestamp(epoch_ms / 1000, tz=UTC).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
 
 
 class Refusals:
@@ -119,10 +112,10 @@ class Refusals:
     def _publish(self) -> None:
         state: dict[str, Any] = {
             "state": "ok" if self._since_ms is None else "refusing",
-            "refusing_since": None if self._since_ms is None else _iso_ms(self._since_ms),
+            "refusing_since": None if self._since_ms is None else iso_ms(self._since_ms),
             "last_reason": self._last_reason,
             "last_refused_at": (
-                None if self._last_refused_ms is None else _iso_ms(self._last_refused_ms)
+                None if self._last_refused_ms is None else iso_ms(self._last_refused_ms)
             ),
             "letters_waiting": len(self._waiting),
             "records_waiting": sum(self._waiting.values()),

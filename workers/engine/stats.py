@@ -33,6 +33,12 @@ class MappingStats:
     # Refreshed by the poller's loop: what it owns and how far behind each unit is.
     assigned: list[str] = field(default_factory=list)
     lag: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0  # batches running
+    # Units whose position has not moved for stalled_after_s with work waiting, and why
+    # (workers.engine.stalls).
+    stalled: dict[str, Any] = field(default_factory=dict)
+    # The last failed invocation: error type and message, when, and the first record.
+    last_error: dict[str, Any] | None = None
     # Invocation durations: counts per upper bound of DURATION_BUCKETS_S, plus their sum.
     duration_counts: list[int] = field(default_factory=lambda: [0] * len(DURATION_BUCKETS_S))
     duration_sum_s: float = 0.0
@@ -55,10 +61,19 @@ class MappingStats:
         with self._lock:
             self.checkpoints.update(positions)
 
-    def set_position(self, assigned: list[str], lag: dict[str, int]) -> None:
+    def set_position(self, assigned: list[str], lag: dict[str, int], in_flight: int = 0) -> None:
         with self._lock:
             self.assigned = assigned
             self.lag = lag
+            self.in_flight = in_flight
+
+    def set_stalled(self, stalled: dict[str, Any]) -> None:
+        with self._lock:
+            self.stalled = stalled
+
+    def set_last_error(self, error: dict[str, Any]) -> None:
+        with self._lock:
+            self.last_error = error
 
     def set_destination(self, state: dict[str, Any]) -> None:
         with self._lock:
@@ -70,5 +85,6 @@ class MappingStats:
             data["checkpoints"] = dict(self.checkpoints)
             data["lag"] = dict(self.lag)
             data["destination"] = dict(self.destination)
+            data["stalled"] = dict(self.stalled)
             data["duration_counts"] = list(self.duration_counts)
         return data
