@@ -61,14 +61,21 @@ class EntryConverter:
             position = (ms << 64) | int(seq_text)
             if position > newest:
                 newest = position
-            # One pass over the fields: their names as text, and the bytes they add to the
-            # event (a value in base64 grows by 4/3).
+            # One pass over the fields: their names as text, the bytes they add to the event
+            # (a value in base64 grows by 4/3, padding included), and the last field that is
+            # not the key, which is the value in the common cases.
             named: dict[str, bytes] = {}
             size = RECORD_OVERHEAD_BYTES
+            data_bytes = 0
+            value = b""
             for raw_name, data in fields.items():
                 name = names.get(raw_name) or self.name_of(raw_name)
                 named[name] = data
-                size += len(raw_name) + (len(data) + 2) // 3 * 4 + FIELD_BYTES
+                size += len(raw_name) + FIELD_BYTES + 2
+                data_bytes += len(data)
+                if raw_name != key_field:
+                    value = data
+            size += data_bytes * 4 // 3
             key = None if key_field is None else fields.get(key_field)
             headers: Sequence[tuple[str, bytes]] = ()
             replays = fields.get(REPLAY_FIELD_BYTES)
@@ -77,12 +84,16 @@ class EntryConverter:
                 # the engine and stays a field for the handler, but the value is what it was
                 # before the replay, so filter patterns match it as they did then.
                 headers = [(REPLAY_HEADER, replays)]
+            if replays is not None or not (
+                (len(named) == 2 and key is not None) or (len(named) == 1 and key is None)
+            ):
+                value = entry_value(named, key_name)  # the uncommon cases, spelled out there
             attempts = 0 if counts is None else max(0, counts.get(raw_id, 1) - 1)
             append(
                 Record(
                     stream,
                     position,
-                    entry_value(named, key_name),
+                    value,
                     key,
                     ms,
                     headers,
