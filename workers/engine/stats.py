@@ -25,6 +25,12 @@ class MappingStats:
     # Dead-lettered without their payload: too large for the destination even alone.
     payload_omitted: int = 0
     failed_invocations: int = 0
+    # Invocations whose handler raised workers.Throttled (they pause the mapping).
+    throttled: int = 0
+    # Enabled, Disabling or Disabled (Lambda's names), and the throttle breaker's state
+    # (workers.engine.valve), as the poller's loop last saw them.
+    state: str = "Enabled"
+    throttle: dict[str, Any] = field(default_factory=lambda: {"state": "closed"})
     # Deliveries the on-failure destination refused (each attempt), and its state as the
     # dead letters last saw it (workers.engine.refusals).
     destination_refusals: int = 0
@@ -60,6 +66,11 @@ class MappingStats:
             self.assigned = assigned
             self.lag = lag
 
+    def set_control(self, state: str, throttle: dict[str, Any]) -> None:
+        with self._lock:
+            self.state = state
+            self.throttle = throttle
+
     def set_destination(self, state: dict[str, Any]) -> None:
         with self._lock:
             self.destination = state
@@ -70,5 +81,6 @@ class MappingStats:
             data["checkpoints"] = dict(self.checkpoints)
             data["lag"] = dict(self.lag)
             data["destination"] = dict(self.destination)
+            data["throttle"] = dict(self.throttle)
             data["duration_counts"] = list(self.duration_counts)
         return data
