@@ -445,9 +445,8 @@ class Config(Model):
     def warnings(self) -> list[str]:
         """Legal but probably unintended settings, to show at start-up and by `validate`."""
         found: list[str] = []
+        # Disabled mappings too: `workers mappings enable` can start them at any time.
         for m in self.event_source_mappings:
-            if not m.enabled:
-                continue
             if m.destination_config is None:
                 found.append(
                     f"mapping {m.name!r} has no on-failure destination:"

@@ -6,6 +6,7 @@ unless told otherwise, since the status page names brokers and partitions.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,8 +22,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from workers.app import control
 from workers.app.supervisor import Supervisor
 from workers.engine.stats import DURATION_BUCKETS_S
+
+log = logging.getLogger("workers.metrics")
+
+# A mapping's states, as Lambda names them (workers.app.supervisor.Supervisor.states).
+MAPPING_STATES = ("Enabled", "Enabling", "Disabling", "Disabled")
 
 # (metric name, counter in the poller's stats, help text)
 COUNTER_METRICS = (
@@ -46,6 +53,7 @@ COUNTER_METRICS = (
         "destination_refusals",
         "Deliveries of letters the on-failure destination refused (each attempt)",
     ),
+    ("esm_throttled", "throttled", "Invocations whose handler raised workers.Throttled"),
 )
 
 
@@ -110,6 +118,33 @@ class SupervisorCollector(Collector):
         for mapping, n in states.items():
             refusing.add_metric([mapping], n)
         yield refusing
+        yield from _control_metrics(self.supervisor, snaps)
+
+
+def _control_metrics(
+    supervisor: Supervisor, snaps: list[tuple[str, int, bool, dict[str, Any]]]
+) -> Iterator[Metric]:
+    state = GaugeMetricFamily(
+        "esm_mapping_state",
+        "1 for the mapping's state (Enabled, Enabling, Disabling, Disabled), 0 for the others",
+        labels=["mapping", "state"],
+    )
+    for mapping, now in supervisor.states().items():
+        for name in MAPPING_STATES:
+            state.add_metric([mapping, name], int(name == now))
+    yield state
+    throttled = GaugeMetricFamily(
+        "esm_mapping_throttled",
+        "1 while a handler's workers.Throttled keeps the mapping paused",
+        labels=["mapping"],
+    )
+    paused: dict[str, int] = {}
+    for mapping, _instance, _alive, snap in snaps:
+        pausing = int(snap.get("throttle", {}).get("state", "closed") != "closed")
+        paused[mapping] = max(pausing, paused.get(mapping, 0))
+    for mapping, n in paused.items():
+        throttled.add_metric([mapping], n)
+    yield throttled
 
 
 def _sum_by_mapping(snaps: list[tuple[str, int, bool, dict[str, Any]]], key: str) -> dict[str, int]:
@@ -130,27 +165,45 @@ def status_of(supervisor: Supervisor) -> dict[str, Any]:
             "checkpoints": snap.get("checkpoints", {}),
             # ok, refusing (since when, why, what waits) or none configured.
             "destination": snap.get("destination", {}),
+            # Enabled, Disabling or Disabled, and the throttle breaker (closed, open, half-open).
+            "state": snap.get("state"),
+            "throttle": snap.get("throttle", {}),
+            "throttled": snap.get("throttled", 0),
         }
         for mapping, instance, alive, snap in supervisor.snapshots()
     ]
-    return {"pollers": pollers, "summary": supervisor.summary()}
+    mappings = [{"name": name, "state": state} for name, state in supervisor.states().items()]
+    return {"mappings": mappings, "pollers": pollers, "summary": supervisor.summary()}
 
 
 def ready(supervisor: Supervisor) -> bool:
-    """Every poller is alive and has been assigned something to read."""
+    """Every poller is alive and has been assigned something to read, or is disabled."""
     snaps = supervisor.snapshots()
-    return bool(snaps) and all(alive and snap.get("assigned") for _, _, alive, snap in snaps)
+    return bool(snaps) and all(
+        alive and (snap.get("assigned") or snap.get("state") == "Disabled")
+        for _, _, alive, snap in snaps
+    )
 
 
 def serve(supervisor: Supervisor, host: str, port: int) -> ThreadingHTTPServer:
     """Start the endpoint in a daemon thread; returns the server (its port may have been 0)."""
     registry = CollectorRegistry()
     registry.register(SupervisorCollector(supervisor))
+    token = control.control_token()
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "the control endpoints (/mappings) on %s accept requests from anyone who can reach"
+            " them: set %s to require a bearer token",
+            host,
+            control.TOKEN_ENV,
+        )
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
-            if path == "/metrics":
+            if control.is_control_path(path):
+                self._control("GET", path)
+            elif path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 self._send(200, b"ok\n", "text/plain")
@@ -162,6 +215,29 @@ def serve(supervisor: Supervisor, host: str, port: int) -> ThreadingHTTPServer:
                 self._send(200, body, "application/json")
             else:
                 self._send(404, b"not found\n", "text/plain")
+
+        def do_POST(self) -> None:
+            path = self.path.split("?", 1)[0]
+            # A body, if any, means nothing here; read it so the connection stays usable.
+            length = int(self.headers.get("Content-Length") or 0)
+            if 0 < length <= 65536:
+                self.rfile.read(length)
+            if control.is_control_path(path):
+                self._control("POST", path)
+            else:
+                self._send(404, b"not found\n", "text/plain")
+
+        def _control(self, method: str, path: str) -> None:
+            auth = self.headers.get("Authorization")
+            code, body = control.respond(supervisor, method, path, auth, token)
+            self.send_response(code)
+            if code == 401:
+                self.send_header("WWW-Authenticate", 'Bearer realm="esm-workers"')
+            data = orjson.dumps(body)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
 
         def _send(self, code: int, body: bytes, content_type: str) -> None:
             self.send_response(code)
