@@ -285,7 +285,10 @@ class EventSourceMapping(Model):
 
     name: Name = Field(description="Unique; the default consumer group")
     function: str = Field(description="A key of `functions`")
-    enabled: bool = True
+    enabled: bool = Field(
+        default=True,
+        description="false: starts disabled, not polling, until `workers mappings enable`",
+    )
     pollers: Annotated[int, Range(1)] = Field(
         default=1, description="Poller processes sharing the group or queue"
     )

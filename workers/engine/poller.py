@@ -281,7 +281,10 @@ class Poller:
                 running,
             )
         else:
-            log.info("mapping %s: disabled; not polling", self.settings.mapping)
+            log.info(
+                "mapping %s: disabled; nothing is invoked until it is enabled",
+                self.settings.mapping,
+            )
         return True
 
     def _poll_once(self) -> int:
