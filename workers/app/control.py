@@ -154,11 +154,26 @@ def add_parser(sub: Any) -> None:
             help="the instance's metrics endpoint, e.g. http://127.0.0.1:9090",
         )
 
-    lst = msub.add_parser("list", help="one line per mapping: its name and state")
+    lst = msub.add_parser(
+        "list",
+        help="one line per mapping: its name and state",
+        description=(
+            "Print a line per mapping of the instance: its name and its state (Enabled,"
+            " Enabling, Disabling, Disabled)."
+        ),
+    )
     url(lst)
     lst.set_defaults(command=cmd_list)
     for verb, what in (("enable", "start polling again"), ("disable", "stop polling")):
-        p = msub.add_parser(verb, help=f"{what} (Enabling/Disabling until every poller did)")
+        p = msub.add_parser(
+            verb,
+            help=f"{what} (Enabling/Disabling until every poller did)",
+            description=(
+                f"{what.capitalize()} on every poller of the mapping and print its state:"
+                f" {verb.capitalize()}d once every poller has, {verb.capitalize()[:-1]}ing until"
+                " then. Unknown mappings exit 2, an unreachable instance 1."
+            ),
+        )
         p.add_argument("name", help="the mapping's name")
         url(p)
         p.add_argument(

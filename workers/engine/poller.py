@@ -42,6 +42,11 @@ RecordFilter = Callable[[Mapping[str, Any]], bool]
 ENABLED = "Enabled"
 DISABLING = "Disabling"  # disabled; invocations still running finish first
 DISABLED = "Disabled"
+_STATE_CHANGES = {
+    ENABLED: "enabled; polling",
+    DISABLING: "disabled; invocations running finish, the position is kept",
+    DISABLED: "disabled; nothing is invoked until it is enabled",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,24 +272,11 @@ class Poller:
         else:
             parked = self.valve.waiting()  # before in-flight: it only grows while disabled
             with self._lock:
-                running = self._in_flight - parked
-            state = DISABLED if running <= 0 else DISABLING
+                state = DISABLED if self._in_flight <= parked else DISABLING
         if state == self._state:
             return False
         self._state = state
-        if state == ENABLED:
-            log.info("mapping %s: enabled; polling", self.settings.mapping)
-        elif state == DISABLING:
-            log.info(
-                "mapping %s: disabled; %d invocation(s) running finish, the position is kept",
-                self.settings.mapping,
-                running,
-            )
-        else:
-            log.info(
-                "mapping %s: disabled; nothing is invoked until it is enabled",
-                self.settings.mapping,
-            )
+        log.info("mapping %s: %s", self.settings.mapping, _STATE_CHANGES[state])
         return True
 
     def _poll_once(self) -> int:
