@@ -94,7 +94,9 @@ def poller_main(
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: draining", signum)
-        poller.stop()
+        # From another thread: the handler runs on the loop thread, which may be holding the
+        # locks that stop() takes (the poller's, its valve's).
+        threading.Thread(target=poller.stop, name="stop", daemon=True).start()
 
     def orphaned(parent_pid: int) -> None:
         # Nobody would stop, restart or count this poller any more: drain as on SIGTERM.
