@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: install brokers test test-unit test-integration test-faults lint format schema bench demo clean
+.PHONY: install brokers promtool test test-unit test-integration test-faults lint format schema bench demo clean
 
 install: $(VENV)/.installed
 
@@ -16,8 +16,12 @@ $(VENV)/.installed: pyproject.toml
 brokers:
 	bash scripts/brokers.sh
 
-test: install brokers
+test: install brokers promtool
 	$(BIN)/pytest -q -m "not faults_full"
+
+# Prometheus' promtool, which evaluates the KEDA query of deploy/kubernetes in a test.
+promtool: install
+	bash scripts/promtool.sh $(BIN)
 
 # No broker and no process: the engine on the memory connector, in seconds.
 test-unit: install

@@ -28,6 +28,8 @@ import orjson
 from bench.common import RESULTS, log, rate_of, read_spans
 from bench.engine import Workdir, config_for
 from bench.targets import TARGETS, Dataset, Target
+from workers.engine.invoker import PackedEvent, unpack
+from workers.engine.ports import PackingShape
 
 BATCH = 500
 REPEATS = 30
@@ -234,33 +236,22 @@ def stages(broker: str, target: Target, workdir: Workdir) -> dict[str, float]:
 
         out["engine: settle (tracker + commit call)"] = _best_us(settle, n, track)
     shape = source.shape
-    # Kafka and Redis records carry the event items their connector built: Redis's first event
-    # takes them and a retry's builds them again; Kafka's events copy them. Time the first event
-    # on fresh records, then a retry's.
-    box["fresh"] = records
-
-    def refill() -> None:
-        box["fresh"] = convert_again()
-
-    if records[0].item is None:
-        out["event building"] = _best_us(lambda: shape.event(box["fresh"]), n)
-    else:
-        out["event building (items built while reading)"] = _best_us(
-            lambda: shape.event(box["fresh"]), n, refill
-        )
-        refill()
-        shape.event(box["fresh"])
-        how = "rebuilt" if box["fresh"][0].item is None else "copied"
-        out[f"event building (a retry: items {how})"] = _best_us(
-            lambda: shape.event(box["fresh"]), n
-        )
-    event = shape.event(box["fresh"])
+    out["event building (thread isolation)"] = _best_us(lambda: shape.event(records), n)
+    event = shape.event(records)
     payload = orjson.dumps(event)
-    out["process isolation: orjson.dumps(event)"] = _best_us(lambda: orjson.dumps(event), n)
-    out["process isolation: orjson.loads in the environment"] = _best_us(
+    out["event as JSON: orjson.dumps(event)"] = _best_us(lambda: orjson.dumps(event), n)
+    out["event as JSON: orjson.loads in the environment"] = _best_us(
         lambda: orjson.loads(payload), n
     )
-    out["process isolation: payload bytes per record"] = len(payload) / n
+    out["event as JSON: payload bytes per record"] = len(payload) / n
+    if isinstance(shape, PackingShape):
+        # What process isolation does: the poller packs, the environment builds the event.
+        packed = shape.pack(records)
+        out["process isolation: pack (poller)"] = _best_us(lambda: shape.pack(records), n)
+        out["process isolation: unpack into the event (environment)"] = _best_us(
+            lambda: unpack(PackedEvent(shape.unpacker, packed)), n
+        )
+        out["process isolation: payload bytes per record"] = len(packed) / n
     return {k: round(v, 3) for k, v in out.items()}
 
 
@@ -288,34 +279,10 @@ def switch_interval(seconds: float) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def redis_deferred_acks() -> Iterator[None]:
-    """RedisSource.ack queues the ids; the loop thread XACKs them on its next poll."""
-    from connectors.redis.source import RedisSource
-
-    def ack(self: Any, records: Any) -> None:
-        with self._lock:
-            for r in records:
-                self._unacked.setdefault(r.meta.stream, set()).add(r.meta.entry_id)
-
-    with patched(RedisSource, "ack", ack):
-        yield
-
-
-@contextlib.contextmanager
 def short_paused_wait() -> Iterator[None]:
     import connectors.redis.source
 
     with patched(connectors.redis.source, "PAUSED_WAIT_S", 0.0005):
-        yield
-
-
-@contextlib.contextmanager
-def kafka_items_per_invocation() -> Iterator[None]:
-    """The connector leaves Record.item empty, so every event builds its items (the design
-    before items were built while reading)."""
-    import connectors.kafka.source
-
-    with patched(connectors.kafka.source, "kafka_item", lambda *args: None):
         yield
 
 
@@ -347,9 +314,7 @@ def variants(broker: str) -> dict[str, Callable[[], contextlib.AbstractContextMa
     }
     if broker == "redis":
         out["paused poll waits 0.5 ms, not 5 ms"] = lambda: short_paused_wait()
-        out["XACK deferred to the loop thread"] = redis_deferred_acks
     elif broker == "kafka":
-        out["event items built per invocation, not while reading"] = kafka_items_per_invocation
         out["hard pause only past 20,000 held records"] = lambda: kafka_soft_pause(20_000)
     return out
 

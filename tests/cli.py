@@ -35,10 +35,15 @@ def run_workers(
     summary: Path,
     timeout_s: float = 90.0,
     check_log: Callable[[str], None] | None = None,
+    until_idle_s: float = 3.0,
 ) -> dict[str, Any]:
     """Run until idle, insist on exit 0 (and on `check_log` of its log), return the summary."""
     done = subprocess.run(
-        workers_run(config, summary), cwd=REPO, capture_output=True, text=True, timeout=timeout_s
+        workers_run(config, summary, until_idle_s),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     if check_log is not None:

@@ -27,4 +27,5 @@ CONNECTOR = Connector(
     open_publisher=lazy("connectors.kafka.publisher", "KafkaSourcePublisher"),
     probe_source=lazy("connectors.kafka.probe", "probe_kafka"),
     probe_destination=lazy("connectors.kafka.probe", "probe_destination"),
+    open_rewinder=lazy("connectors.kafka.rewind", "KafkaRewinder"),
 )

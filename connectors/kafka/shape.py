@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import marshal
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 from workers.engine.letters import iso_ms
@@ -76,6 +78,44 @@ def kafka_item(
     }
 
 
+def unpack_event(payload: bytes) -> dict[str, Any]:
+    """The event `KafkaShape.pack` packed, built where the handler runs."""
+    bootstrap_servers, event_source_arn, groups = marshal.loads(payload)
+    item = kafka_item
+    by_partition: dict[str, list[dict[str, Any]]] = {}
+    for unit, topic, partition, ts_type, offsets, timestamps, keys, values, headers in groups:
+        items = by_partition.get(unit)
+        if items is None:
+            items = by_partition[unit] = []
+        items.extend(
+            map(
+                item,
+                repeat(topic),
+                repeat(partition),
+                offsets,
+                timestamps,
+                repeat(ts_type),
+                keys,
+                values,
+                headers,
+            )
+        )
+    return _event(bootstrap_servers, event_source_arn, by_partition)
+
+
+def _event(
+    bootstrap_servers: str, event_source_arn: str | None, records: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    if event_source_arn is not None:
+        return {
+            "eventSource": MSK,
+            "eventSourceArn": event_source_arn,
+            "bootstrapServers": bootstrap_servers,
+            "records": records,
+        }
+    return {"eventSource": SELF_MANAGED, "bootstrapServers": bootstrap_servers, "records": records}
+
+
 class KafkaShape:
     """Lambda's Kafka event: self-managed Kafka's (`"eventSource": "SelfManagedKafka"`), or with
     a cluster ARN, Amazon MSK's (`"eventSource": "aws:kafka"`, `"eventSourceArn"`). Both carry
@@ -92,21 +132,17 @@ class KafkaShape:
         self.event_source_arn = event_source_arn
 
     def event(self, records: Sequence[Record]) -> dict[str, Any]:
-        # The hot path of every invocation: items the connector built are copied, not rebuilt.
-        # The records are left as they are, and the event shares nothing mutable with them: a
+        # The hot path of every invocation under thread isolation. Built anew each time: a
         # handler in a thread gets the event itself, and what it changes must not reach a retry.
         by_partition: dict[str, list[dict[str, Any]]] = {}
+        item = kafka_item
         for r in records:
-            item = r.item
-            if item is not None:
-                # Every value but the headers is a str or an int; the headers are listed anew.
-                item = item.copy()
-                item["headers"] = (
-                    [{name: list(data)} for name, data in r.headers] if r.headers else []
-                )
-            else:
-                meta: KafkaMeta = r.meta
-                item = kafka_item(
+            meta: KafkaMeta = r.meta
+            items = by_partition.get(r.source)
+            if items is None:
+                items = by_partition[r.source] = []
+            items.append(
+                item(
                     meta.topic,
                     meta.partition,
                     r.position,
@@ -116,22 +152,37 @@ class KafkaShape:
                     r.value,
                     r.headers,
                 )
-            items = by_partition.get(r.source)
-            if items is None:
-                items = by_partition[r.source] = []
-            items.append(item)
-        if self.event_source_arn is not None:
-            return {
-                "eventSource": MSK,
-                "eventSourceArn": self.event_source_arn,
-                "bootstrapServers": self.bootstrap_servers,
-                "records": by_partition,
-            }
-        return {
-            "eventSource": SELF_MANAGED,
-            "bootstrapServers": self.bootstrap_servers,
-            "records": by_partition,
-        }
+            )
+        return _event(self.bootstrap_servers, self.event_source_arn, by_partition)
+
+    unpacker = "connectors.kafka.shape:unpack_event"
+
+    def pack(self, records: Sequence[Record]) -> bytes:
+        """The batch as columns per partition, in record order (see `unpack_event`)."""
+        groups: list[tuple[Any, ...]] = []
+        columns: dict[str, tuple[Any, ...]] = {}
+        for r in records:
+            group = columns.get(r.source)
+            if group is None:
+                meta: KafkaMeta = r.meta
+                group = columns[r.source] = (
+                    r.source,
+                    meta.topic,
+                    meta.partition,
+                    meta.timestamp_type,
+                    [],
+                    [],
+                    [],
+                    [],
+                    [],
+                )
+                groups.append(group)
+            group[4].append(r.position)
+            group[5].append(r.timestamp_ms)
+            group[6].append(r.key)
+            group[7].append(r.value)
+            group[8].append(r.headers)
+        return marshal.dumps((self.bootstrap_servers, self.event_source_arn, groups))
 
     def records(self, event: dict[str, Any]) -> list[Record]:
         out = []

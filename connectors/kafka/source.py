@@ -29,7 +29,7 @@ from connectors.kafka.client import (
     reason_of,
 )
 from connectors.kafka.consumer import consumer_config, fresh_partitions, missing_topics
-from connectors.kafka.shape import TIMESTAMP_TYPES, KafkaMeta, KafkaShape, kafka_item
+from connectors.kafka.shape import TIMESTAMP_TYPES, KafkaMeta, KafkaShape
 from workers.engine.ports import AssignmentListener, Capabilities, SourceBase, undecodable
 from workers.engine.records import Record
 from workers.engine.shapes import encoded_size
@@ -344,7 +344,6 @@ class KafkaSource(SourceBase):
         units = self._units
         positions = self._next
         eof_discard = self._eof.discard
-        item = kafka_item
         for m in messages:
             topic = m.topic() or ""
             partition = m.partition() or 0
@@ -392,7 +391,6 @@ class KafkaSource(SourceBase):
                     False,
                     encoded_size(value, key, extra),
                     meta,
-                    item(topic, partition, offset, ts, meta.timestamp_type, key, value, headers),
                 )
             except Exception as exc:  # no message may stop the partition: it becomes a letter
                 record = self._undecodable(unit, topic, partition, offset, m, exc)

@@ -25,4 +25,5 @@ CONNECTOR = Connector(
     open_publisher=lazy("connectors.redis.publisher", "RedisSourcePublisher"),
     probe_source=lazy("connectors.redis.probe", "probe_redis"),
     probe_destination=lazy("connectors.redis.probe", "probe_destination"),
+    open_rewinder=lazy("connectors.redis.rewind", "RedisRewinder"),
 )

@@ -10,6 +10,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from connectors.redis import config as cfg
@@ -69,6 +70,28 @@ def group_info(groups: Any, group: str) -> Any:
     """The XINFO GROUPS entry of consumer group `group`, or None when the stream has none."""
     name = group.encode()
     return next((g for g in groups if g["name"] == name), None)
+
+
+# Deletes a consumer from a group when it holds no pending entry, in one step: the entries of a
+# deleted consumer could never be claimed again.
+_LEAVE_SCRIPT = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) == 0 then
+  return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+end
+return -1
+"""
+
+
+def leave_group(client: redis.Redis, streams: Sequence[str], group: str, consumer: str) -> None:
+    """Delete `consumer` from `group` on each stream where it holds no pending entry, so that a
+    stopped mapping leaves no consumer behind: `workers rewind` tells a running mapping by its
+    consumers, and the names of replaced pods would pile up otherwise."""
+    for stream in streams:
+        try:
+            client.eval(_LEAVE_SCRIPT, 1, stream, group, consumer)
+        except RedisError as exc:
+            # No group any more, an ACL user without EVAL, a lost connection: it stays listed.
+            log.debug("consumer %s kept in group %s on %s: %s", consumer, group, stream, exc)
 
 
 def id_key(entry_id: bytes) -> tuple[int, int]:

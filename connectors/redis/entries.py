@@ -14,7 +14,6 @@ from connectors.redis.shape import (
     field_name,
     format_stream_id,
     parse_stream_id,
-    redis_item,
 )
 from workers.engine.letters import REPLAY_HEADER
 from workers.engine.ports import undecodable
@@ -48,14 +47,13 @@ class EntryConverter:
     def convert(
         self, stream: str, fresh: Sequence[Entry], counts: Mapping[bytes, int] | None
     ) -> list[Record]:
-        """Engine records for entries not in flight before, with their event items; `counts`
-        are the deliveries XPENDING reports (None: first deliveries)."""
+        """Engine records for entries not in flight before; `counts` are the deliveries
+        XPENDING reports (None: first deliveries)."""
         out: list[Record] = []
         append = out.append
         names = self._names
         key_field = self._key_field
         key_name = self._key_name
-        b2a = binascii.b2a_base64
         newest = -1
         for entry_id, raw_id, fields in fresh:
             ms_text, _, seq_text = entry_id.partition("-")
@@ -63,16 +61,14 @@ class EntryConverter:
             position = (ms << 64) | int(seq_text)
             if position > newest:
                 newest = position
-            # One pass over the fields: their names as text, the event's base64 values, and the
-            # bytes they add to the event.
+            # One pass over the fields: their names as text, and the bytes they add to the
+            # event (a value in base64 grows by 4/3).
             named: dict[str, bytes] = {}
-            encoded: dict[str, str] = {}
             size = RECORD_OVERHEAD_BYTES
             for raw_name, data in fields.items():
                 name = names.get(raw_name) or self.name_of(raw_name)
                 named[name] = data
-                encoded[name] = text = b2a(data, newline=False).decode()
-                size += len(raw_name) + len(text) + FIELD_BYTES
+                size += len(raw_name) + (len(data) + 2) // 3 * 4 + FIELD_BYTES
             key = None if key_field is None else fields.get(key_field)
             headers: Sequence[tuple[str, bytes]] = ()
             replays = fields.get(REPLAY_FIELD_BYTES)
@@ -94,7 +90,6 @@ class EntryConverter:
                     attempts > 0,
                     size,
                     RedisMeta(stream, entry_id, named),
-                    redis_item(stream, entry_id, ms, encoded),
                 )
             )
         if out:

@@ -19,6 +19,7 @@ from connectors.redis.client import (
     chunks,
     group_info,
     id_key,
+    leave_group,
     log,
     redis_client,
     server_label,
@@ -122,6 +123,7 @@ class RedisSource(SourceBase):
             return
         try:
             self._flush_unacked(client)
+            leave_group(client, self.streams, self.group, self.consumer)
         except RedisError as exc:
             left = sum(len(ids) for ids in self._unacked.values())
             log.warning(

@@ -24,7 +24,7 @@ import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from connectors.kafka.shape import KafkaMeta, KafkaShape, kafka_item
+from connectors.kafka.shape import KafkaMeta, KafkaShape
 from connectors.rabbitmq.shape import RabbitMeta, RabbitShape, basic_properties, record_headers
 from connectors.redis.shape import RedisShape
 from connectors.redis.source import RedisSource
@@ -197,9 +197,6 @@ def kafka_records(draw: st.DrawFn, timestamps: st.SearchStrategy[int] = SANE_MS)
         headers = draw(headers_st)
         ts = draw(timestamps)
         ts_type = draw(st.sampled_from(["CREATE_TIME", "LOG_APPEND_TIME", "NO_TIMESTAMP_TYPE"]))
-        item = None
-        if draw(st.booleans()):  # as the connector builds it while reading
-            item = kafka_item(topic, partition, offset, ts, ts_type, key, value, headers)
         out.append(
             Record(
                 f"{topic}-{partition}",
@@ -209,7 +206,6 @@ def kafka_records(draw: st.DrawFn, timestamps: st.SearchStrategy[int] = SANE_MS)
                 ts,
                 headers,
                 meta=KafkaMeta(topic, partition, ts_type),
-                item=item,
             )
         )
     return out

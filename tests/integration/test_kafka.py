@@ -129,10 +129,7 @@ class TestKafkaContract(SourceContract, OffsetContract, PauseContract, Rebalance
         source, _ = self.opened(name)
         try:
             records = poll_n(source, 2, self.join_timeout_s)
-            items = [r.item for r in records]
-            assert all(item is not None for item in items)  # built once, while reading
             event = source.shape.event(records)
-            assert [r.item for r in records] == items  # copied into the event, left in place
             assert event["eventSource"] == "SelfManagedKafka"
             assert event["bootstrapServers"] == self.bootstrap
             first, tombstone = event["records"][f"{name}-1"]

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from workers.engine.invoker import FunctionSpec, InvocationRequest
+from connectors.kafka.shape import KafkaMeta, KafkaShape
+from workers.engine.invoker import FunctionSpec, InvocationRequest, PackedEvent
 from workers.engine.outcomes import (
     Crash,
     FunctionError,
@@ -26,6 +27,7 @@ from workers.engine.outcomes import (
     Throttling,
     Timeout,
 )
+from workers.engine.records import Record
 from workers.invoke import ProcessInvoker, ThreadInvoker, create_invoker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -107,6 +109,34 @@ def test_success_returns_the_decoded_response(process_invoker: Factory) -> None:
     event = {"eventSource": "SelfManagedKafka", "records": {"orders-0": [{"offset": 1}]}}
 
     assert invoker.invoke(event, request()) == Success(response=event)
+
+
+def test_a_packed_batch_is_built_into_its_event_in_the_environment(
+    process_invoker: Factory,
+) -> None:
+    shape = KafkaShape("127.0.0.1:9092")
+    meta = KafkaMeta("orders", 0)
+    records = [
+        Record("orders-0", i, b"v%d" % i, b"k", 1_700_000_000_000, meta=meta) for i in (4, 5)
+    ]
+    invoker = process_invoker("echo")
+
+    result = invoker.invoke_packed(PackedEvent(shape.unpacker, shape.pack(records)), request())
+
+    assert result == Success(response=shape.event(records))
+
+
+def test_a_packed_batch_that_cannot_be_built_fails_the_invocation_not_the_environment(
+    process_invoker: Factory,
+) -> None:
+    invoker = process_invoker("echo")
+
+    broken = invoker.invoke_packed(PackedEvent(KafkaShape.unpacker, b"not marshal"), request())
+
+    assert isinstance(broken, FunctionError)
+    assert broken.error.error_type == "Runtime.EventBuildError"
+    assert invoker.invoke({"n": 1}, request()) == Success({"n": 1})
+    assert invoker.stats.crashes == 0
 
 
 def test_spawn_start_method_works_too() -> None:

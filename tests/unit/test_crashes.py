@@ -129,7 +129,6 @@ def test_a_record_whose_event_cannot_be_built_is_dead_lettered_and_the_rest_invo
     def mangle(r: Record) -> Record:
         if r.value == b"2":
             r.headers = [("bad", 5)]  # type: ignore[list-item]  # not bytes: no event item
-            r.item = None
         return r
 
     invoker = DirectInvoker(lambda event, request: None)

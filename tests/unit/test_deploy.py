@@ -11,6 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from workers.app.wiring import DRAIN_MARGIN_S
+
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy" / "kubernetes"
 
@@ -41,9 +43,10 @@ def test_deployment_probes_drain_and_wiring() -> None:
     port = mappings["metrics"]["port"]
     assert container["ports"] == [{"name": "metrics", "containerPort": port}]
     assert mappings["metrics"]["host"] == "0.0.0.0"
-    # The drain on SIGTERM may take the longest function timeout; Kubernetes must wait longer.
+    # The drain on SIGTERM may take the longest function timeout and the settling after it;
+    # Kubernetes must wait longer before it kills the pod.
     longest = max(f.get("timeout_s", 30) for f in mappings["functions"].values())
-    assert pod["terminationGracePeriodSeconds"] > longest + 5
+    assert pod["terminationGracePeriodSeconds"] > longest + DRAIN_MARGIN_S
     labels = deployment["spec"]["selector"]["matchLabels"]
     assert deployment["spec"]["template"]["metadata"]["labels"] == labels
     assert service["spec"]["selector"] == labels

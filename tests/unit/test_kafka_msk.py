@@ -12,8 +12,9 @@ from aws_lambda_powertools.utilities.parser.models import KafkaMskEventModel
 from pydantic import ValidationError
 
 from connectors.kafka.config import KafkaSource
-from connectors.kafka.shape import KafkaMeta, KafkaShape, kafka_item
+from connectors.kafka.shape import KafkaMeta, KafkaShape
 from workers.app.registry import shape_for_event
+from workers.engine.invoker import PackedEvent, unpack
 from workers.engine.records import Record
 from workers.events import records as event_records
 
@@ -50,8 +51,8 @@ DOCUMENTED: dict[str, Any] = {
 }
 
 
-def documented_record(with_item: bool) -> Record:
-    r = Record(
+def documented_record() -> Record:
+    return Record(
         "mytopic-0",
         15,
         b"Hello, this is a test.",
@@ -60,27 +61,26 @@ def documented_record(with_item: bool) -> Record:
         headers=[("headerKey", b"headerValue")],
         meta=KafkaMeta("mytopic", 0, "CREATE_TIME"),
     )
-    if with_item:  # as the Kafka source hands it out, its item built while reading
-        r.item = kafka_item(
-            "mytopic", 0, 15, r.timestamp_ms, "CREATE_TIME", r.key, r.value, r.headers
-        )
-    return r
 
 
 def key_orders(event: dict[str, Any]) -> list[list[str]]:
     return [list(event)] + [list(i) for items in event["records"].values() for i in items]
 
 
-@pytest.mark.parametrize("with_item", [True, False], ids=["item built while reading", "rebuilt"])
-def test_msk_event_is_lambdas_documented_example(with_item: bool) -> None:
-    event = KafkaShape(SERVERS, ARN).event([documented_record(with_item)])
+@pytest.mark.parametrize("packed", [False, True], ids=["built here", "built in the environment"])
+def test_msk_event_is_lambdas_documented_example(packed: bool) -> None:
+    shape = KafkaShape(SERVERS, ARN)
+    records = [documented_record()]
+    event = (
+        unpack(PackedEvent(shape.unpacker, shape.pack(records))) if packed else shape.event(records)
+    )
 
     assert event == DOCUMENTED
     assert key_orders(event) == key_orders(DOCUMENTED)
 
 
 def test_without_an_arn_the_event_stays_self_managed_kafkas() -> None:
-    event = KafkaShape(SERVERS).event([documented_record(True)])
+    event = KafkaShape(SERVERS).event([documented_record()])
 
     assert list(event) == ["eventSource", "bootstrapServers", "records"]
     assert event["eventSource"] == "SelfManagedKafka"
@@ -118,7 +118,7 @@ def test_the_documented_event_reads_back_as_its_records_and_builds_again_the_sam
 
 
 def test_a_self_managed_event_reads_back_as_self_managed() -> None:
-    event = KafkaShape(SERVERS).event([documented_record(False)])
+    event = KafkaShape(SERVERS).event([documented_record()])
 
     shape = shape_for_event(event)
 
@@ -128,7 +128,7 @@ def test_a_self_managed_event_reads_back_as_self_managed() -> None:
 
 def test_powertools_msk_model_accepts_the_event() -> None:
     parsed = KafkaMskEventModel.model_validate(
-        KafkaShape(SERVERS, ARN).event([documented_record(True)])
+        KafkaShape(SERVERS, ARN).event([documented_record()])
     )
 
     assert parsed.eventSourceArn == ARN

@@ -13,6 +13,8 @@ from typing import Any
 import orjson
 
 from workers.app.config import Config, ConfigError, load_config
+from workers.app.control import add_parser as add_mappings_parser
+from workers.app.rewind import add_parser as add_rewind_parser
 from workers.engine.redact import describe
 
 log = logging.getLogger("workers")
@@ -163,9 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     invoke.set_defaults(command=cmd_invoke)
     _add_dlq(sub)
-    from workers.app import control
-
-    control.add_parser(sub)
+    add_rewind_parser(sub, EPILOG)
+    add_mappings_parser(sub)
 
     demo = sub.add_parser(
         "demo",

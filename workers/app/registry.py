@@ -23,6 +23,7 @@ from workers.engine.ports import (
     Source,
     SourcePublisher,
 )
+from workers.engine.rewind import Rewinder, RewindRefused
 
 GROUP = "esm_workers.connectors"
 
@@ -92,6 +93,20 @@ def open_source_publisher(mapping: Any) -> SourcePublisher:
     opener = _part(connector, "open_publisher", "sources cannot be published to", mapping.name)
     publisher: SourcePublisher = opener(src)
     return publisher
+
+
+def open_rewinder(mapping: Any) -> Rewinder:
+    """The mapping's consumer group on its source (`workers rewind`)."""
+    src = mapping.source
+    opener = _named(src.type, "source", mapping.name).open_rewinder
+    if opener is None:
+        raise RewindRefused(
+            f"mapping {mapping.name}: a {src.type} source cannot be rewound: not possible on a"
+            " queue, which deletes each message once it is acked, so there is no earlier"
+            " position to go back to (dead letters can be replayed: `workers dlq replay`)"
+        )
+    rewinder: Rewinder = opener(mapping)
+    return rewinder
 
 
 def probe(mapping: Any) -> list[str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from workers.engine.outcomes import InvokeResult
 
@@ -33,6 +35,41 @@ class InvocationRequest:
     request_id: str
     mapping_name: str
     attempt: int  # 1 for the first invocation of these records
+
+
+@dataclass(frozen=True, slots=True)
+class PackedEvent:
+    """An event still in the compact form of its shape's `pack`: the environment that runs the
+    handler calls `unpacker` (an importable "module:function") on `payload` to build it."""
+
+    unpacker: str
+    payload: bytes
+
+
+@runtime_checkable
+class PackingInvoker(Protocol):
+    """An invoker whose environments run in other processes: it takes a batch packed by its
+    event shape (`PackingShape`), and the event is built on the environment's core."""
+
+    def invoke_packed(self, event: PackedEvent, request: InvocationRequest) -> InvokeResult:
+        """As `Invoker.invoke`, for an event the environment builds with `unpack`."""
+        ...
+
+
+def unpack(event: PackedEvent) -> dict[str, Any]:
+    """Build the event a `PackedEvent` stands for, in this process."""
+    return _unpacker(event.unpacker)(event.payload)
+
+
+_unpackers: dict[str, Callable[[bytes], dict[str, Any]]] = {}
+
+
+def _unpacker(path: str) -> Callable[[bytes], dict[str, Any]]:
+    function = _unpackers.get(path)
+    if function is None:
+        module, _, name = path.partition(":")
+        function = _unpackers[path] = getattr(importlib.import_module(module), name)
+    return function
 
 
 class Invoker(Protocol):

@@ -21,7 +21,7 @@ import orjson
 from workers.engine.backoff import Backoff
 from workers.engine.clock import Clock
 from workers.engine.flight import MAX_DEATHS, POLLER_DIED_ERROR_TYPE, Gate, InFlightFile, Suspects
-from workers.engine.invoker import InvocationRequest, Invoker
+from workers.engine.invoker import InvocationRequest, Invoker, PackedEvent, PackingInvoker
 from workers.engine.letters import Condition, DeadLetters
 from workers.engine.outcomes import (
     Crash,
@@ -35,7 +35,7 @@ from workers.engine.outcomes import (
     Throttling,
     Timeout,
 )
-from workers.engine.ports import EventShape
+from workers.engine.ports import EventShape, PackingShape
 from workers.engine.records import Record
 from workers.engine.stats import MappingStats
 from workers.engine.valve import Valve
@@ -177,6 +177,11 @@ class BatchRunner:
         self.policy = policy
         self.invoker = invoker
         self.shape = shape
+        # Environments in other processes get the batch packed, and build its event there.
+        packs = isinstance(shape, PackingShape) and isinstance(invoker, PackingInvoker)
+        self._packing: tuple[PackingShape, PackingInvoker] | None = (
+            (shape, invoker) if packs else None  # type: ignore[assignment]
+        )
         self.ordered = ordered
         self.dead_letters = dead_letters
         self.settle = settle
@@ -350,8 +355,12 @@ class BatchRunner:
                 scope.enter_context(gate.exclusive() if work.solo else gate.shared())
             token = self.in_flight.begin(work.records) if self.in_flight is not None else 0
             try:
-                event = self.shape.event(work.records)
-                result = self.invoker.invoke(event, request)
+                if self._packing is None:
+                    result = self.invoker.invoke(self.shape.event(work.records), request)
+                else:
+                    packer, invoker = self._packing
+                    packed = PackedEvent(packer.unpacker, packer.pack(work.records))
+                    result = invoker.invoke_packed(packed, request)
             except Exception as exc:  # an invoker must not raise; if one does, fail the batch
                 log.exception("mapping %s: invocation %s failed", self.mapping, request.request_id)
                 result = FunctionError(ErrorInfo(type(exc).__name__, str(exc)))

@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from workers.engine.outcomes import ErrorInfo
 from workers.engine.records import Record
+from workers.engine.rewind import Rewinder
 
 # errorType of the letter of a message the connector could not convert.
 UNDECODABLE_ERROR_TYPE = "Runtime.UndecodableRecord"
@@ -74,6 +75,18 @@ class EventShape(Protocol):
     def filter_view(self, record: Record) -> dict[str, Any]:
         """The document filter patterns are matched against (value decoded from JSON if it is)."""
         ...
+
+
+@runtime_checkable
+class PackingShape(Protocol):
+    """Optional part of an `EventShape`: a batch packed into compact columns for an environment
+    in another process, which builds Lambda's event there (`unpacker(pack(records))` equals
+    `event(records)`), so the poller's core does not build per-record dicts or encode JSON."""
+
+    # "module:function" the environment imports to turn `pack`'s bytes into the event.
+    unpacker: str
+
+    def pack(self, records: Sequence[Record]) -> bytes: ...
 
 
 @runtime_checkable
@@ -316,3 +329,6 @@ class Connector:
     probe_source: Callable[[Any], None] | None = None
     # The same for a destination; returns what was checked ("topic 'x' at host:9092 exists").
     probe_destination: Callable[[Any], str] | None = None
+    # The mapping's consumer group on its source, for `workers rewind`; None where the source
+    # keeps no position to move (a queue).
+    open_rewinder: Callable[[Any], Rewinder] | None = None

@@ -35,11 +35,6 @@ class Record:
     size: int = 0
     # Connector-private data (delivery tag, stream id, topic, ...).
     meta: Any = None
-    # The record's item of the Lambda event, when the connector built it while reading (one
-    # pass over the broker's message instead of two). The event shape uses it instead of building
-    # the item again, and sees to it that nothing a handler does to its event reaches a later
-    # event of the record (a retry, a bisect half, a dead letter).
-    item: dict[str, Any] | None = None
     # Set when the connector could not turn the broker's message into a record of its event
     # shape (see workers.engine.ports.undecodable): the engine dead-letters it without invoking.
     fault: ErrorInfo | None = None

@@ -224,18 +224,33 @@ def epoch_ms(value: str | int) -> int:
     return (moment - _EPOCH) // timedelta(milliseconds=1)
 
 
-def _check_timestamp(value: Any) -> str | int | None:
-    if value is None:
-        return None
+def timestamp_ms(value: Any) -> int:
+    """Epoch milliseconds of a time as `starting_position_timestamp` takes it (ISO-8601, UTC
+    unless it says otherwise, or epoch milliseconds); raises ValueError saying what is wrong."""
     if isinstance(value, bool) or not isinstance(value, str | int):
-        raise here(f"must be an ISO-8601 time or epoch milliseconds (got {show(value)})")
+        raise ValueError(f"must be an ISO-8601 time or epoch milliseconds (got {show(value)})")
     try:
         ms = epoch_ms(value)
     except ValueError:
-        raise here(f"must be an ISO-8601 time or epoch milliseconds (got {show(value)})") from None
+        raise ValueError(
+            f"must be an ISO-8601 time or epoch milliseconds (got {show(value)})"
+        ) from None
     if ms < _MIN_EPOCH_MS:
-        raise here(f"must be epoch milliseconds (got {show(value)}, which looks like seconds)")
-    return value
+        raise ValueError(
+            f"must be epoch milliseconds (got {show(value)}, which looks like seconds)"
+        )
+    return ms
+
+
+def _check_timestamp(value: Any) -> str | int | None:
+    if value is None:
+        return None
+    try:
+        timestamp_ms(value)
+    except ValueError as exc:
+        raise here(str(exc)) from None
+    checked: str | int = value
+    return checked
 
 
 Timestamp = Annotated[

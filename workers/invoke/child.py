@@ -19,12 +19,14 @@ from typing import Any
 
 import orjson
 
+from workers.engine.invoker import PackedEvent, unpack
 from workers.engine.outcomes import ErrorInfo
 from workers.invoke.context import LambdaContext
 from workers.invoke.lifeline import die_with_parent
-from workers.invoke.loading import InitFailure, load_handler
+from workers.invoke.loading import InitFailure, error_info, load_handler
 from workers.invoke.shared import (
     ENCODE_OPTIONS,
+    ERROR,
     INIT_ERROR,
     LOG,
     MARSHAL,
@@ -187,8 +189,20 @@ def _invoke_once(
     runner: AsyncRunner,
     data: bytes,
 ) -> bytes:
-    request_id, mapping_name, attempt, deadline, event = orjson.loads(data)
+    newline = data.index(b"\n")
+    request_id, mapping_name, attempt, deadline, unpacker = orjson.loads(data[:newline])
     channel.request_id = request_id
+    try:
+        event = (
+            orjson.loads(memoryview(data)[newline + 1 :])
+            if unpacker is None
+            else unpack(PackedEvent(unpacker, data[newline + 1 :]))
+        )
+    except Exception as exc:  # the event could not be built: the batch fails, never the child
+        built = error_info(exc)
+        return orjson.dumps(
+            [ERROR, "Runtime.EventBuildError", _printable(built.message), built.stack_trace]
+        )
     context = LambdaContext(
         function_name=config.function_name,
         memory_limit_in_mb=config.memory_mb,

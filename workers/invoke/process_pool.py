@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import orjson
 
-from workers.engine.invoker import FunctionSpec, InvocationRequest
+from workers.engine.invoker import FunctionSpec, InvocationRequest, PackedEvent
 from workers.engine.outcomes import (
     Crash,
     ErrorInfo,
@@ -159,6 +159,9 @@ class ProcessInvoker:
     handler, so libraries that reserve large address ranges (some JIT and GPU runtimes) need
     a higher `memory_mb` than their resident use suggests; so do handlers that start many
     threads (each stack reserves 8 MiB).
+
+    Events of shapes that pack (`PackingShape`) arrive packed and are built in the
+    environment, on its own core.
     """
 
     def __init__(
@@ -191,14 +194,22 @@ class ProcessInvoker:
     def invoke(self, event: dict[str, Any], request: InvocationRequest) -> InvokeResult:
         # Encoded before checkout: an event that cannot be encoded fails here, costing no
         # environment, and no environment sits idle while a large event is encoded.
-        encoded_event = orjson.dumps(event)
+        return self._invoke(None, orjson.dumps(event), request)
+
+    def invoke_packed(self, event: PackedEvent, request: InvocationRequest) -> InvokeResult:
+        # Sent as it is, with the name of what builds the event in the environment.
+        return self._invoke(event.unpacker, event.payload, request)
+
+    def _invoke(
+        self, unpacker: str | None, encoded_event: bytes, request: InvocationRequest
+    ) -> InvokeResult:
         env = self._checkout(request)
         if not isinstance(env, _Environment):
             self._count(env)
             return env
         result: InvokeResult | None = None
         try:
-            result = self._run(env, encoded_event, request)
+            result = self._run(env, unpacker, encoded_event, request)
         finally:
             self._checkin(env, result)
         self._count(result)
@@ -368,13 +379,19 @@ class ProcessInvoker:
     # -- one invocation ------------------------------------------------------------------
 
     def _run(
-        self, env: _Environment, encoded_event: bytes, request: InvocationRequest
+        self,
+        env: _Environment,
+        unpacker: str | None,
+        encoded_event: bytes,
+        request: InvocationRequest,
     ) -> InvokeResult:
         timeout_s = self.spec.timeout_s
         deadline = time.monotonic() + timeout_s
-        # [request_id, mapping_name, attempt, deadline, event] without re-encoding the event.
-        header = orjson.dumps([request.request_id, request.mapping_name, request.attempt, deadline])
-        payload = b"".join((header[:-1], b",", encoded_event, b"]"))
+        # A header line, then the event as it is: JSON, or what `unpacker` builds it from.
+        header = orjson.dumps(
+            [request.request_id, request.mapping_name, request.attempt, deadline, unpacker]
+        )
+        payload = b"".join((header, b"\n", encoded_event))
         try:
             env.conn.send_bytes(payload)
         except OSError:

@@ -1,0 +1,62 @@
+"""Under process isolation the poller ships a batch packed in columns, and the environment
+builds the event from them: the handler must get exactly the event the shape builds itself."""
+
+from __future__ import annotations
+
+import pytest
+
+from connectors.kafka.shape import KafkaMeta, KafkaShape
+from connectors.redis.shape import RedisMeta, RedisShape
+from workers.engine.invoker import PackedEvent, unpack
+from workers.engine.ports import PackingShape
+from workers.engine.records import Record
+
+
+def kafka_records() -> list[Record]:
+    a, b = KafkaMeta("orders", 0), KafkaMeta("orders", 3, "LOG_APPEND_TIME")
+    return [
+        Record("orders-0", 7, b'{"n": 1}', b"k1", 1_700_000_000_001, [("h", b"\x00\xff")], meta=a),
+        Record("orders-3", 2, b"", None, 1_700_000_000_002, (), meta=b),
+        Record("orders-0", 8, b"\xff\xfe binary", b"", 0, [("a", b""), ("a", b"x")], meta=a),
+    ]
+
+
+def redis_records() -> list[Record]:
+    def entry(stream: str, entry_id: str, fields: dict[str, bytes]) -> Record:
+        ms = int(entry_id.split("-")[0])
+        return Record(stream, ms, b"", timestamp_ms=ms, meta=RedisMeta(stream, entry_id, fields))
+
+    return [
+        entry("s1", "1700000000000-0", {"k": b"1", "v": b'{"n": 1}'}),
+        entry("s2", "1700000000001-5", {"b64:/w==": b"\xff", "empty": b""}),
+        entry("s1", "1700000000002-0", {}),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("shape", "records"),
+    [
+        (KafkaShape("127.0.0.1:9092"), kafka_records()),
+        (KafkaShape("b:9092", "arn:aws:kafka:us-east-1:1:cluster/c/u"), kafka_records()),
+        (RedisShape("127.0.0.1:6379/0"), redis_records()),
+    ],
+    ids=["kafka", "msk", "redis"],
+)
+def test_the_environment_builds_the_event_the_shape_builds(
+    shape: PackingShape, records: list[Record]
+) -> None:
+    built = unpack(PackedEvent(shape.unpacker, shape.pack(records)))
+    assert built == shape.event(records)  # type: ignore[attr-defined]
+    # Unpacking twice gives two events that share nothing a handler could change.
+    again = unpack(PackedEvent(shape.unpacker, shape.pack(records)))
+    first = next(iter(built["records"].values()))[0]
+    first["changed"] = True
+    assert "changed" not in next(iter(again["records"].values()))[0]
+
+
+def test_a_batch_of_one_record_per_unit_keeps_record_order_within_each_unit() -> None:
+    shape = KafkaShape("127.0.0.1:9092")
+    records = kafka_records()
+    event = unpack(PackedEvent(shape.unpacker, shape.pack(records)))
+    assert [item["offset"] for item in event["records"]["orders-0"]] == [7, 8]
+    assert [item["offset"] for item in event["records"]["orders-3"]] == [2]
