@@ -23,6 +23,8 @@ from workers.engine.outcomes import (
     InvokeResult,
     RetryableError,
     RetryLater,
+    Throttled,
+    Throttling,
 )
 from workers.engine.outcomes import Success as Ok
 from workers.engine.policy import Policy
@@ -44,6 +46,8 @@ class DirectInvoker:
             self.calls.append((request, event))
         try:
             return Ok(self.handler(event, request))
+        except Throttled as exc:
+            return Throttling(ErrorInfo(type(exc).__name__, str(exc)))
         except RetryableError as exc:
             return RetryLater(ErrorInfo(type(exc).__name__, str(exc)))
         except Exception as exc:

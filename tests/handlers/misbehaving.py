@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from workers import Throttled
 from workers.engine.outcomes import RetryableError
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,14 @@ def raises(event: Any, context: Any) -> None:
 
 def retryable(event: Any, context: Any) -> None:
     raise RetryableError("downstream unavailable")
+
+
+class RateLimited(Throttled):
+    """A handler's own kind of throttle: a subclass is a throttle too."""
+
+
+def throttled(event: Any, context: Any) -> None:
+    raise RateLimited("429 from the downstream API")
 
 
 def sleeps(event: Any, context: Any) -> dict[str, Any]:

@@ -56,3 +56,17 @@ def dump_fields_then_fail(event: dict[str, Any], context: Any) -> None:
     with open(os.environ["REDIS_TEST_LOG"], "a") as f:
         f.write("".join(lines))
     raise ValueError("dead-letter every entry")
+
+
+def throttled_then_log_ids(event: dict[str, Any], context: Any) -> None:
+    """Raise `workers.Throttled` for the first `REDIS_TEST_THROTTLES` invocations (counted in
+    the file `REDIS_TEST_THROTTLE_FILE`, across execution environments), then `log_ids`."""
+    from workers import Throttled
+
+    path = os.environ["REDIS_TEST_THROTTLE_FILE"]
+    done = os.path.getsize(path) if os.path.exists(path) else 0
+    if done < int(os.environ["REDIS_TEST_THROTTLES"]):
+        with open(path, "a") as f:
+            f.write("t")
+        raise Throttled("the downstream answered 429")
+    log_ids(event, context)

@@ -173,7 +173,7 @@ def test_the_status_page_shows_the_mapping_its_charts_and_the_stalled_partition(
     mapping = dom.rows("mappings", "data-mapping")[run.name]
     name, state, rate, lag, in_flight, succeeded, letters, error = mapping.cells
     assert name == run.name
-    assert "Running" in state and "1 stalled" in state
+    assert "Enabled" in state and "1 stalled" in state
     assert mapping.attrs["class"] == "stalled"
     assert mapping.polylines == 2  # throughput and lag, each a line of samples
     assert float(rate.replace(",", "")) >= 0 and int(lag) >= 0

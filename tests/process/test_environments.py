@@ -24,6 +24,7 @@ from workers.engine.outcomes import (
     InvokeResult,
     RetryLater,
     Success,
+    Throttling,
     Timeout,
 )
 from workers.engine.records import Record
@@ -166,6 +167,16 @@ def test_retryable_error_asks_for_a_retry(process_invoker: Factory) -> None:
     assert isinstance(result, RetryLater)
     assert result.error.error_type == "RetryableError"
     assert result.error.message == "downstream unavailable"
+
+
+def test_throttled_asks_for_a_pause_and_keeps_the_environment(process_invoker: Factory) -> None:
+    invoker = process_invoker("throttled")
+    for _ in range(2):
+        result = invoker.invoke({}, request())
+        assert isinstance(result, Throttling)
+        assert result.error.error_type == "RateLimited"
+        assert result.error.message == "429 from the downstream API"
+    assert invoker.stats.cold_starts == 1
 
 
 def test_timeout_kills_the_environment_and_the_next_invocation_gets_a_fresh_one(
@@ -489,6 +500,8 @@ def test_thread_raises(thread_invoker: Callable[..., ThreadInvoker]) -> None:
 
 def test_thread_retryable_and_garbage(thread_invoker: Callable[..., ThreadInvoker]) -> None:
     assert isinstance(thread_invoker("retryable").invoke({}, request()), RetryLater)
+    throttled = thread_invoker("throttled").invoke({}, request())
+    assert isinstance(throttled, Throttling) and throttled.error.error_type == "RateLimited"
     garbage = thread_invoker("returns_garbage").invoke({}, request())
     assert isinstance(garbage, InvalidResponse)
 

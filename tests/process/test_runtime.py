@@ -313,6 +313,9 @@ def test_every_command_has_complete_help() -> None:
     check("workers", parser)
     assert {"workers run", "workers validate", "workers invoke", "workers demo"} <= set(seen)
     assert {"workers dlq list", "workers dlq show", "workers dlq replay"} <= set(seen)
+    assert {"workers mappings list", "workers mappings enable", "workers mappings disable"} <= set(
+        seen
+    )
     help_run = workers("run", "--help")
     assert help_run.returncode == 0 and "--until-idle" in help_run.stdout
 

@@ -20,6 +20,9 @@ class Snapshots:
     def snapshots(self) -> list[tuple[str, int, bool, dict[str, Any]]]:
         return self.snaps
 
+    def states(self) -> dict[str, str]:
+        return {mapping: snap.get("state", "Enabled") for mapping, _, _, snap in self.snaps}
+
 
 def exposition(snaps: list[tuple[str, int, bool, dict[str, Any]]]) -> str:
     registry = CollectorRegistry()
@@ -54,3 +57,20 @@ def test_partitions_of_different_pollers_each_have_their_series() -> None:
     )
     assert 'esm_offset_lag{mapping="k",partition="t-0"} 1.0' in text
     assert 'esm_offset_lag{mapping="k",partition="t-1"} 2.0' in text
+
+
+def test_mapping_state_and_throttling_series() -> None:
+    text = exposition(
+        [
+            ("a", 0, True, {"state": "Disabled", "throttled": 2}),
+            ("b", 0, True, {"throttle": {"state": "open", "pause_s": 4.0}, "throttled": 3}),
+            ("b", 1, True, {"throttle": {"state": "closed"}, "throttled": 1}),
+        ]
+    )
+    assert 'esm_mapping_state{mapping="a",state="Disabled"} 1.0' in text
+    assert 'esm_mapping_state{mapping="a",state="Enabled"} 0.0' in text
+    assert 'esm_mapping_state{mapping="b",state="Enabled"} 1.0' in text
+    assert 'esm_throttled_total{mapping="a"} 2.0' in text
+    assert 'esm_throttled_total{mapping="b"} 4.0' in text
+    assert 'esm_mapping_throttled{mapping="a"} 0.0' in text
+    assert 'esm_mapping_throttled{mapping="b"} 1.0' in text

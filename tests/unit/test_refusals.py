@@ -55,6 +55,9 @@ class Snapshots:
     def summary(self) -> dict[str, Any]:
         return {}
 
+    def states(self) -> dict[str, str]:
+        return {"m": "Enabled"}
+
 
 def exposition(snap: dict[str, Any]) -> str:
     registry = CollectorRegistry()

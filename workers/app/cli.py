@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 
 from workers.app.config import Config, ConfigError, load_config
+from workers.app.control import add_parser as add_mappings_parser
 from workers.app.rewind import add_parser as add_rewind_parser
 from workers.engine.redact import describe
 
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mapping",
         action="append",
         metavar="NAME",
-        help="run only this mapping (repeatable; default: every enabled mapping)",
+        help="run only this mapping (repeatable; default: every mapping)",
     )
     run.add_argument(
         "--until-idle",
@@ -165,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.set_defaults(command=cmd_invoke)
     _add_dlq(sub)
     add_rewind_parser(sub, EPILOG)
+    add_mappings_parser(sub)
 
     demo = sub.add_parser(
         "demo",
@@ -254,10 +256,8 @@ def _add_dlq(sub: Any) -> None:
 
 
 def _mappings_to_run(config: Config, names: list[str] | None) -> list[tuple[str, int]]:
-    if names:
-        chosen = [config.mapping(n) for n in names]
-    else:
-        chosen = [m for m in config.event_source_mappings if m.enabled]
+    # A mapping with `enabled: false` runs too, disabled: `workers mappings enable` starts it.
+    chosen = [config.mapping(n) for n in names] if names else config.event_source_mappings
     return [(m.name, i) for m in chosen for i in range(m.pollers)]
 
 
@@ -272,8 +272,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.warning("%s", warning)
     instances = _mappings_to_run(config, args.mapping)
     if not instances:
-        log.error("no enabled mapping to run")
+        log.error("no mapping to run")
         return 2
+    enabled = {m: config.mapping(m).enabled for m, _ in instances}
+    for mapping in sorted(m for m, on in enabled.items() if not on):
+        log.info(
+            "mapping %s is disabled (enabled: false): not polling until `workers mappings"
+            " enable %s`",
+            mapping,
+            mapping,
+        )
     longest = max(config.function_spec(config.mapping(m).function).timeout_s for m, _ in instances)
     supervisor = Supervisor(
         args.config,
@@ -281,6 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         until_idle_s=args.until_idle,
         drain_timeout_s=longest + 30.0,
         log_level=logging.getLogger().level,
+        enabled=enabled,
     )
     supervisor.install_signal_handlers()
     port = args.metrics_port if args.metrics_port is not None else config.metrics.port
@@ -297,12 +306,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             supervisor.write_summary(args.summary_json)
     for mapping, counts in supervisor.summary().items():
         log.info(
-            "mapping %s: polled=%d succeeded=%d dead_lettered=%d dropped=%d",
+            "mapping %s: polled=%d succeeded=%d dead_lettered=%d dropped=%d throttled=%d",
             mapping,
             counts["polled"],
             counts["succeeded"],
             counts["dead_lettered"],
             counts["dropped"],
+            counts["throttled"],
         )
     return code
 

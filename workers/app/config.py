@@ -285,7 +285,10 @@ class EventSourceMapping(Model):
 
     name: Name = Field(description="Unique; the default consumer group")
     function: str = Field(description="A key of `functions`")
-    enabled: bool = True
+    enabled: bool = Field(
+        default=True,
+        description="false: starts disabled, not polling, until `workers mappings enable`",
+    )
     pollers: Annotated[int, Range(1)] = Field(
         default=1, description="Poller processes sharing the group or queue"
     )
@@ -452,9 +455,8 @@ class Config(Model):
     def warnings(self) -> list[str]:
         """Legal but probably unintended settings, to show at start-up and by `validate`."""
         found: list[str] = []
+        # Disabled mappings too: `workers mappings enable` can start them at any time.
         for m in self.event_source_mappings:
-            if not m.enabled:
-                continue
             if m.destination_config is None:
                 found.append(
                     f"mapping {m.name!r} has no on-failure destination:"

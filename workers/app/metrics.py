@@ -7,6 +7,7 @@ unless told otherwise, since the status page names brokers and partitions.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -23,10 +24,15 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from workers.app import page
+from workers.app import control, page
 from workers.app.history import History, mappings_of
 from workers.app.supervisor import Supervisor
 from workers.engine.stats import DURATION_BUCKETS_S
+
+log = logging.getLogger("workers.metrics")
+
+# A mapping's states, as Lambda names them (workers.app.supervisor.Supervisor.states).
+MAPPING_STATES = ("Enabled", "Enabling", "Disabling", "Disabled")
 
 # (metric name, counter in the poller's stats, help text)
 COUNTER_METRICS = (
@@ -50,6 +56,7 @@ COUNTER_METRICS = (
         "destination_refusals",
         "Deliveries of letters the on-failure destination refused (each attempt)",
     ),
+    ("esm_throttled", "throttled", "Invocations whose handler raised workers.Throttled"),
 )
 
 
@@ -141,6 +148,33 @@ class SupervisorCollector(Collector):
         for (mapping, unit), seconds in longest.items():
             stalled_for.add_metric([mapping, unit], seconds)
         yield stalled_for
+        yield from _control_metrics(self.supervisor, snaps)
+
+
+def _control_metrics(
+    supervisor: Supervisor, snaps: list[tuple[str, int, bool, dict[str, Any]]]
+) -> Iterator[Metric]:
+    state = GaugeMetricFamily(
+        "esm_mapping_state",
+        "1 for the mapping's state (Enabled, Enabling, Disabling, Disabled), 0 for the others",
+        labels=["mapping", "state"],
+    )
+    for mapping, now in supervisor.states().items():
+        for name in MAPPING_STATES:
+            state.add_metric([mapping, name], int(name == now))
+    yield state
+    throttled = GaugeMetricFamily(
+        "esm_mapping_throttled",
+        "1 while a handler's workers.Throttled keeps the mapping paused",
+        labels=["mapping"],
+    )
+    paused: dict[str, int] = {}
+    for mapping, _instance, _alive, snap in snaps:
+        pausing = int(snap.get("throttle", {}).get("state", "closed") != "closed")
+        paused[mapping] = max(pausing, paused.get(mapping, 0))
+    for mapping, n in paused.items():
+        throttled.add_metric([mapping], n)
+    yield throttled
 
 
 def _sum_by_mapping(snaps: list[tuple[str, int, bool, dict[str, Any]]], key: str) -> dict[str, int]:
@@ -166,10 +200,19 @@ def status_of(supervisor: Supervisor, history: History | None = None) -> dict[st
             # Per unit that does not move: since when, what waits, the record and why.
             "stalled": snap.get("stalled", {}),
             "last_error": snap.get("last_error"),
+            # Enabled, Disabling or Disabled, and the throttle breaker (closed, open, half-open).
+            "state": snap.get("state"),
+            "throttle": snap.get("throttle", {}),
+            "throttled": snap.get("throttled", 0),
         }
         for mapping, instance, alive, snap in snaps
     ]
-    mappings = [{"name": name, **entry} for name, entry in sorted(mappings_of(snaps).items())]
+    states = supervisor.states()
+    entries = mappings_of(snaps)
+    mappings = [
+        {"name": name, "state": states.get(name), **entries.get(name, {})}
+        for name in [*states, *sorted(set(entries) - set(states))]  # in the file's order
+    ]
     status: dict[str, Any] = {
         "mappings": mappings,
         "pollers": pollers,
@@ -181,9 +224,12 @@ def status_of(supervisor: Supervisor, history: History | None = None) -> dict[st
 
 
 def ready(supervisor: Supervisor) -> bool:
-    """Every poller is alive and has been assigned something to read."""
+    """Every poller is alive and has been assigned something to read, or is disabled."""
     snaps = supervisor.snapshots()
-    return bool(snaps) and all(alive and snap.get("assigned") for _, _, alive, snap in snaps)
+    return bool(snaps) and all(
+        alive and (snap.get("assigned") or snap.get("state") == "Disabled")
+        for _, _, alive, snap in snaps
+    )
 
 
 def serve(supervisor: Supervisor, host: str, port: int) -> ThreadingHTTPServer:
@@ -192,11 +238,21 @@ def serve(supervisor: Supervisor, host: str, port: int) -> ThreadingHTTPServer:
     registry.register(SupervisorCollector(supervisor))
     history = History(supervisor.snapshots)
     history.start()
+    token = control.control_token()
+    if token is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning(
+            "the control endpoints (/mappings) on %s accept requests from anyone who can reach"
+            " them: set %s to require a bearer token",
+            host,
+            control.TOKEN_ENV,
+        )
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             path, _, query = self.path.partition("?")
-            if path == "/metrics":
+            if control.is_control_path(path):
+                self._control("GET", path)
+            elif path == "/metrics":
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 self._send(200, b"ok\n", "text/plain")
@@ -214,6 +270,23 @@ def serve(supervisor: Supervisor, host: str, port: int) -> ThreadingHTTPServer:
                 self._send(200, body, "text/html; charset=utf-8", page.headers())
             else:
                 self._send(404, b"not found\n", "text/plain")
+
+        def do_POST(self) -> None:
+            path = self.path.split("?", 1)[0]
+            # A body, if any, means nothing here; read it so the connection stays usable.
+            length = int(self.headers.get("Content-Length") or 0)
+            if 0 < length <= 65536:
+                self.rfile.read(length)
+            if control.is_control_path(path):
+                self._control("POST", path)
+            else:
+                self._send(404, b"not found\n", "text/plain")
+
+        def _control(self, method: str, path: str) -> None:
+            auth = self.headers.get("Authorization")
+            code, body = control.respond(supervisor, method, path, auth, token)
+            challenge = {"WWW-Authenticate": 'Bearer realm="esm-workers"'} if code == 401 else None
+            self._send(code, orjson.dumps(body), "application/json", challenge)
 
         def _send(
             self, code: int, body: bytes, content_type: str, headers: dict[str, str] | None = None

@@ -48,7 +48,9 @@ COUNTERS = (
     "dropped",
     "payload_omitted",
     "failed_invocations",
+    "throttled",
 )
+_VERB = {True: "enabled", False: "disabled"}
 # A poller that keeps dying before it ever reports is given up on in --until-idle runs.
 MAX_EARLY_DEATHS = 5
 # A poller process runs a loop thread that reads and converts records and batch threads that
@@ -70,8 +72,10 @@ def poller_main(
     log_level: int,
     in_flight_path: str | None = None,
     suspects: SuspectList | None = None,
+    enabled: bool = True,
+    control: Any = None,
 ) -> None:
-    """Entry point of a poller process."""
+    """Entry point of a poller process; `control` brings `workers mappings enable|disable`."""
     configure_logging(log_level, f"{mapping_name}#{instance}")
     sys.setswitchinterval(POLLER_SWITCH_INTERVAL_S)
     from workers.app.config import load_config
@@ -85,11 +89,14 @@ def poller_main(
         instance=instance,
         in_flight_path=Path(in_flight_path) if in_flight_path else None,
         suspects=suspects,
+        enabled=enabled,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: draining", signum)
-        poller.stop()
+        # From another thread: the handler runs on the loop thread, which may be holding the
+        # locks that stop() takes (the poller's, its valve's).
+        threading.Thread(target=poller.stop, name="stop", daemon=True).start()
 
     def orphaned(parent_pid: int) -> None:
         # Nobody would stop, restart or count this poller any more: drain as on SIGTERM.
@@ -115,7 +122,18 @@ def poller_main(
         while not done.wait(1.0):
             report()
 
+    def steer() -> None:
+        # The supervisor's HTTP thread asked; the poller's loop thread acts on it.
+        while True:
+            try:
+                wanted = control.get()
+            except (EOFError, OSError):
+                return
+            poller.set_enabled(bool(wanted))
+
     threading.Thread(target=reporter, name="reporter", daemon=True).start()
+    if control is not None:
+        threading.Thread(target=steer, name="control", daemon=True).start()
     try:
         poller.run(until_idle_s)
     finally:
@@ -136,6 +154,7 @@ class _Child:
     early_deaths: int = 0
     snapshot: dict[str, Any] = field(default_factory=dict)
     in_flight_path: Path | None = None
+    control: Any = None  # a queue of enabled flags, new for every process started
 
     @property
     def name(self) -> str:
@@ -151,9 +170,12 @@ class Supervisor:
         until_idle_s: float | None = None,
         drain_timeout_s: float = 60.0,
         log_level: int = logging.INFO,
+        enabled: dict[str, bool] | None = None,
     ) -> None:
         self.config_path = str(Path(config_path).resolve())
         self.children = [_Child(m, i) for m, i in instances]
+        # Whether each mapping should poll: from the file, then `workers mappings`.
+        self.enabled = {c.mapping: (enabled or {}).get(c.mapping, True) for c in self.children}
         self.until_idle_s = until_idle_s
         self.drain_timeout_s = drain_timeout_s
         self.log_level = log_level
@@ -217,6 +239,12 @@ class Supervisor:
         return 1 if failed else 0
 
     def _start(self, child: _Child) -> None:
+        with self._lock:
+            # A fresh queue: flags sent to a dead process must not reach its successor.
+            control = _ctx.Queue()
+            control.cancel_join_thread()
+            child.control = control
+            enabled = self.enabled[child.mapping]
         process = _ctx.Process(
             target=poller_main,
             args=(
@@ -228,6 +256,8 @@ class Supervisor:
                 self.log_level,
                 str(child.in_flight_path) if child.in_flight_path else None,
                 self.deaths[child.mapping].suspects(),
+                enabled,
+                control,
             ),
             name=f"poller-{child.name}",
         )
@@ -315,6 +345,34 @@ class Supervisor:
     def _kill_all(self) -> None:
         for child in self.children:
             self._signal(child, signal.SIGKILL)
+
+    # --- live control ----------------------------------------------------------------------------
+
+    def set_enabled(self, mapping: str, enabled: bool) -> str:
+        """Enable or disable a mapping on every poller running it; its state right after.
+
+        Raises KeyError for a mapping this run does not have."""
+        with self._lock:
+            if mapping not in self.enabled:
+                raise KeyError(mapping)
+            self.enabled[mapping] = enabled
+            for child in self.children:
+                if child.mapping == mapping and child.control is not None:
+                    child.control.put(enabled)
+        log.info("mapping %s: %s through the control endpoint", mapping, _VERB[enabled])
+        return self.states()[mapping]
+
+    def states(self) -> dict[str, str]:
+        """Per mapping, Lambda's state names: Enabled or Disabled once every poller of it
+        reports being so, Enabling or Disabling until then."""
+        out: dict[str, str] = {}
+        with self._lock:
+            for mapping, enabled in self.enabled.items():
+                want = "Enabled" if enabled else "Disabled"
+                seen = [c.snapshot.get("state") for c in self.children if c.mapping == mapping]
+                settled = all(state == want for state in seen)
+                out[mapping] = want if settled else ("Enabling" if enabled else "Disabling")
+        return out
 
     # --- reporting -------------------------------------------------------------------------------
 

@@ -49,8 +49,11 @@ def build_poller(
     clock: Clock = SYSTEM_CLOCK,
     in_flight_path: Path | None = None,
     suspects: SuspectList | None = None,
+    enabled: bool | None = None,
 ) -> tuple[Poller, Invoker]:
-    """A ready-to-run poller for `mapping` and the invoker it owns (close it after the run)."""
+    """A ready-to-run poller for `mapping` and the invoker it owns (close it after the run).
+
+    `enabled` overrides the mapping's own `enabled` (a mapping enabled since the run began)."""
     spec = config.function_spec(mapping.function)
     criteria = mapping.filter_criteria
     patterns = [f.pattern for f in criteria.filters] if criteria else []
@@ -66,6 +69,7 @@ def build_poller(
         parallelization_factor=mapping.parallelization_factor,
         drain_timeout_s=spec.timeout_s + DRAIN_MARGIN_S,
         stalled_after_s=mapping.stalled_after_s,
+        enabled=mapping.enabled if enabled is None else enabled,
     )
     poller = Poller(
         settings,

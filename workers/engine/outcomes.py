@@ -48,6 +48,14 @@ class RetryLater:
 
 
 @dataclass(frozen=True, slots=True)
+class Throttling:
+    """The handler raised `workers.Throttled`: pause the whole mapping, then try the batch again;
+    no record uses a retry attempt."""
+
+    error: ErrorInfo
+
+
+@dataclass(frozen=True, slots=True)
 class Timeout:
     """The invocation ran past the function's `timeout_s` and was killed."""
 
@@ -76,7 +84,7 @@ class PartialFailure:
 
 
 # What an execution environment hands back for one invocation.
-InvokeResult = Success | FunctionError | RetryLater | Timeout | Crash | InvalidResponse
+InvokeResult = Success | FunctionError | RetryLater | Throttling | Timeout | Crash | InvalidResponse
 # What the policy acts on once the response has been interpreted.
 Outcome = InvokeResult | PartialFailure
 BatchFailure = FunctionError | RetryLater | Timeout | Crash | InvalidResponse
@@ -84,3 +92,9 @@ BatchFailure = FunctionError | RetryLater | Timeout | Crash | InvalidResponse
 
 class RetryableError(Exception):
     """Raise from a handler to ask for a whole-batch retry without bisecting (transient outage)."""
+
+
+class Throttled(Exception):
+    """Raise from a handler when what it writes to is overloaded or down: the whole mapping
+    pauses (1 s, doubling up to 60 s while it keeps being raised) and the batch is tried again
+    after the pause, without using a retry attempt of any record."""

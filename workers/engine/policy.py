@@ -32,12 +32,14 @@ from workers.engine.outcomes import (
     PartialFailure,
     RetryLater,
     Success,
+    Throttling,
     Timeout,
 )
 from workers.engine.ports import EventShape, PackingShape
 from workers.engine.records import Record
 from workers.engine.stalls import Retrying, error_json
 from workers.engine.stats import MappingStats
+from workers.engine.valve import Valve
 
 log = logging.getLogger("workers.policy")
 
@@ -170,6 +172,7 @@ class BatchRunner:
         suspects: Suspects | None = None,
         in_flight: InFlightFile | None = None,
         retrying: Retrying | None = None,
+        valve: Valve | None = None,
     ) -> None:
         self.mapping = mapping
         self.function = function
@@ -189,6 +192,8 @@ class BatchRunner:
         self.suspects = suspects if suspects else None
         self.in_flight = in_flight
         self.retrying = retrying or Retrying()
+        # Disabled mappings and throttled handlers (workers.Throttled) hold invocations here.
+        self.valve = valve or Valve(clock)
         # Only a poller that has suspects needs to keep their invocations apart.
         self._gate = Gate() if self.suspects is not None else None
         self._warned_ignored = False
@@ -267,9 +272,15 @@ class BatchRunner:
                 return self._dead_letter_records(work, work.records, condition, error, stop)
             if work.tried and self.policy.exhausted(work.retries):
                 return self._dead_letter(work, work.records, work.last_error, stop)
-            if stop.is_set():
+            ticket = self.valve.admit(stop)
+            if ticket is None:
                 return False
-            outcome = self._invoke(work)
+            try:
+                outcome = self._invoke(work)
+            except BaseException:
+                self.valve.done(ticket, None)
+                raise
+            pause_s = self.valve.done(ticket, outcome)
             if work.event_error is not None:
                 invalid = self._invalid_records(work)
                 if invalid:
@@ -301,6 +312,21 @@ class BatchRunner:
                 case RetryLater(error=error):
                     work.retries += 1
                     work.last_error = error
+                case Throttling(error=error):
+                    # The same work again once the mapping's pause is over (`admit` waits it
+                    # out); no retry is used, so a downstream outage dead-letters nothing.
+                    self.stats.add(throttled=1)
+                    if pause_s is not None:
+                        log.warning(
+                            "mapping %s: function %s is throttled (%s: %s); pausing the mapping"
+                            " for %.0fs",
+                            self.mapping,
+                            self.function,
+                            error.error_type,
+                            error.message,
+                            pause_s,
+                        )
+                    continue
                 case (
                     FunctionError(error=error)
                     | Timeout(error=error)
@@ -375,7 +401,7 @@ class BatchRunner:
                 self.shape,
                 self.policy.report_batch_item_failures,
             )
-        failed = not isinstance(outcome, Success)
+        failed = not isinstance(outcome, Success | Throttling)
         self.stats.add(
             invocations=1,
             invoked=len(work.records),

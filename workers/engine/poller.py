@@ -33,6 +33,15 @@ from workers.engine.records import Record
 from workers.engine.redact import describe
 from workers.engine.stalls import Retrying, Stalls
 from workers.engine.stats import MappingStats
+from workers.engine.valve import (
+    DISABLED,
+    DISABLING,
+    ENABLED,
+    STATE_CHANGES,
+    THROTTLE_BASE_S,
+    THROTTLE_CAP_S,
+    Valve,
+)
 
 log = logging.getLogger("workers.poller")
 
@@ -53,6 +62,11 @@ class PollerSettings:
     max_threads: int = 256
     # A unit whose position has not moved this long while work waits on it is stalled.
     stalled_after_s: float = 300.0
+    # `enabled: false` starts the mapping disabled: no connection until it is enabled.
+    enabled: bool = True
+    # The pause after a throttle (workers.Throttled), doubling with each one in a row.
+    throttle_base_s: float = THROTTLE_BASE_S
+    throttle_cap_s: float = THROTTLE_CAP_S
 
     def buffer_cap(self) -> int:
         if self.max_buffered_per_unit > 0:
@@ -120,7 +134,14 @@ class Poller:
         self._unit_stops: dict[str, threading.Event] = {}
         self._buffered: dict[str, int] = {}
         self._paused: set[str] = set()
-        self._took = threading.Event()  # set when a lane takes records from its buffer
+        # Set when a lane takes records from its buffer, the mapping is enabled, or on stop.
+        self._wake = threading.Event()
+        # Disabled or throttled: no batch starts, and the source's units stay paused.
+        limits = {"base_s": settings.throttle_base_s, "cap_s": settings.throttle_cap_s}
+        self.valve = Valve(clock, enabled=settings.enabled, **limits)
+        self._holding = False
+        self._state = ENABLED if settings.enabled else DISABLED
+        self.stats.set_control(self._state, self.valve.snapshot())
         self._tracker = CheckpointTracker()  # offset sources; the loop thread's
         self._acks = AckTable()  # ack sources; the loop thread's
         self._settled = SettleQueue(getattr(source, "wake", None))
@@ -164,6 +185,7 @@ class Poller:
             suspects=Suspects(suspects or [], source.fingerprint),
             in_flight=self.in_flight,
             retrying=retrying,
+            valve=self.valve,
         )
 
     # --- the loop --------------------------------------------------------------------------------
@@ -179,15 +201,26 @@ class Poller:
                 if self._failure is not None:
                     raise self._failure
                 try:
-                    if not opened:
-                        self.source.open(self)
-                        opened = True
-                    got = self._poll_once()
-                    quiet = until_idle_s is not None and not got and self._quiet()
+                    if not opened and not self.valve.enabled:
+                        # Disabled from the start: no connection (nor group membership) until
+                        # enabled; idle meanwhile.
+                        self._wake.clear()
+                        if not self.valve.enabled and not self.stop_event.is_set():
+                            self.clock.wait(self._wake, min(1.0, until_idle_s or 1.0))
+                        got, quiet = 0, True
+                    else:
+                        if not opened:
+                            self.source.open(self)
+                            opened = True
+                        got = self._poll_once()
+                        quiet = until_idle_s is not None and not got and self._quiet()
                     errors.reset()
-                    if self.clock.monotonic() - reported_at >= 1.0:
+                    changed = self._steer(opened)
+                    if changed or self.clock.monotonic() - reported_at >= 1.0:
                         reported_at = self.clock.monotonic()
-                        self._report()
+                        self.stats.set_control(self._state, self.valve.snapshot())
+                        if opened:
+                            self._report()
                 except self.source.retryable_errors as exc:
                     delay = errors.next_delay()
                     log.warning(
@@ -221,6 +254,9 @@ class Poller:
         with self._lock:
             in_flight = self._in_flight
         self.stats.set_position(sorted(assigned), lag, in_flight)
+        # A disabled mapping is not stalled: it is asked not to move (its timers restart).
+        if self._state != ENABLED:
+            assigned, lag = frozenset(), {}
         unsettled = self._tracker.unsettled() if self._offsets else self._acks.unsettled()
         self._stalls.check(assigned, lag, unsettled)
 
@@ -230,6 +266,35 @@ class Poller:
         with self._lock:
             for event in self._unit_stops.values():
                 event.set()
+        self.valve.poke()
+        self._wake.set()
+
+    def set_enabled(self, enabled: bool) -> None:
+        """Enable or disable the mapping; any thread. The loop thread acts on it: disabled, no
+        batch starts, the source's units are paused (or polled for nothing), batches running
+        finish and later ones wait, unsettled records keep their position for the enable."""
+        self.valve.set_enabled(enabled)
+        self._wake.set()
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def _steer(self, opened: bool) -> bool:
+        """The mapping's state as the loop sees it now; True if it changed."""
+        if not opened:
+            state = DISABLED
+        elif self.valve.enabled:
+            state = ENABLED
+        else:
+            parked = self.valve.waiting()  # before in-flight: it only grows while disabled
+            with self._lock:
+                state = DISABLED if self._in_flight <= parked else DISABLING
+        if state == self._state:
+            return False
+        self._state = state
+        log.info("mapping %s: %s", self.settings.mapping, STATE_CHANGES[state])
+        return True
 
     def _poll_once(self) -> int:
         self._checkpoint()
@@ -237,13 +302,15 @@ class Poller:
         timeout = self._dispatch_ready(now)
         # Nothing can arrive while every unit is paused: resume drained units first, then wait
         # for a lane to take a batch rather than the whole timeout inside source.poll.
-        self._took.clear()
+        self._wake.clear()
         self._apply_backpressure()
         if self._paused and self._paused >= self.source.assignment():
-            self.clock.wait(self._took, timeout)
+            self.clock.wait(self._wake, timeout)
+            self._dispatch_ready(self.clock.monotonic())
             self._apply_backpressure()
             timeout = 0.0
-        room = self._room()
+        # Held, a source that cannot pause is polled for nothing: its connection is serviced.
+        room = 0 if self._holding and not self.source.capabilities.pausable else self._room()
         records = self.source.poll(room, timeout)
         if records:
             self._accept(records)
@@ -262,6 +329,10 @@ class Poller:
         return max(0, min(cap * units - buffered, max(self.settings.limits.batch_size, 500)))
 
     def _quiet(self) -> bool:
+        if self._state == DISABLED:
+            # --until-idle does not wait for a disabled mapping: what it holds waits for an
+            # enable, or is delivered again after this run.
+            return self._settled.empty()
         with self._lock:
             quiet = self._in_flight == 0 and not any(self._buffered.values())
         return quiet and self._settled.empty() and self.source.caught_up()
@@ -349,7 +420,8 @@ class Poller:
         limits = self.settings.limits
         wait = self.settings.poll_timeout_s
         with self._lock:
-            for lane in self._lanes.values():
+            self._holding = self.valve.holds(self._in_flight)
+            for lane in self._lanes.values() if not self._holding else ():
                 if lane.busy or lane.stop.is_set():
                     continue
                 due = lane.buffer.ready_in(limits, now)
@@ -370,7 +442,7 @@ class Poller:
     def _take(self, lane: _Lane) -> list[Record]:
         batch = lane.buffer.take(self.settings.limits)
         self._buffered[lane.unit] -= len(batch)
-        self._took.set()
+        self._wake.set()
         return batch
 
     def _run_lane(self, lane: _Lane, batch: list[Record]) -> None:
@@ -382,7 +454,8 @@ class Poller:
                 now = self.clock.monotonic()
                 with self._lock:
                     due = lane.buffer.ready_in(self.settings.limits, now)
-                    batch = self._take(lane) if due == 0.0 and not lane.stop.is_set() else []
+                    go = due == 0.0 and not lane.stop.is_set() and self.valve.is_open()
+                    batch = self._take(lane) if go else []
         except BaseException as exc:
             log.exception("mapping %s: batch runner failed", self.settings.mapping)
             if self.in_flight is not None and batch:
@@ -445,6 +518,7 @@ class Poller:
         with self._lock:
             for unit in units:
                 self._unit_stops.get(unit, threading.Event()).set()
+            self.valve.poke()  # batches parked while disabled or throttled see their stop
             self._wait_idle(
                 lambda: not any(lane.busy for lane in self._lanes.values() if lane.unit in units)
             )
@@ -482,12 +556,16 @@ class Poller:
         if not self.source.capabilities.pausable:
             return
         cap = self.settings.buffer_cap()
+        # Held (disabled or throttled): every unit, so that the driver fetches nothing meanwhile
+        # while the loop goes on polling (a Kafka consumer that stops polling leaves its group).
+        held = self.source.assignment() if self._holding else frozenset()
         with self._lock:
             full = {u for u, n in self._buffered.items() if n >= cap}
-            drained = {u for u in self._paused if self._buffered.get(u, 0) <= cap // 2}
-            to_pause = full - self._paused
-            self._paused |= to_pause
-            self._paused -= drained
+            kept = {u for u in self._paused if self._buffered.get(u, 0) > cap // 2}
+            want = set(held) | full | kept
+            to_pause = want - self._paused
+            drained = self._paused - want
+            self._paused = want
         if to_pause:
             self.source.pause(to_pause)
         if drained:

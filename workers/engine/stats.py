@@ -25,6 +25,12 @@ class MappingStats:
     # Dead-lettered without their payload: too large for the destination even alone.
     payload_omitted: int = 0
     failed_invocations: int = 0
+    # Invocations whose handler raised workers.Throttled (they pause the mapping).
+    throttled: int = 0
+    # Enabled, Disabling or Disabled (Lambda's names), and the throttle breaker's state
+    # (workers.engine.valve), as the poller's loop last saw them.
+    state: str = "Enabled"
+    throttle: dict[str, Any] = field(default_factory=lambda: {"state": "closed"})
     # Deliveries the on-failure destination refused (each attempt), and its state as the
     # dead letters last saw it (workers.engine.refusals).
     destination_refusals: int = 0
@@ -75,6 +81,11 @@ class MappingStats:
         with self._lock:
             self.last_error = error
 
+    def set_control(self, state: str, throttle: dict[str, Any]) -> None:
+        with self._lock:
+            self.state = state
+            self.throttle = throttle
+
     def set_destination(self, state: dict[str, Any]) -> None:
         with self._lock:
             self.destination = state
@@ -86,5 +97,6 @@ class MappingStats:
             data["lag"] = dict(self.lag)
             data["destination"] = dict(self.destination)
             data["stalled"] = dict(self.stalled)
+            data["throttle"] = dict(self.throttle)
             data["duration_counts"] = list(self.duration_counts)
         return data

@@ -27,6 +27,7 @@ from workers.engine.outcomes import (
     InvokeResult,
     RetryLater,
     Success,
+    Throttling,
     Timeout,
 )
 from workers.invoke.child import ChildConfig, child_main
@@ -42,6 +43,7 @@ from workers.invoke.shared import (
     OOM,
     READY,
     RETRY,
+    THROTTLED,
     Stats,
     exit_error,
     exit_reason,
@@ -263,7 +265,9 @@ class ProcessInvoker:
 
     def _checkin(self, env: _Environment, result: InvokeResult | None) -> None:
         # After a timeout, a crash or an unexpected error the environment is gone or suspect.
-        keep = isinstance(result, Success | FunctionError | RetryLater | InvalidResponse)
+        keep = isinstance(
+            result, Success | FunctionError | RetryLater | Throttling | InvalidResponse
+        )
         with self._cond:
             if keep and not self._closed:
                 self._idle.append(env)
@@ -416,6 +420,8 @@ class ProcessInvoker:
                 return FunctionError(ErrorInfo(message[1], message[2], list(message[3])))
             elif tag == RETRY:
                 return RetryLater(ErrorInfo(message[1], message[2], list(message[3])))
+            elif tag == THROTTLED:
+                return Throttling(ErrorInfo(message[1], message[2], list(message[3])))
             elif tag == MARSHAL:
                 return InvalidResponse(ErrorInfo("Runtime.MarshalError", message[1]))
             elif tag == OOM:

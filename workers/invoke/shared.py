@@ -12,18 +12,19 @@ from typing import Any
 
 import orjson
 
-from workers.engine.outcomes import ErrorInfo, RetryableError
+from workers.engine.outcomes import ErrorInfo, RetryableError, Throttled
 from workers.invoke.context import LambdaContext
 from workers.invoke.loading import error_info, safe_str
 
 # Child -> parent message tags; every message is an orjson array whose first item is a tag.
-# OK, ERROR and RETRY are also what `call_handler` answers under both isolations.
+# OK, ERROR, RETRY and THROTTLED are also what `call_handler` answers under both isolations.
 READY = "ready"
 INIT_ERROR = "init_error"
 LOG = "log"
 OK = "ok"
 ERROR = "error"
 RETRY = "retry"
+THROTTLED = "throttled"
 MARSHAL = "marshal"
 OOM = "oom"
 
@@ -80,11 +81,13 @@ class AsyncRunner:
 def call_handler(
     handler: Callable[..., Any], event: Any, context: LambdaContext, runner: AsyncRunner
 ) -> tuple[str, Any]:
-    """(OK, return value) or (ERROR / RETRY, ErrorInfo); MemoryError propagates."""
+    """(OK, return value) or (ERROR / RETRY / THROTTLED, ErrorInfo); MemoryError propagates."""
     try:
         result = handler(event, context)
         if inspect.isawaitable(result):
             result = runner.run(result)
+    except Throttled as exc:
+        return THROTTLED, error_info(exc)
     except RetryableError as exc:
         return RETRY, error_info(exc)
     except MemoryError:

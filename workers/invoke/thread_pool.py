@@ -22,6 +22,7 @@ from workers.engine.outcomes import (
     InvokeResult,
     RetryLater,
     Success,
+    Throttling,
     Timeout,
 )
 from workers.invoke.context import LambdaContext, new_log_stream_name
@@ -31,6 +32,7 @@ from workers.invoke.shared import (
     ENCODE_OPTIONS,
     ERROR,
     RETRY,
+    THROTTLED,
     AsyncRunner,
     Stats,
     call_handler,
@@ -118,6 +120,8 @@ class _HandlerThread:
             scope.leave(layer)
         if tag == RETRY:
             return RetryLater(value)
+        if tag == THROTTLED:
+            return Throttling(value)
         if tag == ERROR:
             return FunctionError(value)
         # Round-trip through JSON so that a response means the same as under process isolation.
