@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import orjson
 import pytest
@@ -89,8 +90,8 @@ def test_states_follow_what_the_pollers_report(supervisor: Supervisor) -> None:
             "name": "audit",
             "state": "Enabling",
         }
-        status = request(url + "/status")[1]
-        assert [{k: m[k] for k in ("name", "state")} for m in status["mappings"]] == [
+        mappings = cast("list[dict[str, object]]", request(url + "/status")[1]["mappings"])
+        assert [{k: m[k] for k in ("name", "state")} for m in mappings] == [
             {"name": "orders", "state": "Disabled"},
             {"name": "audit", "state": "Enabling"},
         ]
