@@ -12,13 +12,39 @@ from typing import Any
 
 import orjson
 
-from workers.app.config import Config, ConfigError, load_config
+from workers.app.config import Config, ConfigError
+from workers.app.loader import Loaded, load
 from workers.app.rewind import add_parser as add_rewind_parser
 from workers.engine.redact import describe
 
 log = logging.getLogger("workers")
 
-EPILOG = "Configuration format: see the README (config/example.yaml, config/schema.json)."
+EPILOG = (
+    "Configuration format: see the README (config/example.yaml, config/schema.json). CONFIG may"
+    " also be a SAM or CloudFormation template, with --overrides FILE saying where its sources"
+    " and destinations are here (docs/coming-from-lambda.md)."
+)
+CONFIG_HELP = "mapping file (YAML), or a SAM or CloudFormation template"
+
+
+def _add_template_options(parser: argparse.ArgumentParser, strict: bool = False) -> None:
+    parser.add_argument(
+        "--overrides",
+        metavar="FILE",
+        help="with a template: where its sources and destinations are here, parameter values,"
+        " function settings",
+    )
+    if strict:
+        parser.add_argument(
+            "--strict",
+            action="store_true",
+            help="with a template: events that are not event source mappings, and mappings"
+            " that cannot run here, are errors",
+        )
+
+
+def _load(args: argparse.Namespace) -> Loaded:
+    return load(args.config, args.overrides, strict=getattr(args, "strict", False))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 def _destination_label(args: argparse.Namespace) -> str:
     """` (<type> destination <where>)` of the mapping's on-failure destination, if it has one."""
     try:
-        mapping = load_config(args.config).mapping(args.mapping)
+        mapping = _load(args).config.mapping(args.mapping)
     except ConfigError:
         return ""
     if mapping.destination_config is None:
@@ -99,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=EPILOG,
     )
-    run.add_argument("config", help="mapping file (YAML)")
+    run.add_argument("config", help=CONFIG_HELP)
+    _add_template_options(run, strict=True)
     run.add_argument(
         "--mapping",
         action="append",
@@ -140,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=EPILOG,
     )
-    validate.add_argument("config", help="mapping file (YAML)")
+    validate.add_argument("config", help=CONFIG_HELP)
+    _add_template_options(validate, strict=True)
     validate.add_argument(
         "--connect",
         action="store_true",
@@ -157,14 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=EPILOG,
     )
-    invoke.add_argument("config", help="mapping file (YAML)")
-    invoke.add_argument("function", help="a key of `functions` in the file")
+    invoke.add_argument("config", help=CONFIG_HELP)
+    invoke.add_argument(
+        "function", help="a key of `functions` in the file (a template's: its logical id)"
+    )
+    _add_template_options(invoke)
     invoke.add_argument(
         "--event", required=True, metavar="FILE", help="JSON event ('-' reads standard input)"
     )
     invoke.set_defaults(command=cmd_invoke)
     _add_dlq(sub)
     add_rewind_parser(sub, EPILOG)
+    from workers.app.sam.command import add_sam_parser
+
+    add_sam_parser(sub, EPILOG)
 
     demo = sub.add_parser(
         "demo",
@@ -189,8 +223,9 @@ def _add_dlq(sub: Any) -> None:
     dsub = dlq.add_subparsers(title="dlq commands", metavar="DLQ_COMMAND", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("config", help="mapping file (YAML)")
+        p.add_argument("config", help=CONFIG_HELP)
         p.add_argument("mapping", help="the mapping whose dead letters to read")
+        _add_template_options(p)
 
     def filters(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -253,6 +288,13 @@ def _add_dlq(sub: Any) -> None:
     replay.set_defaults(command=cmd_dlq_replay, dlq_command="replay")
 
 
+def _say_once(loaded: Loaded) -> None:
+    for line in loaded.warnings:
+        log.warning("%s", line)
+    for line in loaded.notes:
+        log.info("%s", line)
+
+
 def _mappings_to_run(config: Config, names: list[str] | None) -> list[tuple[str, int]]:
     if names:
         chosen = [config.mapping(n) for n in names]
@@ -266,7 +308,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from workers.app.progress import progress_for_terminal
     from workers.app.supervisor import Supervisor
 
-    config = load_config(args.config)
+    loaded = _load(args)
+    _say_once(loaded)
+    config = loaded.config
     config.check_handlers()
     for warning in config.warnings():
         log.warning("%s", warning)
@@ -281,6 +325,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         until_idle_s=args.until_idle,
         drain_timeout_s=longest + 30.0,
         log_level=logging.getLogger().level,
+        overrides_path=args.overrides,
     )
     supervisor.install_signal_handlers()
     port = args.metrics_port if args.metrics_port is not None else config.metrics.port
@@ -308,8 +353,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    loaded = _load(args)
+    config = loaded.config
     config.check_handlers()
+    for line in loaded.warnings:
+        print(f"warning: {line}")
+    for line in loaded.notes:
+        print(f"note: {line}")
+    for line in loaded.access:
+        print(f"access: {line}")
     for warning in config.warnings():
         print(f"warning: {warning}")
     if args.connect:
@@ -338,7 +390,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     from workers.engine.outcomes import Success
     from workers.invoke import create_invoker
 
-    config = load_config(args.config)
+    config = _load(args).config
     if args.function not in config.functions:
         known = ", ".join(sorted(config.functions))
         print(f"error: no function named {args.function!r} (known: {known})", file=sys.stderr)
@@ -393,7 +445,7 @@ def _letter_filter(args: argparse.Namespace) -> Any:
 def _store(args: argparse.Namespace) -> tuple[Config, Any, Any]:
     from workers.app.registry import open_dead_letter_store
 
-    config = load_config(args.config)
+    config = _load(args).config
     mapping = config.mapping(args.mapping)
     return config, mapping, open_dead_letter_store(mapping)
 

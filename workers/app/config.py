@@ -46,6 +46,7 @@ from workers.engine.settings import (
     Loc,
     Model,
     Name,
+    NonEmptyStr,
     Range,
     SourceSettings,
     here,
@@ -130,6 +131,15 @@ class FunctionConfig(Model):
         ),
         examples=["eu-west-1"],
     )
+    code_paths: list[NonEmptyStr] = Field(
+        default_factory=list,
+        description=(
+            "Directories put first on the handler's import path, in order (relative to this"
+            " file's directory): the function's code, then its layers, as Lambda's task root and"
+            " /opt/python; the first is LAMBDA_TASK_ROOT. Default: the working directory"
+        ),
+        examples=[["src/orders", "layers/common/python"]],
+    )
 
     @field_validator("handler")
     @classmethod
@@ -146,8 +156,10 @@ class FunctionConfig(Model):
             raise here(f"must be a region name such as 'eu-west-1' (got {show(value)})")
         return value
 
-    def spec(self, name: str) -> FunctionSpec:
-        """This function as the invoker takes it."""
+    def spec(self, name: str, base: str | Path | None = None) -> FunctionSpec:
+        """This function as the invoker takes it; `code_paths` are made absolute from `base`
+        (the configuration file's directory; default: the working directory)."""
+        root = Path(base) if base is not None else Path.cwd()
         return FunctionSpec(
             name=name,
             handler=self.handler,
@@ -157,6 +169,7 @@ class FunctionConfig(Model):
             isolation=self.isolation,
             environment=dict(self.environment),
             region=self.region,
+            code_paths=tuple(str((root / path).resolve()) for path in self.code_paths),
         )
 
 
@@ -172,6 +185,24 @@ def _environment(overlay: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = old
+
+
+@contextmanager
+def _code_paths(paths: Sequence[str]) -> Iterator[None]:
+    """A function's code paths first on sys.path while its module is imported to be checked; the
+    modules imported from them are forgotten afterwards, so that another function's module of
+    the same name (each SAM function's `app.py`) is imported from its own code."""
+    if not paths:
+        yield
+        return
+    saved_path, before = list(sys.path), set(sys.modules)
+    sys.path[:0] = [p for p in paths if p not in sys.path]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved_path
+        for name in set(sys.modules) - before:
+            del sys.modules[name]
 
 
 def check_handler(spec: FunctionSpec, file: str | Path = "<config>") -> None:
@@ -196,9 +227,9 @@ def check_handler(spec: FunctionSpec, file: str | Path = "<config>") -> None:
     module_name, function_name = parts
     try:
         overlay = function_environment(
-            spec, base=os.environ, log_stream_name="validate", task_root=os.getcwd()
+            spec, base=os.environ, log_stream_name="validate", task_root=spec.task_root(os.getcwd())
         )
-        with _environment(overlay):
+        with _environment(overlay), _code_paths(spec.code_paths):
             module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
@@ -436,14 +467,20 @@ class Config(Model):
             raise ConfigError(
                 self.file, [Problem("functions", f"no function named {name!r} (known: {known})")]
             )
-        return function.spec(name)
+        return function.spec(name, self.directory)
+
+    @property
+    def directory(self) -> Path:
+        """What relative paths in the configuration are relative to: the file's directory."""
+        path = Path(self._file)
+        return path.parent.resolve() if path.is_file() else Path.cwd()
 
     def check_handlers(self) -> None:
         """`check_handler` for every function; one ConfigError listing all that fail."""
         problems: list[Problem] = []
         for name, function in self.functions.items():
             try:
-                check_handler(function.spec(name), self.file)
+                check_handler(function.spec(name, self.directory), self.file)
             except ConfigError as exc:
                 problems.extend(exc.problems)
         if problems:

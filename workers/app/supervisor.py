@@ -70,14 +70,15 @@ def poller_main(
     log_level: int,
     in_flight_path: str | None = None,
     suspects: SuspectList | None = None,
+    overrides_path: str | None = None,
 ) -> None:
     """Entry point of a poller process."""
     configure_logging(log_level, f"{mapping_name}#{instance}")
     sys.setswitchinterval(POLLER_SWITCH_INTERVAL_S)
-    from workers.app.config import load_config
+    from workers.app.loader import load
     from workers.app.wiring import build_poller
 
-    config = load_config(config_path)
+    config = load(config_path, overrides_path).config
     mapping = config.mapping(mapping_name)
     poller, invoker = build_poller(
         config,
@@ -151,8 +152,11 @@ class Supervisor:
         until_idle_s: float | None = None,
         drain_timeout_s: float = 60.0,
         log_level: int = logging.INFO,
+        overrides_path: str | Path | None = None,
     ) -> None:
         self.config_path = str(Path(config_path).resolve())
+        # A template's overrides file, which each poller reads with it.
+        self.overrides_path = str(Path(overrides_path).resolve()) if overrides_path else None
         self.children = [_Child(m, i) for m, i in instances]
         self.until_idle_s = until_idle_s
         self.drain_timeout_s = drain_timeout_s
@@ -228,6 +232,7 @@ class Supervisor:
                 self.log_level,
                 str(child.in_flight_path) if child.in_flight_path else None,
                 self.deaths[child.mapping].suspects(),
+                self.overrides_path,
             ),
             name=f"poller-{child.name}",
         )
