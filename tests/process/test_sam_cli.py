@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -98,3 +99,23 @@ def test_sam_convert_wants_a_template() -> None:
     done = workers("sam", "convert", "overrides.yaml")
     assert done.returncode == 2
     assert "not a SAM or CloudFormation template" in done.stderr
+
+
+def test_invoke_a_templates_function(tmp_path: Path) -> None:
+    """`workers invoke TEMPLATE FUNCTION` runs the function from its CodeUri, with its layer."""
+    record = {"messageId": "m1", "body": '{"id": 1, "amount": 5}', "eventSource": "aws:sqs"}
+    poison = {**record, "messageId": "m2", "body": '{"id": 2, "amount": -1}'}
+    event = tmp_path / "event.json"
+    event.write_text(json.dumps({"Records": [record, poison]}))
+    done = workers(
+        "invoke",
+        "template.yaml",
+        "OrdersFunction",
+        "--event",
+        str(event),
+        "--overrides",
+        "overrides.yaml",
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"batchItemFailures": [{"itemIdentifier": "m2"}]}
+    assert "order 1: 5.00 (INFO)" in done.stderr

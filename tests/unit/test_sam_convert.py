@@ -432,6 +432,22 @@ def test_events_that_cannot_run_are_named_and_skipped(tmp_path: Path) -> None:
     assert "--strict: cannot run here: QueueConsumerFunction-Stream" in text
 
 
+def test_an_activemq_broker_is_skipped(tmp_path: Path) -> None:
+    template = """\
+        Resources:
+          Broker: {Type: AWS::AmazonMQ::Broker, Properties: {EngineType: ACTIVEMQ}}
+          Fn:
+            Type: AWS::Lambda::Function
+            Properties: {Runtime: python3.12, Handler: app.handle, Code: src}
+          FromBroker:
+            Type: AWS::Lambda::EventSourceMapping
+            Properties: {FunctionName: !Ref Fn, EventSourceArn: !GetAtt Broker.Arn, Queues: [q]}
+        """
+    message = problems(tmp_path, template)
+    assert "no event source mapping of the template runs here (skipped: FromBroker" in message
+    assert "ActiveMQ brokers cannot be read here (RabbitMQ ones can)" in message
+
+
 def test_layers_globals_and_code_paths(tmp_path: Path) -> None:
     template = """\
         Transform: AWS::Serverless-2016-10-31

@@ -191,18 +191,22 @@ def _environment(overlay: Mapping[str, str]) -> Iterator[None]:
 def _code_paths(paths: Sequence[str]) -> Iterator[None]:
     """A function's code paths first on sys.path while its module is imported to be checked; the
     modules imported from them are forgotten afterwards, so that another function's module of
-    the same name (each SAM function's `app.py`) is imported from its own code."""
+    the same name (each SAM function's `app.py`) is imported from its own code. Libraries they
+    imported from elsewhere stay imported."""
     if not paths:
         yield
         return
     saved_path, before = list(sys.path), set(sys.modules)
     sys.path[:0] = [p for p in paths if p not in sys.path]
+    roots = tuple(os.path.join(p, "") for p in paths)
     try:
         yield
     finally:
         sys.path[:] = saved_path
         for name in set(sys.modules) - before:
-            del sys.modules[name]
+            where = getattr(sys.modules[name], "__file__", None) or ""
+            if where.startswith(roots):
+                del sys.modules[name]
 
 
 def check_handler(spec: FunctionSpec, file: str | Path = "<config>") -> None:

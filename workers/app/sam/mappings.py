@@ -181,6 +181,8 @@ class _Reader:
             if cfn in self.raw:
                 m[native] = self.get(cfn)
                 draft.origins[native] = self.origin_of(cfn)
+        if kind == "sqs" and "maximum_retry_attempts" not in m:
+            self._redrive(draft, origin)
         for key in self.raw:
             if key not in SETTINGS and key not in _READ and key != "ScalingConfig":
                 draft.not_applied.append(key)
@@ -188,8 +190,6 @@ class _Reader:
         self._filters(draft)
         self._source(draft, kind, arn, origin)
         self._destination(draft)
-        if kind == "sqs" and "maximum_retry_attempts" not in m:
-            self._redrive(draft, origin)
         return draft
 
     # --- what the mapping reads ------------------------------------------------------------------
