@@ -119,3 +119,17 @@ def test_invoke_a_templates_function(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"batchItemFailures": [{"itemIdentifier": "m2"}]}
     assert "order 1: 5.00 (INFO)" in done.stderr
+
+
+def test_rewind_and_dlq_take_a_template() -> None:
+    overrides = ("--overrides", "overrides.yaml")
+    done = workers(
+        "rewind", "template.yaml", "OrdersFunction-Orders", "--to", "earliest", *overrides
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith(
+        "error: mapping OrdersFunction-Orders: a sqs source cannot be rewound"
+    ), done.stderr
+    done = workers("dlq", "list", "template.yaml", "OrdersFunction-Orders", *overrides)
+    assert done.returncode == 1
+    assert "OrdersFunction-Orders has no on-failure destination" in done.stderr, done.stderr

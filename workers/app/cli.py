@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from workers.app.config import Config, ConfigError
-from workers.app.loader import Loaded, load
+from workers.app.loader import CONFIG_HELP, Loaded, add_template_options, load
 from workers.app.rewind import add_parser as add_rewind_parser
 from workers.engine.redact import describe
 
@@ -24,23 +24,6 @@ EPILOG = (
     " also be a SAM or CloudFormation template, with --overrides FILE saying where its sources"
     " and destinations are here (docs/coming-from-lambda.md)."
 )
-CONFIG_HELP = "mapping file (YAML), or a SAM or CloudFormation template"
-
-
-def _add_template_options(parser: argparse.ArgumentParser, strict: bool = False) -> None:
-    parser.add_argument(
-        "--overrides",
-        metavar="FILE",
-        help="with a template: where its sources and destinations are here, parameter values,"
-        " function settings",
-    )
-    if strict:
-        parser.add_argument(
-            "--strict",
-            action="store_true",
-            help="with a template: events that are not event source mappings, and mappings"
-            " that cannot run here, are errors",
-        )
 
 
 def _load(args: argparse.Namespace) -> Loaded:
@@ -126,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     run.add_argument("config", help=CONFIG_HELP)
-    _add_template_options(run, strict=True)
+    add_template_options(run, strict=True)
     run.add_argument(
         "--mapping",
         action="append",
@@ -168,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
     )
     validate.add_argument("config", help=CONFIG_HELP)
-    _add_template_options(validate, strict=True)
+    add_template_options(validate, strict=True)
     validate.add_argument(
         "--connect",
         action="store_true",
@@ -189,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument(
         "function", help="a key of `functions` in the file (a template's: its logical id)"
     )
-    _add_template_options(invoke)
+    add_template_options(invoke)
     invoke.add_argument(
         "--event", required=True, metavar="FILE", help="JSON event ('-' reads standard input)"
     )
@@ -225,7 +208,7 @@ def _add_dlq(sub: Any) -> None:
     def common(p: argparse.ArgumentParser) -> None:
         p.add_argument("config", help=CONFIG_HELP)
         p.add_argument("mapping", help="the mapping whose dead letters to read")
-        _add_template_options(p)
+        add_template_options(p)
 
     def filters(p: argparse.ArgumentParser) -> None:
         p.add_argument(

@@ -3,13 +3,16 @@ template with its overrides file (told apart by content)."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from workers.app.config import Config, ConfigError, Problem, load_config
 
-__all__ = ["Loaded", "is_template_file", "load"]
+__all__ = ["CONFIG_HELP", "Loaded", "add_template_options", "is_template_file", "load"]
+
+CONFIG_HELP = "mapping file (YAML), or a SAM or CloudFormation template"
 
 
 @dataclass
@@ -59,3 +62,20 @@ def load(
             ],
         )
     return Loaded(load_config(path, environ))
+
+
+def add_template_options(parser: argparse.ArgumentParser, strict: bool = False) -> None:
+    """`--overrides FILE` (and `--strict`) for a command that takes CONFIG."""
+    parser.add_argument(
+        "--overrides",
+        metavar="FILE",
+        help="with a template: where its sources and destinations are here, parameter values,"
+        " function settings",
+    )
+    if strict:
+        parser.add_argument(
+            "--strict",
+            action="store_true",
+            help="with a template: events that are not event source mappings, and mappings"
+            " that cannot run here, are errors",
+        )
