@@ -500,8 +500,8 @@ def test_an_activemq_broker_is_skipped(tmp_path: Path) -> None:
         (
             ("CodeUri: src/", "CodeUri: missing/"),
             SQS_OVERRIDES,
-            "template.yaml: Resources.QueueConsumerFunction.Properties.Code:"
-            " Resources.QueueConsumerFunction.Properties.CodeUri: no directory 'missing/'",
+            "template.yaml: Resources.QueueConsumerFunction.Properties.CodeUri: no directory"
+            " 'missing/' beside the template",
         ),
         (
             ("Queue: !GetAtt MySqsQueue.Arn", "Queue: !GetAtt Missing.Arn"),

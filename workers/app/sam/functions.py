@@ -88,7 +88,7 @@ class _Reader:
             key = "CodeUri"
         return f"Resources.{logical_id}.Properties.{key}"
 
-    def directory(self, code: Any, loc: tuple[str | int, ...], where: str) -> str | None:
+    def directory(self, code: Any, where: str) -> str | None:
         """A local code directory (relative to the template's), None for code elsewhere."""
         key = local_code_key(code)
         written = None
@@ -100,7 +100,10 @@ class _Reader:
             return None
         path = self.base / written
         if not path.is_dir():
-            raise TemplateError(loc, f"{where}: no directory {written!r} beside the template")
+            # Said where the template names the directory (a SAM CodeUri, Globals, a layer).
+            raise TemplateError(
+                tuple(where.split(".")), f"no directory {written!r} beside the template"
+            )
         return str(Path(written))
 
     def read(self) -> Functions:
@@ -177,12 +180,14 @@ class _Reader:
 
     def _code(self, logical_id: str, raw: Mapping[str, Any]) -> list[str]:
         code = raw.get("Code")
-        loc = self.r.resources.loc(logical_id, "Code")
         if isinstance(code, dict) and "ZipFile" in code:
+            inline = "InlineCode" in self.t.written_functions.get(logical_id, {})
+            where = self.written(logical_id, "InlineCode" if inline else "Code")
             raise TemplateError(
-                loc, "inline code (InlineCode, ZipFile) cannot run here: put it in a directory"
+                tuple(where.split(".")),
+                "inline code cannot run here: put it in a directory (CodeUri)",
             )
-        directory = self.directory(code, loc, self.written(logical_id, "Code"))
+        directory = self.directory(code, self.written(logical_id, "Code"))
         if directory is None:
             self.out.notes.append(
                 f"{logical_id}: its code is in S3: the handler is imported from the working"
@@ -204,7 +209,7 @@ class _Reader:
             ):
                 content = self.r.resources.properties(origin.name).get("Content")
                 where = f"Resources.{origin.name}.Properties.Content"
-                directory = self.directory(content, loc, where)
+                directory = self.directory(content, where)
                 if directory is not None:
                     paths += _layer_paths(self.base / directory, directory)
                     continue
