@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import re
 import sys
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import (
     TYPE_CHECKING,
@@ -173,42 +171,6 @@ class FunctionConfig(Model):
         )
 
 
-@contextmanager
-def _environment(overlay: Mapping[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in overlay}
-    os.environ.update(overlay)
-    try:
-        yield
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
-
-
-@contextmanager
-def _code_paths(paths: Sequence[str]) -> Iterator[None]:
-    """A function's code paths first on sys.path while its module is imported to be checked; the
-    modules imported from them are forgotten afterwards, so that another function's module of
-    the same name (each SAM function's `app.py`) is imported from its own code. Libraries they
-    imported from elsewhere stay imported."""
-    if not paths:
-        yield
-        return
-    saved_path, before = list(sys.path), set(sys.modules)
-    sys.path[:0] = [p for p in paths if p not in sys.path]
-    roots = tuple(os.path.join(p, "") for p in paths)
-    try:
-        yield
-    finally:
-        sys.path[:] = saved_path
-        for name in set(sys.modules) - before:
-            where = getattr(sys.modules[name], "__file__", None) or ""
-            if where.startswith(roots):
-                del sys.modules[name]
-
-
 def check_handler(spec: FunctionSpec, file: str | Path = "<config>") -> None:
     """Import the handler's module and check the function is there and callable.
 
@@ -218,7 +180,7 @@ def check_handler(spec: FunctionSpec, file: str | Path = "<config>") -> None:
     where they are set before the module loads): `boto3.client("s3")` at the top of a module
     needs a region.
     """
-    from workers.invoke.loading import function_environment
+    from workers.invoke.loading import applied
 
     path = render(("functions", spec.name, "handler"))
 
@@ -230,10 +192,7 @@ def check_handler(spec: FunctionSpec, file: str | Path = "<config>") -> None:
         fail(f"must be 'module:function' or Lambda's 'module.function' (got {show(spec.handler)})")
     module_name, function_name = parts
     try:
-        overlay = function_environment(
-            spec, base=os.environ, log_stream_name="validate", task_root=spec.task_root(os.getcwd())
-        )
-        with _environment(overlay), _code_paths(spec.code_paths):
+        with applied(spec, log_stream_name="validate"):
             module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
