@@ -22,7 +22,7 @@ def clean(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def test_a_layer_stays_while_nothing_else_runs_and_goes_when_another_enters() -> None:
     scope = ProcessScope()
-    alpha, beta = Layer({NAME: "alpha"}, "/alpha"), Layer({}, "/beta")
+    alpha, beta = Layer({NAME: "alpha"}, ("/alpha",)), Layer({}, ("/beta",))
 
     scope.enter(alpha)
     assert (os.environ.get(NAME), sys.path[0]) == ("alpha", "/alpha")
@@ -45,7 +45,7 @@ def test_overlapping_layers_later_wins_and_the_earlier_value_comes_back(
 ) -> None:
     monkeypatch.setenv(NAME, "worker")
     scope = ProcessScope()
-    alpha, beta = Layer({NAME: "alpha"}, "/same"), Layer({NAME: "beta"}, "/same")
+    alpha, beta = Layer({NAME: "alpha"}, ("/same",)), Layer({NAME: "beta"}, ("/same",))
 
     scope.enter(alpha)
     scope.enter(beta)
@@ -66,7 +66,7 @@ def test_overlapping_layers_later_wins_and_the_earlier_value_comes_back(
 def test_a_path_already_on_sys_path_is_left_there() -> None:
     scope = ProcessScope()
     present = sys.path[-1]
-    layer = Layer({}, present)
+    layer = Layer({}, (present,))
 
     scope.enter(layer)
     scope.leave(layer)

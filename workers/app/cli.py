@@ -12,14 +12,23 @@ from typing import Any
 
 import orjson
 
-from workers.app.config import Config, ConfigError, load_config
+from workers.app.config import Config, ConfigError
 from workers.app.control import add_parser as add_mappings_parser
+from workers.app.loader import CONFIG_HELP, Loaded, add_template_options, load
 from workers.app.rewind import add_parser as add_rewind_parser
 from workers.engine.redact import describe
 
 log = logging.getLogger("workers")
 
-EPILOG = "Configuration format: see the README (config/example.yaml, config/schema.json)."
+EPILOG = (
+    "Configuration format: see the README (config/example.yaml, config/schema.json). CONFIG may"
+    " also be a SAM or CloudFormation template, with --overrides FILE saying where its sources"
+    " and destinations are here (docs/coming-from-lambda.md)."
+)
+
+
+def _load(args: argparse.Namespace) -> Loaded:
+    return load(args.config, args.overrides, strict=getattr(args, "strict", False))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 def _destination_label(args: argparse.Namespace) -> str:
     """` (<type> destination <where>)` of the mapping's on-failure destination, if it has one."""
     try:
-        mapping = load_config(args.config).mapping(args.mapping)
+        mapping = _load(args).config.mapping(args.mapping)
     except ConfigError:
         return ""
     if mapping.destination_config is None:
@@ -100,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=EPILOG,
     )
-    run.add_argument("config", help="mapping file (YAML)")
+    run.add_argument("config", help=CONFIG_HELP)
+    add_template_options(run, strict=True)
     run.add_argument(
         "--mapping",
         action="append",
@@ -141,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=EPILOG,
     )
-    validate.add_argument("config", help="mapping file (YAML)")
+    validate.add_argument("config", help=CONFIG_HELP)
+    add_template_options(validate, strict=True)
     validate.add_argument(
         "--connect",
         action="store_true",
@@ -158,8 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=EPILOG,
     )
-    invoke.add_argument("config", help="mapping file (YAML)")
-    invoke.add_argument("function", help="a key of `functions` in the file")
+    invoke.add_argument("config", help=CONFIG_HELP)
+    invoke.add_argument(
+        "function", help="a key of `functions` in the file (a template's: its logical id)"
+    )
+    add_template_options(invoke)
     invoke.add_argument(
         "--event", required=True, metavar="FILE", help="JSON event ('-' reads standard input)"
     )
@@ -167,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dlq(sub)
     add_rewind_parser(sub, EPILOG)
     add_mappings_parser(sub)
+    from workers.app.sam.command import add_sam_parser
+
+    add_sam_parser(sub, EPILOG)
 
     demo = sub.add_parser(
         "demo",
@@ -191,8 +208,9 @@ def _add_dlq(sub: Any) -> None:
     dsub = dlq.add_subparsers(title="dlq commands", metavar="DLQ_COMMAND", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("config", help="mapping file (YAML)")
+        p.add_argument("config", help=CONFIG_HELP)
         p.add_argument("mapping", help="the mapping whose dead letters to read")
+        add_template_options(p)
 
     def filters(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -255,6 +273,13 @@ def _add_dlq(sub: Any) -> None:
     replay.set_defaults(command=cmd_dlq_replay, dlq_command="replay")
 
 
+def _say_once(loaded: Loaded) -> None:
+    for line in loaded.warnings:
+        log.warning("%s", line)
+    for line in loaded.notes:
+        log.info("%s", line)
+
+
 def _mappings_to_run(config: Config, names: list[str] | None) -> list[tuple[str, int]]:
     # A mapping with `enabled: false` runs too, disabled: `workers mappings enable` starts it.
     chosen = [config.mapping(n) for n in names] if names else config.event_source_mappings
@@ -266,7 +291,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from workers.app.progress import progress_for_terminal
     from workers.app.supervisor import Supervisor
 
-    config = load_config(args.config)
+    loaded = _load(args)
+    _say_once(loaded)
+    config = loaded.config
     config.check_handlers()
     for warning in config.warnings():
         log.warning("%s", warning)
@@ -290,6 +317,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         drain_timeout_s=longest + 30.0,
         log_level=logging.getLogger().level,
         enabled=enabled,
+        overrides_path=args.overrides,
     )
     supervisor.install_signal_handlers()
     port = args.metrics_port if args.metrics_port is not None else config.metrics.port
@@ -318,8 +346,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    loaded = _load(args)
+    config = loaded.config
     config.check_handlers()
+    for line in loaded.warnings:
+        print(f"warning: {line}")
+    for line in loaded.notes:
+        print(f"note: {line}")
+    for line in loaded.access:
+        print(f"access: {line}")
     for warning in config.warnings():
         print(f"warning: {warning}")
     if args.connect:
@@ -348,7 +383,7 @@ def cmd_invoke(args: argparse.Namespace) -> int:
     from workers.engine.outcomes import Success
     from workers.invoke import create_invoker
 
-    config = load_config(args.config)
+    config = _load(args).config
     if args.function not in config.functions:
         known = ", ".join(sorted(config.functions))
         print(f"error: no function named {args.function!r} (known: {known})", file=sys.stderr)
@@ -403,7 +438,7 @@ def _letter_filter(args: argparse.Namespace) -> Any:
 def _store(args: argparse.Namespace) -> tuple[Config, Any, Any]:
     from workers.app.registry import open_dead_letter_store
 
-    config = load_config(args.config)
+    config = _load(args).config
     mapping = config.mapping(args.mapping)
     return config, mapping, open_dead_letter_store(mapping)
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import os
 import re
 import sys
-from collections.abc import Collection, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import (
     TYPE_CHECKING,
@@ -46,6 +44,7 @@ from workers.engine.settings import (
     Loc,
     Model,
     Name,
+    NonEmptyStr,
     Range,
     SourceSettings,
     here,
@@ -130,6 +129,15 @@ class FunctionConfig(Model):
         ),
         examples=["eu-west-1"],
     )
+    code_paths: list[NonEmptyStr] = Field(
+        default_factory=list,
+        description=(
+            "Directories put first on the handler's import path, in order (relative to this"
+            " file's directory): the function's code, then its layers, as Lambda's task root and"
+            " /opt/python; the first is LAMBDA_TASK_ROOT. Default: the working directory"
+        ),
+        examples=[["src/orders", "layers/common/python"]],
+    )
 
     @field_validator("handler")
     @classmethod
@@ -146,8 +154,10 @@ class FunctionConfig(Model):
             raise here(f"must be a region name such as 'eu-west-1' (got {show(value)})")
         return value
 
-    def spec(self, name: str) -> FunctionSpec:
-        """This function as the invoker takes it."""
+    def spec(self, name: str, base: str | Path | None = None) -> FunctionSpec:
+        """This function as the invoker takes it; `code_paths` are made absolute from `base`
+        (the configuration file's directory; default: the working directory)."""
+        root = Path(base) if base is not None else Path.cwd()
         return FunctionSpec(
             name=name,
             handler=self.handler,
@@ -157,21 +167,8 @@ class FunctionConfig(Model):
             isolation=self.isolation,
             environment=dict(self.environment),
             region=self.region,
+            code_paths=tuple(str((root / path).resolve()) for path in self.code_paths),
         )
-
-
-@contextmanager
-def _environment(overlay: Mapping[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in overlay}
-    os.environ.update(overlay)
-    try:
-        yield
-    finally:
-        for name, old in saved.items():
-            if old is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = old
 
 
 def check_handler(spec: FunctionSpec, file: str | Path = "<config>") -> None:
@@ -183,7 +180,7 @@ def check_handler(spec: FunctionSpec, file: str | Path = "<config>") -> None:
     where they are set before the module loads): `boto3.client("s3")` at the top of a module
     needs a region.
     """
-    from workers.invoke.loading import function_environment
+    from workers.invoke.loading import applied
 
     path = render(("functions", spec.name, "handler"))
 
@@ -195,10 +192,7 @@ def check_handler(spec: FunctionSpec, file: str | Path = "<config>") -> None:
         fail(f"must be 'module:function' or Lambda's 'module.function' (got {show(spec.handler)})")
     module_name, function_name = parts
     try:
-        overlay = function_environment(
-            spec, base=os.environ, log_stream_name="validate", task_root=os.getcwd()
-        )
-        with _environment(overlay):
+        with applied(spec, log_stream_name="validate"):
             module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name is not None and (module_name + ".").startswith(exc.name + "."):
@@ -439,14 +433,20 @@ class Config(Model):
             raise ConfigError(
                 self.file, [Problem("functions", f"no function named {name!r} (known: {known})")]
             )
-        return function.spec(name)
+        return function.spec(name, self.directory)
+
+    @property
+    def directory(self) -> Path:
+        """What relative paths in the configuration are relative to: the file's directory."""
+        path = Path(self._file)
+        return path.parent.resolve() if path.is_file() else Path.cwd()
 
     def check_handlers(self) -> None:
         """`check_handler` for every function; one ConfigError listing all that fail."""
         problems: list[Problem] = []
         for name, function in self.functions.items():
             try:
-                check_handler(function.spec(name), self.file)
+                check_handler(function.spec(name, self.directory), self.file)
             except ConfigError as exc:
                 problems.extend(exc.problems)
         if problems:

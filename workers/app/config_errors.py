@@ -29,6 +29,7 @@ class Problem:
 
     path: str  # e.g. "event_source_mappings[0].batch_size"; "" for the file as a whole
     message: str
+    file: str = ""  # when not the error's own file (a template's overrides file)
 
     def __str__(self) -> str:
         return f"{self.path}: {self.message}" if self.path else self.message
@@ -40,8 +41,10 @@ class ConfigError(Exception):
     def __init__(self, file: str | Path, problems: Sequence[Problem]) -> None:
         self.file = str(file)
         # Whatever a message quotes, a password in it is masked (workers.engine.redact's one rule).
-        self.problems = tuple(Problem(p.path, redact_text(p.message)) for p in problems)
-        super().__init__("\n".join(f"{self.file}: {problem}" for problem in self.problems))
+        self.problems = tuple(Problem(p.path, redact_text(p.message), p.file) for p in problems)
+        super().__init__(
+            "\n".join(f"{problem.file or self.file}: {problem}" for problem in self.problems)
+        )
 
     def __reduce__(self) -> tuple[type[ConfigError], tuple[str, tuple[Problem, ...]]]:
         return (type(self), (self.file, self.problems))

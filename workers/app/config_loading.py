@@ -15,10 +15,10 @@ import yaml
 from workers.app.config_errors import ConfigError, Problem, render
 from workers.engine.settings import Loc
 
-__all__ = ["read_yaml"]
+__all__ = ["StrictLoader", "parse_yaml", "read_yaml", "substitute"]
 
 
-class _Loader(yaml.SafeLoader):
+class StrictLoader(yaml.SafeLoader):
     """SafeLoader that rejects duplicate keys (YAML keeps the last one silently)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
@@ -37,15 +37,16 @@ class _Loader(yaml.SafeLoader):
 
 
 # Unquoted times stay strings (PyYAML would make datetimes that no string field accepts).
-_Loader.yaml_implicit_resolvers = {
+StrictLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:timestamp"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 
 
-def _parse_yaml(text: str, file: str) -> Any:
+def parse_yaml(text: str, file: str, loader: type[StrictLoader] = StrictLoader) -> Any:
+    """The data in YAML text (no substitution); raises ConfigError naming `file`."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        return yaml.load(text, Loader=loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -128,7 +129,14 @@ def read_yaml(
 ) -> tuple[Any, dict[str, str]]:
     """The data in YAML text with `${VAR}` substituted from `environ` (default: os.environ), and
     each substituted string -> as written in the file; raises ConfigError naming `file`."""
-    data = _parse_yaml(text, file)
+    return substitute(parse_yaml(text, file), file, environ)
+
+
+def substitute(
+    data: Any, file: str, environ: Mapping[str, str] | None = None
+) -> tuple[Any, dict[str, str]]:
+    """`data` with `${VAR}` substituted from `environ` (default: os.environ), and each substituted
+    string -> as written; raises ConfigError naming `file`."""
     problems: list[tuple[Loc, str]] = []
     as_written: dict[str, str] = {}
     data = _substitute(data, os.environ if environ is None else environ, (), problems, as_written)

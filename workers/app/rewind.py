@@ -13,7 +13,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from workers.app.config import ConfigError, load_config
+from workers.app.config import ConfigError
+from workers.app.loader import CONFIG_HELP, add_template_options, load
 from workers.engine.ports import ConnectorConfigError
 from workers.engine.redact import describe
 from workers.engine.rewind import Move, Rewinder, RewindRefused, RewindTarget
@@ -40,8 +41,9 @@ def add_parser(sub: Any, epilog: str) -> None:
         ),
         epilog=epilog,
     )
-    rewind.add_argument("config", help="mapping file (YAML)")
+    rewind.add_argument("config", help=CONFIG_HELP)
     rewind.add_argument("mapping", help="the mapping whose group to move")
+    add_template_options(rewind)
     rewind.add_argument(
         "--to",
         required=True,
@@ -70,7 +72,7 @@ def cmd_rewind(args: argparse.Namespace) -> int:
 
     try:
         target = parse_target(args.to)
-        mapping = load_config(args.config).mapping(args.mapping)
+        mapping = load(args.config, args.overrides).config.mapping(args.mapping)
         rewinder = open_rewinder(mapping)
     except (ConfigError, ConnectorConfigError, RewindRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -74,14 +74,15 @@ def poller_main(
     suspects: SuspectList | None = None,
     enabled: bool = True,
     control: Any = None,
+    overrides_path: str | None = None,
 ) -> None:
     """Entry point of a poller process; `control` brings `workers mappings enable|disable`."""
     configure_logging(log_level, f"{mapping_name}#{instance}")
     sys.setswitchinterval(POLLER_SWITCH_INTERVAL_S)
-    from workers.app.config import load_config
+    from workers.app.loader import load
     from workers.app.wiring import build_poller
 
-    config = load_config(config_path)
+    config = load(config_path, overrides_path).config
     mapping = config.mapping(mapping_name)
     poller, invoker = build_poller(
         config,
@@ -171,8 +172,11 @@ class Supervisor:
         drain_timeout_s: float = 60.0,
         log_level: int = logging.INFO,
         enabled: dict[str, bool] | None = None,
+        overrides_path: str | Path | None = None,
     ) -> None:
         self.config_path = str(Path(config_path).resolve())
+        # A template's overrides file, which each poller reads with it.
+        self.overrides_path = str(Path(overrides_path).resolve()) if overrides_path else None
         self.children = [_Child(m, i) for m, i in instances]
         # Whether each mapping should poll: from the file, then `workers mappings`.
         self.enabled = {c.mapping: (enabled or {}).get(c.mapping, True) for c in self.children}
@@ -258,6 +262,7 @@ class Supervisor:
                 self.deaths[child.mapping].suspects(),
                 enabled,
                 control,
+                self.overrides_path,
             ),
             name=f"poller-{child.name}",
         )

@@ -26,6 +26,17 @@ class FunctionSpec:
     isolation: Literal["process", "thread"] = "process"
     environment: dict[str, str] = field(default_factory=dict)
     region: str = DEFAULT_REGION  # AWS_REGION when the worker's environment sets none
+    # Directories put first on the handler's import path, in order (a SAM function's CodeUri,
+    # then its layers); the first is the function's task root. Empty: the working directory.
+    code_paths: tuple[str, ...] = ()
+
+    def task_root(self, cwd: str) -> str:
+        """LAMBDA_TASK_ROOT: where the function's code is (its first code path, else `cwd`)."""
+        return self.code_paths[0] if self.code_paths else cwd
+
+    def import_paths(self, cwd: str) -> tuple[str, ...]:
+        """What goes first on sys.path, in order: the code paths, then the working directory."""
+        return (*self.code_paths, cwd) if cwd not in self.code_paths else self.code_paths
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,7 +45,7 @@ class ChildConfig:
     handler: str
     memory_mb: int
     environ: dict[str, str]
-    cwd: str
+    paths: tuple[str, ...]  # first on sys.path, in order: the code paths, the working directory
     log_stream_name: str
 
 
@@ -124,8 +124,10 @@ def child_main(conn: Connection, config: ChildConfig) -> None:
     die_with_parent()
     os.environ.clear()
     os.environ.update(config.environ)
-    if not sys.path or sys.path[0] != config.cwd:
-        sys.path.insert(0, config.cwd)
+    for path in reversed(config.paths):
+        if path in sys.path:
+            sys.path.remove(path)
+        sys.path.insert(0, path)
     channel = _Channel(conn)
     stdout, stderr = _PipeWriter(channel, 1), _PipeWriter(channel, 2)
     sys.stdout, sys.stderr = stdout, stderr

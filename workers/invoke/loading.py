@@ -8,7 +8,8 @@ import math
 import os
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from importlib import import_module
 from typing import Any
 
@@ -134,3 +135,39 @@ def function_environment(
         _HANDLER=spec.handler,
     )
     return variables
+
+
+@contextmanager
+def applied(spec: FunctionSpec, *, log_stream_name: str) -> Iterator[None]:
+    """The function's variables (Lambda's reserved ones included) and code paths applied to this
+    process while a block runs: a one-off import of its module, to check it.
+
+    The modules imported from its code paths are forgotten afterwards, so that another
+    function's module of the same name (each SAM function's `app.py`) is imported from its own
+    code; libraries they imported from elsewhere stay imported.
+    """
+    overlay = function_environment(
+        spec,
+        base=os.environ,
+        log_stream_name=log_stream_name,
+        task_root=spec.task_root(os.getcwd()),
+    )
+    saved = {name: os.environ.get(name) for name in overlay}
+    saved_path, before = list(sys.path), set(sys.modules)
+    os.environ.update(overlay)
+    sys.path[:0] = [p for p in spec.code_paths if p not in sys.path]
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+        if spec.code_paths:
+            sys.path[:] = saved_path
+            roots = tuple(os.path.join(p, "") for p in spec.code_paths)
+            for name in set(sys.modules) - before:
+                where = getattr(sys.modules[name], "__file__", None) or ""
+                if where.startswith(roots):
+                    del sys.modules[name]

@@ -304,7 +304,7 @@ class ProcessInvoker:
                 self.spec,
                 base=self._parent_environ,
                 log_stream_name=log_stream_name,
-                task_root=self._cwd,
+                task_root=self.spec.task_root(self._cwd),
             ),
         }
         config = ChildConfig(
@@ -312,7 +312,7 @@ class ProcessInvoker:
             handler=self.spec.handler,
             memory_mb=self.spec.memory_mb,
             environ=environ,
-            cwd=self._cwd,
+            paths=self.spec.import_paths(self._cwd),
             log_stream_name=log_stream_name,
         )
         parent_conn, child_conn = self._context.Pipe(duplex=True)

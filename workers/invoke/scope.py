@@ -18,10 +18,10 @@ from typing import ClassVar
 
 @dataclass(frozen=True, eq=False)
 class Layer:
-    """One function's variables and the directory its handler is imported from."""
+    """One function's variables and the directories its handler is imported from."""
 
     variables: Mapping[str, str] = field(default_factory=dict)
-    path: str = ""
+    paths: tuple[str, ...] = ()
 
 
 class ProcessScope:
@@ -115,9 +115,11 @@ class ProcessScope:
                 self._saved[name] = current
             if current != value:
                 os.environ[name] = value
-        if layer.path and layer.path not in sys.path:
-            sys.path.insert(0, layer.path)
-            self._added_paths.add(layer.path)
+        # Inserted last to first, so that they end up first on sys.path in their own order.
+        for path in reversed(layer.paths):
+            if path not in sys.path:
+                sys.path.insert(0, path)
+                self._added_paths.add(path)
 
     def _take_back(self, layer: Layer) -> None:
         # Only running layers remain applied (a resident layer exists only when none runs).
@@ -129,8 +131,8 @@ class ProcessScope:
                 os.environ.pop(name, None)
             elif os.environ.get(name) != value:
                 os.environ[name] = value
-        path = layer.path
-        if path in self._added_paths and not any(other.path == path for other in others):
-            self._added_paths.discard(path)
-            if path in sys.path:
-                sys.path.remove(path)
+        for path in layer.paths:
+            if path in self._added_paths and not any(path in other.paths for other in others):
+                self._added_paths.discard(path)
+                if path in sys.path:
+                    sys.path.remove(path)

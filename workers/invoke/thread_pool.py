@@ -135,8 +135,9 @@ class ThreadInvoker:
     """Runs the handler on threads of the worker process (`isolation: thread`).
 
     Cheaper than processes, with little containment. The function's variables and its import
-    path (the working directory it was created in) are applied to os.environ and sys.path
-    while its import or a call of its handler runs, through the process's `ProcessScope`, and
+    path (its code paths, then the working directory it was created in) are applied to
+    os.environ and sys.path while its import or a call of its handler runs, through the
+    process's `ProcessScope`, and
     taken back before another function of the process runs alone. What a thread cannot
     isolate, because the process has one of each:
     - os.environ and sys.path: two thread-isolated functions running at the same moment see
@@ -176,9 +177,9 @@ class ThreadInvoker:
             spec,
             base=self.scope.unlayered(),
             log_stream_name=self._log_stream_name,
-            task_root=cwd,
+            task_root=spec.task_root(cwd),
         )
-        self.layer = Layer(variables, cwd)
+        self.layer = Layer(variables, spec.import_paths(cwd))
         self._slots = threading.BoundedSemaphore(spec.concurrency)
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()  # held during the import, which may be slow
