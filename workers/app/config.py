@@ -34,7 +34,7 @@ from pydantic import (
 )
 
 from workers.app.config_errors import ConfigError, Problem, problems_of, render
-from workers.app.config_loading import read_yaml
+from workers.app.config_loading import read_text, read_yaml
 from workers.engine.invoker import DEFAULT_REGION, FunctionSpec
 from workers.engine.redact import redact_url
 from workers.engine.settings import (
@@ -534,11 +534,7 @@ def parse_config(
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
     """Read, substitute and validate a configuration file; raises ConfigError."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(path, [Problem("", f"cannot read the file: {reason}")]) from None
+    text = read_text(path)
     return parse_config(text, path, environ)
 
 

@@ -70,28 +70,24 @@ def parse_target(text: str) -> RewindTarget:
 def cmd_rewind(args: argparse.Namespace) -> int:
     from workers.app.registry import open_rewinder
 
+    rewinder = None
     try:
         target = parse_target(args.to)
         mapping = load(args.config, args.overrides).config.mapping(args.mapping)
         rewinder = open_rewinder(mapping)
-    except (ConfigError, ConnectorConfigError, RewindRefused) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return REFUSED
-    except Exception as exc:
-        log.debug("workers rewind %s failed", args.mapping, exc_info=True)
-        print(f"error: rewind {args.mapping}: {describe(exc)}", file=sys.stderr)
-        return FAILED
-    try:
         return _rewind(args, rewinder, target)
-    except RewindRefused as exc:
-        print(f"error: rewind {args.mapping}: {exc}", file=sys.stderr)
+    except (ConfigError, ConnectorConfigError, RewindRefused) as exc:
+        # Before the broker answered, the error names what is wrong by itself.
+        where = "" if rewinder is None else f"rewind {args.mapping}: "
+        print(f"error: {where}{exc}", file=sys.stderr)
         return REFUSED
     except Exception as exc:
         log.debug("workers rewind %s failed", args.mapping, exc_info=True)
         print(f"error: rewind {args.mapping}: {describe(exc)}", file=sys.stderr)
         return FAILED
     finally:
-        rewinder.close()
+        if rewinder is not None:
+            rewinder.close()
 
 
 def _rewind(args: argparse.Namespace, rewinder: Rewinder, target: RewindTarget) -> int:

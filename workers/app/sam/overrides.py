@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.app.config_errors import ConfigError, Problem
-from workers.app.config_loading import parse_yaml, substitute
+from workers.app.config_loading import parse_yaml, read_text, substitute
 
 __all__ = ["SECTIONS", "Overrides", "read_overrides"]
 
@@ -93,11 +93,7 @@ def read_overrides(
     if path is None:
         return Overrides()
     name = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(name, [Problem("", f"cannot read the file: {reason}")]) from None
+    text = read_text(path)
     data = parse_yaml(text, name)
     if data is None:
         return Overrides(file=name)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.app.config_errors import ConfigError, Problem
-from workers.app.config_loading import StrictLoader, parse_yaml
+from workers.app.config_loading import StrictLoader, parse_yaml, read_text
 
 __all__ = [
     "MAPPING_EVENTS",
@@ -78,11 +78,7 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def read_template(path: str | Path) -> dict[str, Any]:
     """The template's data, `!Tag` forms as their `Fn::` mappings; raises ConfigError."""
     name = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise ConfigError(name, [Problem("", f"cannot read the file: {reason}")]) from None
+    text = read_text(path)
     if text.lstrip().startswith("{"):
         try:
             data = json.loads(text, object_pairs_hook=_no_duplicates)
