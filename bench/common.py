@@ -20,6 +20,9 @@ import orjson
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# The measurements of `python -m bench --only` (bench/README.md says what each one is).
+MEASUREMENTS = ("raw", "engine", "faststream", "parallel", "latency", "bisect")
+
 # Environment variable naming the file a benchmark handler appends its timings to.
 OUT_ENV = "BENCH_OUT"
 

@@ -25,6 +25,8 @@ def _write(line: str) -> None:
 
 
 def _groups(event: dict[str, Any]) -> Any:
+    if "Records" in event:  # SQS and kombu: one list
+        return (event["Records"],)
     groups = event.get("records")
     if groups is None:
         groups = event["rmqMessagesByQueue"]
@@ -36,11 +38,14 @@ def count(event: dict[str, Any]) -> int:
 
 
 def values(event: dict[str, Any]) -> Iterator[bytes]:
-    """Every record's value, decoded from base64, for the three event shapes."""
+    """Every record's value, decoded from base64 where the event carries it so, for the four
+    event shapes."""
     a2b = binascii.a2b_base64
     for items in _groups(event):
         for item in items:
-            if "data" in item:  # RabbitMQ
+            if "body" in item:  # SQS and kombu: the body as text (the bench's are JSON)
+                yield item["body"].encode()
+            elif "data" in item:  # RabbitMQ
                 yield a2b(item["data"])
             elif "fields" in item:  # Redis Streams
                 yield a2b(item["fields"]["v"])

@@ -7,6 +7,7 @@ the engine's measurement runs from its first invocation to its last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -120,7 +121,88 @@ def raw_rabbitmq(spec: dict[str, Any]) -> dict[str, Any]:
     return {"records": state["count"], "first": state["first"], "last": last}
 
 
-LOOPS = {"kafka": raw_kafka, "redis": raw_redis, "rabbitmq": raw_rabbitmq}
+def raw_kombu(spec: dict[str, Any]) -> dict[str, Any]:
+    from kombu.connection import Connection
+    from kombu.entity import Queue
+    from kombu.messaging import Consumer
+
+    n = spec["records"]
+    loads = orjson.loads
+    state = {"count": 0, "first": 0.0}
+
+    def on_message(message: Any) -> None:
+        if not state["first"]:
+            state["first"] = time.time()
+        loads(message.body)
+        state["count"] += 1
+        if state["count"] % BATCH == 0 or state["count"] == n:
+            message.ack(multiple=True)
+
+    deadline = time.monotonic() + TIMEOUT_S
+    with Connection(spec["url"]) as connection:
+        channel = connection.channel()
+        # The queue exists (filled by the bench): declaring it with kombu's defaults would fail.
+        queue = Queue(spec["queue"], no_declare=True)
+        consumer = Consumer(
+            channel, queues=[queue], on_message=on_message, prefetch_count=2 * BATCH
+        )
+        consumer.consume()
+        while state["count"] < n and time.monotonic() < deadline:
+            with contextlib.suppress(TimeoutError):  # nothing arrived within 0.5 s
+                connection.drain_events(timeout=0.5)
+        last = time.time()
+    return {"records": state["count"], "first": state["first"], "last": last}
+
+
+def raw_sqs(spec: dict[str, Any]) -> dict[str, Any]:
+    import boto3
+
+    n = spec["records"]
+    url = spec["queue_url"]
+    client = boto3.client("sqs", endpoint_url=spec["endpoint"], region_name=spec["region"])
+    loads = orjson.loads
+    count = 0
+    first = 0.0
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while count < n and time.monotonic() < deadline:
+            reply = client.receive_message(
+                QueueUrl=url,
+                MaxNumberOfMessages=10,
+                WaitTimeSeconds=1,
+                MessageSystemAttributeNames=["All"],
+                MessageAttributeNames=["All"],
+            )
+            messages = reply.get("Messages", [])
+            if not messages:
+                continue
+            if not first:
+                first = time.time()
+            for m in messages:
+                loads(m["Body"])
+            done = client.delete_message_batch(
+                QueueUrl=url,
+                Entries=[
+                    {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                    for i, m in enumerate(messages)
+                ],
+            )
+            if done.get("Failed"):
+                raise RuntimeError(f"DeleteMessageBatch failed: {done['Failed'][:2]}")
+            count += len(messages)
+        last = time.time()
+    finally:
+        client.close()
+    return {"records": count, "first": first, "last": last}
+
+
+LOOPS = {
+    "kafka": raw_kafka,
+    "redis": raw_redis,
+    "rabbitmq": raw_rabbitmq,
+    "kombu": raw_kombu,
+    "sqs": raw_sqs,
+}
 
 
 def main() -> None:

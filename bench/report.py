@@ -70,6 +70,8 @@ def markdown(run: dict[str, Any]) -> str:
         " same broker in the same run.\n\n"
     )
     body = table(run["rows"])
+    if run.get("skipped"):
+        body += "\nNot measured:\n\n" + "".join(f"- {e}\n" for e in run["skipped"])
     if run.get("errors"):
         body += "\nErrors:\n\n" + "".join(f"- {e}\n" for e in run["errors"])
     return head + body
@@ -96,6 +98,8 @@ def chart(run: dict[str, Any], path: Path) -> None:
                 xs.append(j + (i - 1.5) * width)
                 ys.append(row["rate"])
                 ratios.append(row["ratio"])
+        if not ys:
+            continue  # not measured on any broker here: no legend entry either
         bars = ax.bar(xs, ys, width, label=LABELS[kind])
         for bar, ratio in zip(bars, ratios, strict=True):
             if ratio is not None and kind != "raw":
@@ -107,7 +111,8 @@ def chart(run: dict[str, Any], path: Path) -> None:
                     fontsize=7,
                 )
     ax.set_xticks(range(len(brokers)), brokers)
-    ax.set_yscale("log")
+    if ax.containers:  # a log scale with no bar at all (every run failed) cannot be drawn
+        ax.set_yscale("log")
     ax.set_ylabel("records/s (log scale)")
     ax.set_title("No-op handler, batch 500 (label: share of raw)")
     _legend(ax)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from bench.common import (
+    MEASUREMENTS,
     BenchError,
     log,
     median,
@@ -23,7 +24,7 @@ from bench.common import (
 from bench.engine import EngineRun, Workdir, config_for, free_port, run_workers
 from bench.targets import Dataset, Target
 
-SCENARIOS = ("raw", "engine", "faststream", "parallel", "latency", "bisect")
+SCENARIOS = MEASUREMENTS
 PF_VALUES = (1, 8, 32)
 
 
@@ -65,15 +66,20 @@ class Suite:
         self.target = target
         self.s = settings
         self.workdir = workdir
-        self.only = only
+        skipped = sorted(only & set(target.not_measured))
+        self.only = only - set(skipped)
         self.rows: list[Row] = []
         self.errors: list[str] = []
+        # "broker measurement: why", for what was asked for and this broker does not take.
+        self.skipped = [f"{self.broker} {m}: {target.not_measured[m]}" for m in skipped]
 
     @property
     def broker(self) -> str:
         return self.target.name
 
     def run(self) -> list[Row]:
+        for line in self.skipped:
+            log(f"skipped: {line}")
         steps: list[tuple[str, Callable[[], None]]] = [
             ("throughput", self.throughput),
             ("parallel", self.parallel),
@@ -129,10 +135,12 @@ class Suite:
                 extra[kind].setdefault("per_run", []).append(info)
                 log(f"{self.broker} {kind} #{repeat + 1}: {rate:,.0f} records/s")
         raw = median(runs["raw"]) if "raw" in runs else None
+        # Said on every row: the server's own cost is most of what is measured.
+        moto = "; moto's server, not AWS" if self.broker == "sqs" else ""
         notes = {
             "raw": self._raw_note(),
-            "engine-thread": "workers run, no-op handler, isolation: thread, batch 500",
-            "engine-process": "workers run, no-op handler, isolation: process, batch 500",
+            "engine-thread": f"workers run, no-op handler, isolation: thread, batch 500{moto}",
+            "engine-process": f"workers run, no-op handler, isolation: process, batch 500{moto}",
             "faststream": self._faststream_note(),
         }
         for kind in kinds:
@@ -154,6 +162,11 @@ class Suite:
             "kafka": "confluent-kafka consume(500) + orjson + async commit",
             "redis": "redis-py XREADGROUP COUNT 500 + orjson + XACK",
             "rabbitmq": "pika basic_consume, prefetch 1000, orjson, multiple-ack per 500",
+            "kombu": "kombu Consumer on RabbitMQ, prefetch 1000, orjson, multiple-ack per 500",
+            "sqs": (
+                "boto3 ReceiveMessage (10, wait 1 s, all attributes) + orjson +"
+                " DeleteMessageBatch per receive; moto's server, not AWS"
+            ),
         }[self.broker]
 
     def _faststream_note(self) -> str:
@@ -161,7 +174,7 @@ class Suite:
             "kafka": "FastStream (aiokafka) batch=True, max_records 500, commit per batch",
             "redis": "FastStream StreamSub batch=True, max_records 500, XACK",
             "rabbitmq": "FastStream (aio-pika) one message at a time, ack each, prefetch 1000",
-        }[self.broker]
+        }.get(self.broker, "")
 
     def _throughput_once(self, kind: str, ds: Dataset) -> tuple[float, dict[str, Any]]:
         group = _group()
@@ -226,9 +239,9 @@ class Suite:
                 log(f"{self.broker} pf={pf} #{repeat + 1}: {rate:,.0f} records/s")
         base = median(runs[1])
         spread = (
-            "lanes round-robin (unordered queue)"
-            if self.broker == "rabbitmq"
-            else f"{self.s.parallel_keys} keys"
+            f"{self.s.parallel_keys} keys"
+            if self.target.ordered
+            else "lanes round-robin (unordered queue)"
         )
         for pf in PF_VALUES:
             rate = median(runs[pf])

@@ -1,9 +1,11 @@
-"""One class per broker: bring the broker up (Kafka) or connect (RabbitMQ, Redis), pre-fill a
-topic/stream/queue, describe it to the engine, the raw loop and FastStream, and clean up."""
+"""One class per broker: bring the broker up (Kafka, SQS) or connect (RabbitMQ, Redis, kombu),
+pre-fill a topic/stream/queue, describe it to the engine, the raw loop and FastStream, and clean
+up."""
 
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -14,6 +16,8 @@ from bench.common import BenchError, key_of, log, value_of
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+# The same RabbitMQ, as kombu spells its default vhost.
+KOMBU_URL = "amqp://guest:guest@127.0.0.1:5672//"
 # Tansu joins a member only after about half of session.timeout.ms (docs/brokers.md).
 KAFKA_SESSION_MS = 6000
 
@@ -40,6 +44,11 @@ class LiveProducer(Protocol):
 
 class Target(Protocol):
     name: str
+    # Whether records of one key stay in order (a partition, a stream), or lanes take them
+    # round-robin (a queue).
+    ordered: bool
+    # Measurements (bench.common.MEASUREMENTS) this broker does not take, and why.
+    not_measured: dict[str, str]
 
     def setup(self) -> None: ...
 
@@ -83,6 +92,8 @@ def unique(prefix: str) -> str:
 
 class KafkaTarget:
     name = "kafka"
+    ordered = True
+    not_measured: dict[str, str] = {}
 
     def __init__(self) -> None:
         self._broker: Any = None
@@ -235,6 +246,8 @@ class _KafkaProducer:
 
 class RedisTarget:
     name = "redis"
+    ordered = True
+    not_measured: dict[str, str] = {}
 
     def __init__(self) -> None:
         self._client: Any = None
@@ -324,6 +337,8 @@ class _RedisProducer:
 
 class RabbitMQTarget:
     name = "rabbitmq"
+    ordered = False
+    not_measured: dict[str, str] = {}
 
     def __init__(self) -> None:
         self._connection: Any = None
@@ -416,8 +431,152 @@ class _RabbitProducer:
         pass
 
 
+# --- kombu, over the same RabbitMQ ---------------------------------------------------------------
+
+
+class KombuTarget(RabbitMQTarget):
+    """RabbitMQ queues filled with pika as for `rabbitmq`, read through kombu (`type: kombu`)."""
+
+    name = "kombu"
+    not_measured = {"faststream": "FastStream has no kombu subscriber"}
+
+    def source(self, ds: Dataset, group: str) -> dict[str, Any]:
+        return {"type": "kombu", "url": KOMBU_URL, "queue": ds.name}
+
+    def client_spec(self, ds: Dataset, group: str) -> dict[str, Any]:
+        return {"broker": "kombu", "url": KOMBU_URL, "queue": ds.name, "records": ds.records}
+
+
+# --- SQS (moto's server) -------------------------------------------------------------------------
+
+# SendMessageBatch and DeleteMessageBatch take at most 10 entries.
+SQS_BATCH = 10
+_NOT_ON_MOTO = (
+    "not measured on moto, whose cost per message grows with the queue's depth (bench/README.md)"
+)
+
+
+class SQSTarget:
+    """Standard queues on moto's server (`workers.embedded.EmbeddedSQS`), started on a free port.
+
+    moto is not SQS: every message it sends or receives scans the whole queue (its queue
+    attributes are computed per message), so the cost per message grows with the queue's depth
+    and datasets stay small. Numbers here measure moto, not AWS.
+    """
+
+    name = "sqs"
+    ordered = False
+    not_measured = {
+        "faststream": "FastStream has no SQS subscriber",
+        "parallel": _NOT_ON_MOTO,
+        "latency": _NOT_ON_MOTO,
+        "bisect": _NOT_ON_MOTO,
+    }
+
+    def __init__(self) -> None:
+        self._server: Any = None
+        self._client: Any = None
+        self._saved_env: dict[str, str | None] = {}
+        self._queues: dict[str, str] = {}  # name -> URL
+
+    def setup(self) -> None:
+        from workers.embedded import LOCAL_SQS_ENVIRONMENT, EmbeddedSQS
+
+        # `workers run` and the raw loop take credentials from the AWS chain (the environment);
+        # moto accepts any, and these are not real ones.
+        self._saved_env = {k: os.environ.get(k) for k in LOCAL_SQS_ENVIRONMENT}
+        os.environ.update(LOCAL_SQS_ENVIRONMENT)
+        self._server = EmbeddedSQS()
+        self._server.start()
+        self._client = self._server.client()
+        log(f"sqs: moto on {self._server.endpoint_url}")
+
+    @property
+    def region(self) -> str:
+        return os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()  # its queues go with it
+            self._server = None
+            self._queues.clear()
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env = {}
+
+    def dataset(self, label: str, n: int, *, keys: int, values: ValueFn | None = None) -> Dataset:
+        ds = self.empty(label)
+        make = values or default_values
+        producer = self.producer(ds)
+        for start in range(0, n, 1000):
+            producer.send([(key_of(i, keys), make(i)) for i in range(start, min(n, start + 1000))])
+        attributes = self._client.get_queue_attributes(
+            QueueUrl=ds.extra["url"], AttributeNames=["ApproximateNumberOfMessages"]
+        )["Attributes"]
+        count = int(attributes["ApproximateNumberOfMessages"])
+        if count != n:
+            raise BenchError(f"sqs: {count}/{n} messages in {ds.name}")
+        ds.records, ds.keys = n, keys
+        return ds
+
+    def empty(self, label: str) -> Dataset:
+        name = unique(label)
+        url = self._server.create_queue(name)
+        self._queues[name] = url
+        return Dataset(name, 0, 0, single_use=True, extra={"url": url})
+
+    def release(self, ds: Dataset) -> None:
+        url = self._queues.pop(ds.name, None)
+        if url is not None:
+            self._client.delete_queue(QueueUrl=url)
+
+    def source(self, ds: Dataset, group: str) -> dict[str, Any]:
+        return {
+            "type": "sqs",
+            "queue_url": ds.extra["url"],
+            "endpoint_url": self._server.endpoint_url,
+            "region": self.region,
+        }
+
+    def client_spec(self, ds: Dataset, group: str) -> dict[str, Any]:
+        return {
+            "broker": "sqs",
+            "endpoint": self._server.endpoint_url,
+            "region": self.region,
+            "queue_url": ds.extra["url"],
+            "records": ds.records,
+        }
+
+    def producer(self, ds: Dataset) -> _SQSProducer:
+        return _SQSProducer(self._client, ds.extra["url"])
+
+
+class _SQSProducer:
+    def __init__(self, client: Any, url: str) -> None:
+        self._client = client
+        self.url = url
+
+    def send(self, records: Sequence[tuple[bytes, bytes]]) -> None:
+        for start in range(0, len(records), SQS_BATCH):
+            entries = [
+                {"Id": str(i), "MessageBody": value.decode()}
+                for i, (_key, value) in enumerate(records[start : start + SQS_BATCH])
+            ]
+            reply = self._client.send_message_batch(QueueUrl=self.url, Entries=entries)
+            if reply.get("Failed"):
+                raise BenchError(f"sqs: SendMessageBatch failed: {reply['Failed'][:2]}")
+
+    def close(self) -> None:
+        pass
+
+
 TARGETS: dict[str, Callable[[], Target]] = {
     "kafka": KafkaTarget,
     "redis": RedisTarget,
     "rabbitmq": RabbitMQTarget,
+    "sqs": SQSTarget,
+    "kombu": KombuTarget,
 }

