@@ -10,9 +10,10 @@ from typing import Any
 
 from bench.common import RESULTS
 
-THROUGHPUT = ("raw", "engine-thread", "engine-process", "faststream")
+THROUGHPUT = ("raw", "raw-event", "engine-thread", "engine-process", "faststream")
 LABELS = {
     "raw": "raw client loop",
+    "raw-event": "raw loop + Lambda's event",
     "engine-thread": "esm-workers (thread)",
     "engine-process": "esm-workers (process)",
     "faststream": "FastStream",
@@ -89,13 +90,13 @@ def chart(run: dict[str, Any], path: Path) -> None:
     fig.suptitle(f"esm-workers benchmark {run['started']} ({run['host']['cpus']} CPUs)")
 
     ax = axes[0][0]
-    width = 0.2
+    width = 0.8 / len(THROUGHPUT)
     for i, kind in enumerate(THROUGHPUT):
         xs, ys, ratios = [], [], []
         for j, broker in enumerate(brokers):
             row = _find(rows, broker, kind)
             if row and row["rate"]:
-                xs.append(j + (i - 1.5) * width)
+                xs.append(j + (i - (len(THROUGHPUT) - 1) / 2) * width)
                 ys.append(row["rate"])
                 ratios.append(row["ratio"])
         if not ys:

@@ -25,6 +25,8 @@ from bench.engine import EngineRun, Workdir, config_for, free_port, run_workers
 from bench.targets import Dataset, Target
 
 SCENARIOS = MEASUREMENTS
+# Brokers whose raw loop can also build Lambda's event (the second ceiling row).
+RAW_EVENT_BROKERS = ("kafka", "redis", "rabbitmq")
 PF_VALUES = (1, 8, 32)
 
 
@@ -115,11 +117,12 @@ class Suite:
             k
             for k, wanted in (
                 ("raw", "raw"),
+                ("raw-event", "raw"),
                 ("engine-thread", "engine"),
                 ("engine-process", "engine"),
                 ("faststream", "faststream"),
             )
-            if wanted in self.only
+            if wanted in self.only and (k != "raw-event" or self.broker in RAW_EVENT_BROKERS)
         ]
         runs: dict[str, list[float]] = {k: [] for k in kinds}
         extra: dict[str, dict[str, Any]] = {k: {} for k in kinds}
@@ -139,6 +142,10 @@ class Suite:
         moto = "; moto's server, not AWS" if self.broker == "sqs" else ""
         notes = {
             "raw": self._raw_note(),
+            "raw-event": (
+                "the raw loop, plus Lambda's event built for each batch (a dict per record,"
+                " base64 payloads) and a no-op function called with it, in one process"
+            ),
             "engine-thread": f"workers run, no-op handler, isolation: thread, batch 500{moto}",
             "engine-process": f"workers run, no-op handler, isolation: process, batch 500{moto}",
             "faststream": self._faststream_note(),
@@ -178,9 +185,10 @@ class Suite:
 
     def _throughput_once(self, kind: str, ds: Dataset) -> tuple[float, dict[str, Any]]:
         group = _group()
-        if kind in ("raw", "faststream"):
-            module = "bench.raw" if kind == "raw" else "bench.peers"
-            result = run_module(module, self.target.client_spec(ds, group), timeout_s=180)
+        if kind in ("raw", "raw-event", "faststream"):
+            module = "bench.peers" if kind == "faststream" else "bench.raw"
+            spec = {**self.target.client_spec(ds, group), "event": kind == "raw-event"}
+            result = run_module(module, spec, timeout_s=180)
             if result["records"] != ds.records:
                 raise BenchError(f"{kind} read {result['records']}/{ds.records} records")
             seconds = result["last"] - result["first"]
