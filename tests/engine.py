@@ -124,8 +124,10 @@ def make_queue_poller(
     batch_size: int = 100,
     parallelization_factor: int = 1,
     stalled_after_s: float = 300.0,
+    broker_retries: bool = False,
+    fifo: bool = False,
 ) -> tuple[Poller, MemoryQueueSource]:
-    source = MemoryQueueSource(broker, queue)
+    source = MemoryQueueSource(broker, queue, broker_retries=broker_retries, fifo=fifo)
     poller = Poller(
         PollerSettings(
             mapping="m",

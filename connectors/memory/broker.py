@@ -4,7 +4,8 @@ Three kinds of source: a partitioned log with consumer-group offsets (Kafka's se
 offset checkpoints, pause/resume), the same log read with per-record acks and pending entries
 (Redis Streams' semantics, `connectors.memory.stream`) and a queue with acks and redelivery of
 unacked messages when a consumer goes away (RabbitMQ's semantics, with quorum queues' delivery
-counts).
+counts), optionally taking messages back to deliver them again after a delay (SQS's visibility
+timeout; with `fifo`, SQS FIFO's message groups).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class QueuedMessage:
     timestamp_ms: int
     headers: list[tuple[str, bytes]]
     deliveries: int = 0
+    key: bytes | None = None
 
 
 @dataclass
@@ -58,6 +60,8 @@ class MemoryBroker:
     pending: dict[tuple[str, str], dict[int, int]] = field(default_factory=dict)
     queues: dict[str, deque[QueuedMessage]] = field(default_factory=dict)
     unacked: dict[str, dict[int, QueuedMessage]] = field(default_factory=dict)
+    # Messages taken back (`MemoryQueueSource.release`), with when they are delivered again.
+    delayed: dict[str, list[tuple[float, QueuedMessage]]] = field(default_factory=dict)
     down: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
     _seq: int = 0
@@ -108,18 +112,21 @@ class MemoryBroker:
         *,
         timestamp_ms: int | None = None,
         headers: Sequence[tuple[str, bytes]] = (),
+        key: bytes | None = None,
     ) -> None:
         with self.lock:
             self._seq += 1
             ts = self.clock.wall_ms() if timestamp_ms is None else timestamp_ms
             self.queues.setdefault(queue, deque()).append(
-                QueuedMessage(self._seq, value, ts, list(headers))
+                QueuedMessage(self._seq, value, ts, list(headers), key=key)
             )
 
     def queue_depth(self, queue: str) -> tuple[int, int]:
-        """(ready, unacked) message counts."""
+        """(ready, unacked) message counts; messages taken back to deliver later count as
+        unacked, as SQS counts them in flight."""
         with self.lock:
-            return len(self.queues.get(queue, ())), len(self.unacked.get(queue, {}))
+            later = len(self.delayed.get(queue, ()))
+            return len(self.queues.get(queue, ())), len(self.unacked.get(queue, {})) + later
 
 
 class MemoryLogSource(SourceBase):
@@ -216,19 +223,32 @@ class MemoryLogSource(SourceBase):
 
 
 class MemoryQueueSource(SourceBase):
-    """A consumer of one queue with manual acks (RabbitMQ-like, quorum delivery counts)."""
+    """A consumer of one queue with manual acks (RabbitMQ-like, quorum delivery counts).
+
+    With `broker_retries`, SQS-like: `release` takes messages back to deliver them again after a
+    delay. With `fifo` too, messages of one key (a message group) are delivered in order, none
+    while an earlier one of its key is held by a consumer or waiting out its delay.
+    """
 
     capabilities = Capabilities(ordered=False, checkpoint="ack")
     retryable_errors: tuple[type[BaseException], ...] = (MemoryBrokerError,)
 
-    def __init__(self, broker: MemoryBroker, queue: str) -> None:
+    def __init__(
+        self, broker: MemoryBroker, queue: str, *, broker_retries: bool = False, fifo: bool = False
+    ) -> None:
         self.broker = broker
         self.queue = queue
+        if broker_retries or fifo:
+            self.capabilities = Capabilities(
+                ordered=fifo, checkpoint="ack", broker_retries=broker_retries
+            )
+        self.fifo = fifo
         self.shape = RabbitShape("memory")
         self._tag = 0
         self._mine: dict[int, QueuedMessage] = {}  # delivery tag -> message
         self._wakeup = threading.Event()
         self.acked: list[int] = []  # message seqs, in ack order
+        self.released: list[tuple[int, float]] = []  # (message seq, delay), in release order
 
     def open(self, listener: AssignmentListener) -> None:
         if self.broker.down:
@@ -238,8 +258,11 @@ class MemoryQueueSource(SourceBase):
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         out: list[Record] = []
         with self.broker.lock:
+            self._return_due()
             ready = self.broker.queues.setdefault(self.queue, deque())
             unacked = self.broker.unacked.setdefault(self.queue, {})
+            if self.fifo:
+                ready = self._deliverable(ready, unacked)
             while ready and len(out) < max_records:
                 msg = ready.popleft()
                 self._tag += 1
@@ -247,9 +270,45 @@ class MemoryQueueSource(SourceBase):
                 unacked[msg.seq] = msg
                 out.append(self._record(msg, self._tag))
                 msg.deliveries += 1
+            if self.fifo:
+                self._put_back(ready)
         if not out:
             self.broker.clock.wait(self._wakeup, timeout_s)
         return out
+
+    def _return_due(self) -> None:
+        """Messages whose delay has passed go back to the queue, in their original order."""
+        delayed = self.broker.delayed.get(self.queue)
+        if not delayed:
+            return
+        now = self.broker.clock.monotonic()
+        due = [m for at, m in delayed if at <= now]
+        if due:
+            delayed[:] = [(at, m) for at, m in delayed if at > now]
+            ready = self.broker.queues.setdefault(self.queue, deque())
+            ready.extend(due)
+            self.broker.queues[self.queue] = deque(sorted(ready, key=lambda m: m.seq))
+
+    def _deliverable(
+        self, ready: deque[QueuedMessage], unacked: dict[int, QueuedMessage]
+    ) -> deque[QueuedMessage]:
+        """FIFO: takes out of `ready` the messages of keys nothing earlier holds up."""
+        blocked = {m.key for m in unacked.values()}
+        blocked |= {m.key for _, m in self.broker.delayed.get(self.queue, ())}
+        out: deque[QueuedMessage] = deque()
+        kept: deque[QueuedMessage] = deque()
+        for msg in ready:
+            if msg.key in blocked:
+                kept.append(msg)
+            else:
+                out.append(msg)
+        self.broker.queues[self.queue] = kept
+        return out
+
+    def _put_back(self, rest: deque[QueuedMessage]) -> None:
+        ready = self.broker.queues[self.queue]
+        ready.extend(rest)
+        self.broker.queues[self.queue] = deque(sorted(ready, key=lambda m: m.seq))
 
     def _record(self, msg: QueuedMessage, tag: int) -> Record:
         props: dict[str, Any] = {"deliveryMode": 2, "bodySize": len(msg.value)}
@@ -259,6 +318,7 @@ class MemoryQueueSource(SourceBase):
             source=self.queue,
             position=tag,
             value=msg.value,
+            key=msg.key,
             timestamp_ms=msg.timestamp_ms,
             headers=msg.headers,
             attempts=msg.deliveries,
@@ -277,12 +337,29 @@ class MemoryQueueSource(SourceBase):
                 del unacked[msg.seq]
                 self.acked.append(msg.seq)
 
+    def release(self, records: Sequence[Record], delay_s: float) -> None:
+        if not self.capabilities.broker_retries:
+            super().release(records, delay_s)
+        with self.broker.lock:
+            unacked = self.broker.unacked[self.queue]
+            delayed = self.broker.delayed.setdefault(self.queue, [])
+            at = self.broker.clock.monotonic() + delay_s
+            for r in records:
+                msg = self._mine.pop(r.position, None)
+                if msg is None:
+                    raise AssertionError(f"delivery tag {r.position} released twice or unknown")
+                del unacked[msg.seq]
+                delayed.append((at, msg))
+                self.released.append((msg.seq, delay_s))
+
     def assignment(self) -> frozenset[str]:
         return frozenset([self.queue])
 
     def caught_up(self) -> bool:
         with self.broker.lock:
-            return not self.broker.queues.get(self.queue)
+            return not self.broker.queues.get(self.queue) and not self.broker.delayed.get(
+                self.queue
+            )
 
     def close(self) -> None:
         """Unacked messages go back to the front of the queue, as when a channel closes."""

@@ -4,6 +4,7 @@ while their batches run, and deletes what the engine settles (DeleteMessageBatch
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 import uuid
@@ -61,6 +62,8 @@ DELETE_RETRY_S = 1.0
 FULL_WAIT_S = 0.005
 # Deletes that failed on SQS's side are tried again on later polls this many times.
 DELETE_TRIES = 5
+# SQS's longest visibility timeout (12 hours).
+MAX_VISIBILITY_S = 43200
 
 
 @dataclass(slots=True)
@@ -79,6 +82,8 @@ class SQSSource(SourceBase):
     Record.source is the queue's name and Record.position a delivery counter of this source
     (a message delivered again gets a new one; `fingerprint` knows it by its messageId).
     Record.attempts is ApproximateReceiveCount - 1, so retries are counted across restarts.
+    A record to retry is released (`release`): SQS waits out the backoff as the message's
+    visibility timeout, then delivers it again, to this consumer or another.
 
     A FIFO queue is ordered: Record.key is the MessageGroupId, so the engine's lanes keep each
     group in order (`parallelization_factor` lanes), and SQS itself delivers no more of a group
@@ -101,7 +106,11 @@ class SQSSource(SourceBase):
         self.queue_url = src.queue_url
         self.queue = src.queue_name
         self.capabilities = Capabilities(
-            ordered=src.fifo, checkpoint="ack", pausable=False, stable_positions=False
+            ordered=src.fifo,
+            checkpoint="ack",
+            pausable=False,
+            stable_positions=False,
+            broker_retries=True,
         )
         region = src.client_region or boto3.session.Session().region_name or ""
         # The shape, which the queue's own ARN updates on open.
@@ -300,7 +309,7 @@ class SQSSource(SourceBase):
         if not due:
             return
         try:
-            self._change_visibility(due, self._visibility_s)
+            failed = self._change_visibility(due, self._visibility_s)
         except RETRYABLE_ERRORS as exc:
             log.warning(
                 "mapping %s: extending the visibility of %d messages failed (%s); retrying",
@@ -313,8 +322,71 @@ class SQSSource(SourceBase):
             return
         for held in due:
             held.extend_at = now + self._visibility_s / 2
+        for held, entry in failed:
+            # No longer in flight for us (its visibility ran out and another consumer may have
+            # it): nothing to extend any more; it will be delivered again.
+            held.extend_at = float("inf")
+            log.warning(
+                "mapping %s: message %s could not be kept invisible (%s: %s); it may be"
+                " delivered again",
+                self.mapping,
+                held.message_id,
+                entry.get("Code"),
+                entry.get("Message", ""),
+            )
 
-    def _change_visibility(self, held: Sequence[_Held], timeout_s: int) -> None:
+    def release(self, records: Sequence[Record], delay_s: float) -> None:
+        """ChangeMessageVisibility to the retry's backoff (whole seconds, as SQS counts them):
+        SQS delivers each message again once that has passed, to any consumer, one receive
+        more in its ApproximateReceiveCount. The wait lives in SQS, so it survives a restart.
+
+        On a FIFO queue only the first message of each group waits: SQS returns none of a group
+        while one of it is in flight, so the rest are made visible at once and come back in
+        order behind it.
+        """
+        timeout_s = min(MAX_VISIBILITY_S, math.ceil(max(delay_s, 0.0)))
+        by_timeout: dict[int, list[_Held]] = {}
+        groups: set[bytes | None] = set()
+        for r in records:
+            if r.position in self._to_delete:
+                continue
+            held = self._held.pop(r.position, None)
+            if held is None:
+                continue
+            wait_s = timeout_s
+            if self.capabilities.ordered:
+                wait_s = 0 if r.key in groups else timeout_s
+                groups.add(r.key)
+            by_timeout.setdefault(wait_s, []).append(held)
+        for wait_s, batch in by_timeout.items():
+            try:
+                failed = self._change_visibility(batch, wait_s)
+            except RETRYABLE_ERRORS as exc:
+                log.warning(
+                    "mapping %s: handing %d messages back for a retry in %ds failed (%s); they"
+                    " come back after the queue's visibility timeout instead",
+                    self.mapping,
+                    len(batch),
+                    wait_s,
+                    describe(exc),
+                )
+                continue
+            for one, entry in failed:
+                log.warning(
+                    "mapping %s: message %s could not be handed back for a retry in %ds (%s:"
+                    " %s); it comes back after its visibility timeout",
+                    self.mapping,
+                    one.message_id,
+                    wait_s,
+                    entry.get("Code"),
+                    entry.get("Message", ""),
+                )
+
+    def _change_visibility(
+        self, held: Sequence[_Held], timeout_s: int
+    ) -> list[tuple[_Held, Mapping[str, Any]]]:
+        """ChangeMessageVisibilityBatch, ten at a time; returns the entries SQS refused."""
+        refused: list[tuple[_Held, Mapping[str, Any]]] = []
         for chunk in chunks(held):
             entries = [
                 {"Id": str(i), "ReceiptHandle": h.receipt_handle, "VisibilityTimeout": timeout_s}
@@ -325,20 +397,8 @@ class SQSSource(SourceBase):
                     QueueUrl=self.queue_url, Entries=e
                 )
             )
-            for failed in reply.get("Failed", []):
-                one = chunk[int(failed["Id"])]
-                # No longer in flight for us (its visibility ran out and another consumer may
-                # have it): nothing to extend any more; it will be delivered again.
-                one.extend_at = float("inf")
-                if timeout_s > 0:
-                    log.warning(
-                        "mapping %s: message %s could not be kept invisible (%s: %s); it may be"
-                        " delivered again",
-                        self.mapping,
-                        one.message_id,
-                        failed.get("Code"),
-                        failed.get("Message", ""),
-                    )
+            refused += [(chunk[int(f["Id"])], f) for f in reply.get("Failed", [])]
+        return refused
 
     # --- checkpointing ---------------------------------------------------------------------------
 

@@ -42,6 +42,12 @@ COUNTER_METRICS = (
     ("esm_failed_invoke_events", "failed_invocations", "Invocations that failed"),
     ("esm_dropped_events", "dropped", "Exhausted records dropped for want of a destination"),
     (
+        "esm_released_events",
+        "released",
+        "Records handed back to the broker to be delivered again (SQS retries, and exhausted"
+        " records left to the queue's redrive policy)",
+    ),
+    (
         "esm_on_failure_destination_delivered_events",
         "dead_lettered",
         "Records delivered to the on-failure destination",

@@ -46,6 +46,7 @@ COUNTERS = (
     "bisected",
     "dead_lettered",
     "dropped",
+    "released",
     "payload_omitted",
     "failed_invocations",
     "throttled",

@@ -66,6 +66,14 @@ class LaneBuffer:
         # What stays behind keeps the oldest arrival time: it has waited at least that long.
         return batch
 
+    def remove(self, keys: set[bytes | None]) -> list[Record]:
+        """Take out, in order, the waiting records with one of these keys."""
+        out = [r for r in self.records if r.key in keys]
+        if out:
+            self.records = deque(r for r in self.records if r.key not in keys)
+            self.nbytes -= sum(r.size for r in out)
+        return out
+
     def clear(self) -> list[Record]:
         dropped = list(self.records)
         self.records.clear()

@@ -6,7 +6,8 @@ source's driver, takes them off and turns them into checkpoints:
 
 - offset sources: `CheckpointTracker` commits only the contiguous prefix of settled records, since
   an offset is safe to commit only when every record before it has settled;
-- ack sources: `AckTable` holds every record delivered and not yet acked, so each is acked once.
+- ack sources: `AckTable` holds every record delivered and not yet acked, so each is acked once;
+  a source with `broker_retries` may instead be handed a record back (`Source.release`), once.
 """
 
 from __future__ import annotations
@@ -26,14 +27,31 @@ class SettleQueue:
 
     def __init__(self, wake: Callable[[], None] | None = None) -> None:
         self._items: deque[Sequence[Record]] = deque()  # append and popleft are atomic
+        # Records to hand back to the broker, and after how long it delivers them again.
+        self._released: deque[tuple[Sequence[Record], float]] = deque()
         self._wake = wake
 
     def put(self, records: Sequence[Record]) -> None:
-        was_empty = not self._items
+        was_empty = self.empty()
         self._items.append(records)
         if was_empty and self._wake is not None:
             # Once per batch of puts: the loop takes them all when it wakes.
             self._wake()
+
+    def release(self, records: Sequence[Record], delay_s: float) -> None:
+        """Records that did not settle, for the broker to deliver again after `delay_s`."""
+        was_empty = self.empty()
+        self._released.append((records, delay_s))
+        if was_empty and self._wake is not None:
+            self._wake()
+
+    def take_released(self) -> list[tuple[Sequence[Record], float]]:
+        """Every release since the last call, in the order they were made."""
+        out = []
+        released = self._released
+        while released:
+            out.append(released.popleft())
+        return out
 
     def take(self) -> list[Record]:
         """Every record settled since the last call, in the order they were put."""
@@ -44,7 +62,7 @@ class SettleQueue:
         return out
 
     def empty(self) -> bool:
-        return not self._items
+        return not self._items and not self._released
 
 
 class AckTable:

@@ -2,7 +2,9 @@
 
 `BatchRunner.run` takes a batch from first invocation to settlement: every record ends either
 succeeded or dead-lettered (or dropped), each exactly once, unless the runner is stopped, in which
-case the unsettled records are left for the broker to deliver again.
+case the unsettled records are left for the broker to deliver again. On a source whose broker
+takes records back (`Capabilities.broker_retries`), a record to retry, or one exhausted with no
+on-failure destination, is instead handed back to the broker (`release`), once.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import logging
 import threading
 import uuid
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +117,7 @@ class _Work:
     __slots__ = (
         "doomed",
         "event_error",
+        "handed_back",
         "invocations",
         "last_error",
         "records",
@@ -147,6 +150,8 @@ class _Work:
         self.doomed = doomed
         # Building or encoding the event raised: some record of the batch may be at fault.
         self.event_error: Exception | None = None
+        # Keys of records handed back to the broker, and the delay they were given.
+        self.handed_back: dict[Hashable, float] = {}
 
 
 def _max_attempts(records: Sequence[Record]) -> int:
@@ -173,6 +178,7 @@ class BatchRunner:
         in_flight: InFlightFile | None = None,
         retrying: Retrying | None = None,
         valve: Valve | None = None,
+        release: Callable[[Sequence[Record], float], None] | None = None,
     ) -> None:
         self.mapping = mapping
         self.function = function
@@ -194,6 +200,8 @@ class BatchRunner:
         self.retrying = retrying or Retrying()
         # Disabled mappings and throttled handlers (workers.Throttled) hold invocations here.
         self.valve = valve or Valve(clock)
+        # Set for a source with `broker_retries`: hands records back to the broker (any thread).
+        self.release = release
         # Only a poller that has suspects needs to keep their invocations apart.
         self._gate = Gate() if self.suspects is not None else None
         self._warned_ignored = False
@@ -209,6 +217,8 @@ class BatchRunner:
                     return False
             finally:
                 self.retrying.done(work)
+            if work.handed_back and self.ordered:
+                self._hand_back_later(queue, work.handed_back)
         return True
 
     def _plan(self, records: list[Record]) -> list[_Work]:
@@ -344,6 +354,11 @@ class BatchRunner:
                     work.retries += 1
             if self.policy.exhausted(work.retries):
                 continue  # dead-lettered at the top of the loop
+            if self.release is not None:
+                # The broker waits out the backoff and counts the delivery: a restart neither
+                # cuts the wait short nor starts the record's retries over.
+                self._hand_back(work, work.records, self._broker_delay(work.retries - 1))
+                return True
             self._retrying(work)
             if self.clock.wait(stop, backoff.next_delay()):
                 return False
@@ -525,6 +540,43 @@ class BatchRunner:
             return False
         self.settle(records)
         return True
+
+    def _broker_delay(self, failures: int) -> float:
+        """The backoff after `failures` earlier failures, for the broker to wait out."""
+        backoff = Backoff(
+            base_s=self.policy.retry_backoff_base_s,
+            cap_s=self.policy.retry_backoff_cap_s,
+            failures=max(0, failures),
+        )
+        return backoff.next_delay()
+
+    def _hand_back(self, work: _Work, records: Sequence[Record], delay_s: float) -> None:
+        """Give `records` back to the broker, to be delivered again after `delay_s`.
+
+        On an ordered source, the records of the same keys that `work` still holds go back with
+        them (and, through `run`, those later in the batch): none may reach the handler before
+        the records handed back have.
+        """
+        assert self.release is not None
+        out = list(records)
+        if self.ordered:
+            keys = {r.key for r in out}
+            given = {id(r) for r in out}
+            out += [r for r in work.records if r.key in keys and id(r) not in given]
+            work.records = [r for r in work.records if r.key not in keys]
+            work.handed_back.update(dict.fromkeys(keys, delay_s))
+        self.release(out, delay_s)
+
+    def _hand_back_later(self, queue: deque[_Work], keys: dict[Hashable, float]) -> None:
+        """Hand back the records of `keys` that the rest of an ordered batch holds."""
+        assert self.release is not None
+        for later in queue:
+            held = [r for r in later.records if r.key in keys]
+            if not held:
+                continue
+            later.records = [r for r in later.records if r.key not in keys]
+            for delay_s in {keys[r.key] for r in held}:
+                self.release([r for r in held if keys[r.key] == delay_s], delay_s)
 
     def _succeed(self, records: Sequence[Record]) -> None:
         if records:

@@ -125,6 +125,9 @@ class Poller:
         self.record_filter = record_filter
         self.stop_event = threading.Event()
         self._offsets = source.capabilities.checkpoint == "offset"
+        broker_retries = source.capabilities.broker_retries
+        if broker_retries and self._offsets:
+            raise ValueError("a source with broker_retries must checkpoint by ack")
         self._ordered = source.capabilities.ordered
         self._pf = settings.parallelization_factor
         self._rr = itertools.count()
@@ -186,6 +189,7 @@ class Poller:
             in_flight=self.in_flight,
             retrying=retrying,
             valve=self.valve,
+            release=self._release if broker_retries else None,
         )
 
     # --- the loop --------------------------------------------------------------------------------
@@ -476,8 +480,31 @@ class Poller:
         if records:
             self._settled.put(records)
 
+    def _release(self, records: Sequence[Record], delay_s: float) -> None:
+        """Records to hand back to the broker (`broker_retries`): any thread. On an ordered
+        source, the records of their keys still waiting in their lanes go back with them."""
+        if self._ordered and records:
+            records = list(records)
+            with self._lock:
+                keys: dict[tuple[str, int], set[bytes | None]] = {}
+                for r in records:
+                    keys.setdefault((r.source, self._slot(r)), set()).add(r.key)
+                for (unit, slot), lane_keys in keys.items():
+                    lane = self._lanes.get((unit, slot))
+                    later = lane.buffer.remove(lane_keys) if lane is not None else []
+                    if later:
+                        self._buffered[unit] -= len(later)
+                        records += later
+        self._settled.release(records, delay_s)
+
     def _checkpoint(self) -> None:
-        """Commit or ack what settled since the last call. The loop thread only."""
+        """Commit or ack what settled since the last call, and hand back what is to be
+        delivered again. The loop thread only."""
+        for released, delay_s in self._settled.take_released():
+            held = self._acks.release(released)
+            if held:
+                self.source.release(held, delay_s)
+                self.stats.add(released=len(held))
         records = self._settled.take()
         if not records:
             return

@@ -39,6 +39,12 @@ class Capabilities:
     # (source, position) names the same message on every delivery (a Kafka offset, a Redis
     # entry id). Otherwise `Source.fingerprint` tells a message again after a redelivery.
     stable_positions: bool = True
+    # The broker can take a record back and deliver it again after a delay, counting its
+    # deliveries (`Source.release`; SQS's ChangeMessageVisibility and ApproximateReceiveCount).
+    # A retry then waits out its backoff in the broker rather than in the poller, so it survives
+    # a restart; and with no on-failure destination, a record that exhausts its retries is
+    # handed back for the broker's own dead-letter policy (SQS's redrive policy), never dropped.
+    broker_retries: bool = False
 
 
 class EventShape(Protocol):
@@ -144,6 +150,14 @@ class Source(Protocol):
         """Ack checkpoint: these records have settled and must not be delivered again.
 
         Each record is acked once, in the order it settled (not necessarily delivery order).
+        """
+        ...
+
+    def release(self, records: Sequence[Record], delay_s: float) -> None:
+        """With `capabilities.broker_retries`: these records have not settled; the broker is to
+        deliver them again (to any consumer) once `delay_s` has passed, counting a delivery.
+
+        Each record is released at most once per delivery, and never acked after it.
         """
         ...
 
@@ -274,6 +288,9 @@ class SourceBase:
 
     def ack(self, records: Sequence[Record]) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not checkpoint by ack")
+
+    def release(self, records: Sequence[Record], delay_s: float) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot hand records back to its broker")
 
     def pause(self, units: Collection[str]) -> None:
         if units:

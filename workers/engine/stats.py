@@ -22,6 +22,9 @@ class MappingStats:
     bisected: int = 0  # batch splits
     dead_lettered: int = 0
     dropped: int = 0  # exhausted records with no destination configured
+    # Records handed back to a broker with `broker_retries`, to be delivered again after a
+    # retry's backoff, or (exhausted, no destination) for the broker's own dead-letter policy.
+    released: int = 0
     # Dead-lettered without their payload: too large for the destination even alone.
     payload_omitted: int = 0
     failed_invocations: int = 0
