@@ -117,6 +117,8 @@ class SQSSource(SQSQueue, SourceSettings):
 
     # Standard queues deliver in no order; a FIFO queue's groups are ordered (`Capabilities`).
     ordered: ClassVar[bool] = False
+    # Retries wait in SQS (ChangeMessageVisibility); exhausted messages are left to the queue.
+    broker_retries: ClassVar[bool] = True
 
     type: Literal["sqs"]
 

@@ -1,11 +1,13 @@
 """Retries through SQS against moto: a failed message comes back after the mapping's backoff
-(ChangeMessageVisibility), counted by ApproximateReceiveCount."""
+(ChangeMessageVisibility), counted by ApproximateReceiveCount, and with no on-failure
+destination an exhausted message is left to the queue's redrive policy, never deleted."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 
+import orjson
 import pytest
 
 from connectors.memory.broker import MemoryDestination
@@ -103,3 +105,36 @@ def test_a_failed_message_comes_back_after_the_backoff_counted_by_sqs(
     assert counts(sqs_server, url) == (0, 0)
     stats = poller.stats.snapshot()
     assert stats["released"] == 2 and stats["dead_lettered"] == 1 and stats["dropped"] == 0
+
+
+def test_with_no_destination_the_queues_redrive_policy_takes_the_poison_message(
+    sqs_server: brokers.MotoServer,
+) -> None:
+    client = sqs_server.client()
+    dead_url = sqs_server.create_queue(brokers.unique_name("sqs-dlq"))
+    dead_arn = client.get_queue_attributes(QueueUrl=dead_url, AttributeNames=["QueueArn"])[
+        "Attributes"
+    ]["QueueArn"]
+    redrive = orjson.dumps({"deadLetterTargetArn": dead_arn, "maxReceiveCount": 3}).decode()
+    url = sqs_server.create_queue(
+        brokers.unique_name("sqs"), VisibilityTimeout=VISIBILITY_S, RedrivePolicy=redrive
+    )
+    send(sqs_server, url, ["a", "poison", "b", "c"])
+    handler = Poison()
+    policy = Policy(
+        maximum_retry_attempts=1, bisect_batch_on_function_error=True, retry_backoff_base_s=0.01
+    )
+    poller = run_poller(url, handler, policy, None)
+
+    # Exhausted after its second receive, it was handed back, not deleted: invoked once more on
+    # its third receive, then moved by SQS on the fourth.
+    assert handler.receives == ["1", "2", "3"]
+    assert handler.done == {"a": 1, "b": 1, "c": 1}
+    assert counts(sqs_server, url) == (0, 0)
+    moved = client.receive_message(
+        QueueUrl=dead_url, MessageSystemAttributeNames=["All"], WaitTimeSeconds=0
+    )["Messages"]
+    assert [m["Body"] for m in moved] == ["poison"]
+    stats = poller.stats.snapshot()
+    assert stats["dropped"] == 0 and stats["dead_lettered"] == 0
+    assert stats["succeeded"] == 3 and stats["released"] == 3

@@ -1,6 +1,7 @@
 """Retries through the broker (`Capabilities.broker_retries`, SQS's visibility timeout) on the
-memory queue: a record to retry is handed back with its backoff; on an ordered (FIFO) queue
-nothing of a key overtakes a record handed back."""
+memory queue: a record to retry is handed back with its backoff, and one exhausted with no
+on-failure destination is handed back rather than dropped; on an ordered (FIFO) queue nothing of
+a key overtakes a record handed back."""
 
 from __future__ import annotations
 
@@ -58,6 +59,40 @@ def test_a_failing_record_is_handed_back_with_its_backoff_and_counted_by_the_bro
     assert broker.queue_depth("q") == (0, 0)
     stats = poller.stats.snapshot()
     assert stats["released"] == 2 and stats["dead_lettered"] == 1 and stats["dropped"] == 0
+
+
+def test_with_no_destination_an_exhausted_record_is_handed_back_never_dropped() -> None:
+    broker = fake_broker()
+    for i in range(5):
+        broker.publish("q", f"{i}".encode())
+    poison_calls: list[int] = []
+    holder: dict[str, Any] = {}
+
+    def handler(event: dict[str, Any], request: InvocationRequest) -> None:
+        if b"3" in values(event):
+            if values(event) == [b"3"]:
+                poison_calls.append(request.attempt)
+                if len(poison_calls) == 4:
+                    holder["poller"].stop()
+            raise ValueError("poison")
+
+    policy = Policy(
+        maximum_retry_attempts=1, bisect_batch_on_function_error=True, retry_backoff_base_s=0.5
+    )
+    poller, source = make_queue_poller(
+        broker, DirectInvoker(handler), policy=policy, destination=None, broker_retries=True
+    )
+    holder["poller"] = poller
+    poller.run()
+
+    # Exhausted after its second invocation, it comes back all the same: the broker's own
+    # dead-letter policy (SQS's redrive policy) decides, not this poller.
+    assert poison_calls == [1, 2, 3, 4]
+    assert sorted(source.acked) == [1, 2, 3, 5]
+    assert [seq for seq, _ in source.released] == [4, 4, 4, 4]
+    assert broker.queue_depth("q") == (0, 1)  # waiting out its delay, in the broker
+    stats = poller.stats.snapshot()
+    assert stats["dropped"] == 0 and stats["dead_lettered"] == 0 and stats["released"] == 4
 
 
 def test_on_a_fifo_queue_nothing_of_a_key_overtakes_a_record_handed_back() -> None:

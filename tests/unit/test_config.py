@@ -824,6 +824,23 @@ def test_warnings() -> None:
     ]
 
 
+def test_an_sqs_mapping_without_destination_leaves_exhausted_messages_to_the_queue() -> None:
+    doc = copy.deepcopy(BASE)
+    doc["event_source_mappings"] = [
+        {
+            "name": "q",
+            "function": "orders",
+            "source": {"type": "sqs", "queue_url": "https://sqs.eu-west-1.amazonaws.com/1/q"},
+        }
+    ]
+    # Nothing is dropped, so unlimited retries are not "forever" unless the queue has no redrive
+    # policy, which the one warning says.
+    assert config_from_dict(doc).warnings() == [
+        "mapping 'q' has no on-failure destination: records that exhaust their retries are left"
+        " to the queue, for its redrive policy to move (without one they are retried forever)"
+    ]
+
+
 def test_top_level_x_keys_hold_anchors_and_are_ignored(tmp_path: Path) -> None:
     path = tmp_path / "mappings.yaml"
     path.write_text(

@@ -457,10 +457,16 @@ class Config(Model):
         found: list[str] = []
         # Disabled mappings too: `workers mappings enable` can start them at any time.
         for m in self.event_source_mappings:
+            queue_decides = m.source.broker_retries
             if m.destination_config is None:
                 found.append(
                     f"mapping {m.name!r} has no on-failure destination:"
-                    " records that exhaust their retries will be dropped"
+                    + (
+                        " records that exhaust their retries are left to the queue, for its"
+                        " redrive policy to move (without one they are retried forever)"
+                        if queue_decides
+                        else " records that exhaust their retries will be dropped"
+                    )
                 )
             if m.destination_config is not None:
                 found.extend(m.destination_config.on_failure.warnings(m.name))
@@ -468,6 +474,7 @@ class Config(Model):
                 m.maximum_retry_attempts == -1
                 and m.maximum_record_age_s == -1
                 and m.destination_config is None
+                and not queue_decides
             ):
                 found.append(
                     f"mapping {m.name!r} retries a failing record forever"

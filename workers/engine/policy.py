@@ -536,6 +536,22 @@ class BatchRunner:
         error: ErrorInfo | None,
         stop: threading.Event,
     ) -> bool:
+        if self.release is not None and self.dead_letters.destination is None:
+            # Never dropped: the broker's own dead-letter policy (an SQS queue's redrive policy)
+            # decides, as it does for Lambda. Without one, the record comes back after the
+            # backoff of a further retry, and is invoked again.
+            delay = self._broker_delay(work.retries)
+            log.warning(
+                "mapping %s: %d record(s) (%s) handed back to the broker with no on-failure"
+                " destination, for its own dead-letter policy; delivered again in %.0fs: %s",
+                self.mapping,
+                len(records),
+                condition,
+                delay,
+                ", ".join(f"{r.source}@{r.position}" for r in records[:10]),
+            )
+            self._hand_back(work, records, delay)
+            return True
         if not self.dead_letters.send(records, condition, error, work.invocations, stop):
             return False
         self.settle(records)

@@ -294,6 +294,9 @@ class SourceSettings(Model):
     # Whether records of a unit are delivered in order; a record retried forever then holds up
     # the records after it (said by `Config.warnings`).
     ordered: ClassVar[bool] = True
+    # Whether the broker takes back records to retry (`Capabilities.broker_retries`): with no
+    # on-failure destination, exhausted records are left to its own dead-letter policy.
+    broker_retries: ClassVar[bool] = False
 
     def complete(self, mapping: str) -> None:
         """Fill the defaults that depend on the mapping (such as a group named after it)."""
