@@ -148,7 +148,9 @@ def test_a_destination_on_the_source_queue_is_refused(sqs_server: brokers.MotoSe
 def test_validate_connect_checks_both_queues(sqs_server: brokers.MotoServer) -> None:
     source = sqs_server.create_queue(brokers.unique_name("sqs-src"))
     letters = sqs_server.create_queue(brokers.unique_name("sqs-dlq"))
-    assert registry.probe(sqs_mapping(source, letters)) == [f"queue {letters} exists"]
+    probed = registry.probe(sqs_mapping(source, letters))
+    assert probed.destination == [f"queue {letters} exists"]
+    assert probed.source.max_deliveries is None  # no redrive policy
     missing = f"{sqs_server.endpoint_url}/123456789012/{brokers.unique_name('missing')}"
     with pytest.raises(ConnectorConfigError, match="does not exist"):
         registry.probe(sqs_mapping(source, missing))

@@ -4,6 +4,7 @@ directory that cannot be written is reported before `run` would stall on it."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
 
 
-def validate(tmp_path: Path, source: str, destination: str) -> subprocess.CompletedProcess[str]:
+def validate(
+    tmp_path: Path, source: str, destination: str, extra: str = ""
+) -> subprocess.CompletedProcess[str]:
     config = tmp_path / "mappings.yaml"
     config.write_text(
         f"""
@@ -31,6 +34,7 @@ event_source_mappings:
     source: {source}
     destination_config:
       on_failure: {destination}
+{extra}
 """
     )
     return subprocess.run(
@@ -112,3 +116,32 @@ def test_redis_destination(redis_url: str, tmp_path: Path) -> None:
     finally:
         client.delete(key, stream)
         client.close()
+
+
+@pytest.mark.sqs
+def test_sqs_queue_whose_redrive_policy_cuts_the_retries_short(
+    sqs_server: brokers.MotoServer, tmp_path: Path
+) -> None:
+    client = sqs_server.client()
+    dead = sqs_server.create_queue(brokers.unique_name("sqs-dead"))
+    arn = client.get_queue_attributes(QueueUrl=dead, AttributeNames=["QueueArn"])["Attributes"]
+    redrive = json.dumps({"deadLetterTargetArn": arn["QueueArn"], "maxReceiveCount": 3})
+    queue = sqs_server.create_queue(brokers.unique_name("sqs"), RedrivePolicy=redrive)
+    letters = sqs_server.create_queue(brokers.unique_name("sqs-letters"))
+    source = f"{{type: sqs, queue_url: '{queue}'}}"
+    destination = f"{{type: sqs, queue_url: '{letters}'}}"
+    name = queue.rsplit("/", 1)[1]
+
+    # Four attempts, one receive each, but SQS moves the message after its third receive.
+    short = validate(tmp_path, source, destination, "    maximum_retry_attempts: 3")
+    assert short.returncode == 0, short.stderr
+    assert (
+        f"warning: mapping 'm': queue {name}'s redrive policy (maxReceiveCount) is 3, but the"
+        " mapping tries a failing record up to 4 times (maximum_retry_attempts 3), one delivery"
+        " each: the broker takes the record away after 3, before the mapping's last retries and"
+        " before it can reach the on-failure destination; raise it to at least 4 or lower"
+        " maximum_retry_attempts"
+    ) in short.stdout
+    enough = validate(tmp_path, source, destination, "    maximum_retry_attempts: 2")
+    assert enough.returncode == 0, enough.stderr
+    assert "maxReceiveCount" not in enough.stdout

@@ -23,6 +23,7 @@ from connectors.redis.config import RedisSource
 from workers.app.config import (
     Config,
     ConfigError,
+    EventSourceMapping,
     check_handler,
     config_from_dict,
     json_schema,
@@ -839,6 +840,34 @@ def test_an_sqs_mapping_without_destination_leaves_exhausted_messages_to_the_que
         "mapping 'q' has no on-failure destination: records that exhaust their retries are left"
         " to the queue, for its redrive policy to move (without one they are retried forever)"
     ]
+
+
+def test_validate_connect_warns_when_the_queue_takes_messages_away_before_the_retries_end() -> None:
+    from workers.app.wiring import probe_warnings
+    from workers.engine.probing import SourceFacts
+
+    def warnings(max_receive_count: int | None, **mapping: Any) -> list[str]:
+        doc = {
+            "name": "q",
+            "function": "orders",
+            "source": {"type": "sqs", "queue_url": "https://sqs.eu-west-1.amazonaws.com/1/q"},
+            **mapping,
+        }
+        facts = SourceFacts(max_receive_count, "queue q's redrive policy (maxReceiveCount)")
+        return probe_warnings(EventSourceMapping.model_validate(doc), facts)
+
+    letters = {"on_failure": {"type": "file", "path": "dlq"}}
+    assert warnings(None, maximum_retry_attempts=3) == []
+    assert warnings(4, maximum_retry_attempts=3) == []
+    (short,) = warnings(3, maximum_retry_attempts=3)
+    assert "is 3, but the mapping tries a failing record up to 4 times" in short
+    assert "on-failure destination" not in short
+    # -1 with a destination stops at ten retries, as on Lambda: eleven receives.
+    (capped,) = warnings(10, destination_config=letters)
+    assert "up to 11 times (maximum_retry_attempts 10)" in capped
+    assert "before it can reach the on-failure destination" in capped
+    # -1 without one: the queue's redrive policy is meant to decide.
+    assert warnings(1) == []
 
 
 def test_top_level_x_keys_hold_anchors_and_are_ignored(tmp_path: Path) -> None:

@@ -359,18 +359,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(f"warning: {warning}")
     if args.connect:
         from workers.app.registry import probe
+        from workers.app.wiring import probe_warnings
 
         failed = False
         for mapping in config.event_source_mappings:
             try:
-                checked = probe(mapping)
+                probed = probe(mapping)
             except Exception as exc:
                 failed = True
                 print(f"{mapping.name}: cannot connect: {describe(exc)}", file=sys.stderr)
             else:
                 print(f"{mapping.name}: connected")
-                for what in checked:
+                for what in probed.destination:
                     print(f"{mapping.name}: on-failure destination: {what}")
+                for warning in probe_warnings(mapping, probed.source):
+                    print(f"warning: {warning}")
         if failed:
             return 1
     n = len(config.event_source_mappings)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -23,6 +24,7 @@ from workers.engine.ports import (
     Source,
     SourcePublisher,
 )
+from workers.engine.probing import SourceFacts
 from workers.engine.rewind import Rewinder, RewindRefused
 
 GROUP = "esm_workers.connectors"
@@ -109,19 +111,29 @@ def open_rewinder(mapping: Any) -> Rewinder:
     return rewinder
 
 
-def probe(mapping: Any) -> list[str]:
-    """Connect to the mapping's source and destination and disconnect (`validate --connect`);
-    returns what was checked of the destination (nothing when there is none)."""
+@dataclass(frozen=True, slots=True)
+class Probed:
+    """What `validate --connect` found of a mapping."""
+
+    destination: list[str]  # what was checked of the destination (nothing when there is none)
+    source: SourceFacts  # what the source's probe found out
+
+
+def probe(mapping: Any) -> Probed:
+    """Connect to the mapping's source and destination and disconnect (`validate --connect`)."""
     checked = []
     if mapping.destination_config is not None:
         dst = mapping.destination_config.on_failure
         check = _named(dst.type, "destination", mapping.name).probe_destination
         if check is not None:
             checked.append(check(dst))
+    facts = SourceFacts()
     probe_source = _named(mapping.source.type, "source", mapping.name).probe_source
     if probe_source is not None:
-        probe_source(mapping.source)
-    return checked
+        found = probe_source(mapping.source)
+        if isinstance(found, SourceFacts):
+            facts = found
+    return Probed(checked, facts)
 
 
 def shape_for_event(event: dict[str, Any]) -> EventShape:

@@ -14,6 +14,7 @@ from workers.engine.flight import SuspectList
 from workers.engine.invoker import Invoker
 from workers.engine.policy import Policy
 from workers.engine.poller import Poller, PollerSettings
+from workers.engine.probing import SourceFacts
 from workers.invoke import create_invoker
 
 log = logging.getLogger("workers.runtime")
@@ -38,6 +39,30 @@ def policy_of(mapping: EventSourceMapping) -> Policy:
         report_batch_item_failures="ReportBatchItemFailures" in mapping.function_response_types,
         maximum_batch_bytes=mapping.maximum_batch_bytes,
     )
+
+
+def probe_warnings(mapping: EventSourceMapping, facts: SourceFacts) -> list[str]:
+    """What `validate --connect` found that disagrees with the mapping's retries. On a source
+    whose retries are deliveries (`broker_retries`, SQS), a broker that takes a record away
+    after fewer deliveries than the mapping's attempts cuts its last retries short, and the
+    record never reaches the mapping's on-failure destination."""
+    if facts.max_deliveries is None or not mapping.source.broker_retries:
+        return []
+    retries = policy_of(mapping).maximum_retry_attempts
+    attempts = retries + 1
+    # With unlimited retries the broker's limit is the one meant to apply.
+    if retries < 0 or facts.max_deliveries >= attempts:
+        return []
+    lost = (
+        " and before it can reach the on-failure destination" if mapping.destination_config else ""
+    )
+    n = facts.max_deliveries
+    return [
+        f"mapping {mapping.name!r}: {facts.max_deliveries_set_by} is {n}, but the mapping tries a"
+        f" failing record up to {attempts} times (maximum_retry_attempts {retries}), one delivery"
+        f" each: the broker takes the record away after {n}, before the mapping's last"
+        f" retries{lost}; raise it to at least {attempts} or lower maximum_retry_attempts"
+    ]
 
 
 def build_poller(

@@ -343,7 +343,8 @@ class Connector:
     open_store: Callable[[Any, Any], DeadLetterStore] | None = None
     open_publisher: Callable[[Any], SourcePublisher] | None = None
     # Connect and disconnect (`workers validate --connect`); raise with a readable message.
-    probe_source: Callable[[Any], None] | None = None
+    # May return what it found that the mapping should agree with (`probing.SourceFacts`).
+    probe_source: Callable[[Any], Any] | None = None
     # The same for a destination; returns what was checked ("topic 'x' at host:9092 exists").
     probe_destination: Callable[[Any], str] | None = None
     # The mapping's consumer group on its source, for `workers rewind`; None where the source
