@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,7 @@ from workers.engine.outcomes import (
 from workers.engine.outcomes import Success as Ok
 from workers.engine.policy import Policy
 from workers.engine.poller import Poller, PollerSettings
+from workers.events import records
 
 Handler = Callable[[dict[str, Any], InvocationRequest], Any]
 
@@ -126,6 +128,7 @@ def make_queue_poller(
     stalled_after_s: float = 300.0,
     broker_retries: bool = False,
     fifo: bool = False,
+    maximum_concurrency: int = 0,
 ) -> tuple[Poller, MemoryQueueSource]:
     source = MemoryQueueSource(broker, queue, broker_retries=broker_retries, fifo=fifo)
     poller = Poller(
@@ -135,6 +138,7 @@ def make_queue_poller(
             limits=BatchLimits(batch_size=batch_size, maximum_batching_window_s=0.0),
             parallelization_factor=parallelization_factor,
             stalled_after_s=stalled_after_s,
+            maximum_concurrency=maximum_concurrency,
         ),
         source=source,
         invoker=invoker,
@@ -147,3 +151,34 @@ def make_queue_poller(
 
 def fake_broker() -> MemoryBroker:
     return MemoryBroker(clock=FakeClock())
+
+
+# A bound on waiting for what must happen; reaching it fails the test.
+DEADLINE_S = 10.0
+
+
+class Held:
+    """Keeps every invocation running until `release` is set; counts those running at once."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.peak = 0
+        self.done: list[bytes] = []
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+
+    def __call__(self, event: dict[str, Any], request: InvocationRequest) -> None:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        self.release.wait(DEADLINE_S)
+        with self.lock:
+            self.running -= 1
+            self.done.extend(r.value for r in records(event))
+
+
+def eventually(check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not check():
+        assert time.monotonic() < deadline, "did not happen"
+        time.sleep(0.01)

@@ -61,6 +61,7 @@ class KombuSource(SourceSettings):
 
     # Acks settle each message on its own; a message retried in place does not hold up others.
     ordered: ClassVar[bool] = False
+    single_unit: ClassVar[bool] = True
 
     type: Literal["kombu"]
     url: KombuUrl = Field(

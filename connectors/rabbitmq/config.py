@@ -33,6 +33,7 @@ class RabbitMQSource(SourceSettings):
     """A RabbitMQ queue; the virtual host comes from the URL's path."""
 
     ordered: ClassVar[bool] = False  # a requeued message goes back; the others keep flowing
+    single_unit: ClassVar[bool] = True
 
     type: Literal["rabbitmq"]
     url: AmqpUrl = Field(description="amqp://user:pass@host:5672/vhost (amqps:// for TLS)")

@@ -117,6 +117,7 @@ class SQSSource(SQSQueue, SourceSettings):
 
     # Standard queues deliver in no order; a FIFO queue's groups are ordered (`Capabilities`).
     ordered: ClassVar[bool] = False
+    single_unit: ClassVar[bool] = True
     # Retries wait in SQS (ChangeMessageVisibility); exhausted messages are left to the queue.
     broker_retries: ClassVar[bool] = True
 

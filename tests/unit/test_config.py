@@ -481,6 +481,39 @@ BAD: list[tuple[str, Mutation, str, str]] = [
         "event_source_mappings[0].source.partitions",
         "must be at least 1 (got 0)",
     ),
+    (
+        "maximum concurrency below Lambda's range",
+        put(*M1, "scaling_config", value={"maximum_concurrency": 1}),
+        "event_source_mappings[1].scaling_config.maximum_concurrency",
+        "must be between 2 and 1000 (got 1)",
+    ),
+    (
+        "maximum concurrency above Lambda's range",
+        put(*M1, "scaling_config", value={"maximum_concurrency": 1001}),
+        "event_source_mappings[1].scaling_config.maximum_concurrency",
+        "must be between 2 and 1000 (got 1001)",
+    ),
+    (
+        "maximum concurrency missing",
+        put(*M1, "scaling_config", value={}),
+        "event_source_mappings[1].scaling_config.maximum_concurrency",
+        "is required",
+    ),
+    (
+        "maximum concurrency in Lambda's spelling",
+        put(*M1, "scaling_config", value={"MaximumConcurrency": 5}),
+        "event_source_mappings[1].scaling_config.MaximumConcurrency",
+        "unknown key",
+    ),
+    (
+        "maximum concurrency below the pollers",
+        both(
+            put(*M1, "pollers", value=3),
+            put(*M1, "scaling_config", value={"maximum_concurrency": 2}),
+        ),
+        "event_source_mappings[1].scaling_config.maximum_concurrency",
+        "must be at least pollers (3): each poller runs at least one batch at a time (got 2)",
+    ),
 ]
 
 
@@ -868,6 +901,24 @@ def test_validate_connect_warns_when_the_queue_takes_messages_away_before_the_re
     assert "before it can reach the on-failure destination" in capped
     # -1 without one: the queue's redrive policy is meant to decide.
     assert warnings(1) == []
+
+
+def test_maximum_concurrency_is_shared_between_the_pollers() -> None:
+    doc = copy.deepcopy(BASE)
+    put(*M1, "pollers", value=3)(doc)
+    put(*M1, "scaling_config", value={"maximum_concurrency": 8})(doc)
+    put(*M1, "parallelization_factor", value=4)(doc)
+    config = config_from_dict(doc)
+    assert [config.mapping("r").batches_at_once(i) for i in range(3)] == [3, 3, 2]
+    assert config.mapping("k").batches_at_once(0) == 0  # no bound beyond the lanes
+    assert not any("maximum_concurrency" in w for w in config.warnings())
+    # A queue has pollers x parallelization_factor lanes: more concurrency cannot be reached.
+    put(*M1, "parallelization_factor", value=2)(doc)
+    assert (
+        "mapping 'r': scaling_config.maximum_concurrency is 8, but a queue is read by pollers x"
+        " parallelization_factor = 6 lane(s), one batch each at a time: raise"
+        " parallelization_factor (or pollers) to run more batches at once"
+    ) in config_from_dict(doc).warnings()
 
 
 def test_top_level_x_keys_hold_anchors_and_are_ignored(tmp_path: Path) -> None:

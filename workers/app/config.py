@@ -35,6 +35,7 @@ from pydantic import (
 
 from workers.app.config_errors import ConfigError, Problem, problems_of, render
 from workers.app.config_loading import read_text, read_yaml
+from workers.app.config_warnings import mapping_warnings
 from workers.engine.invoker import DEFAULT_REGION, FunctionSpec
 from workers.engine.redact import redact_url
 from workers.engine.settings import (
@@ -274,6 +275,18 @@ class FilterCriteria(Model):
     filters: list[FilterSpec] = Field(default_factory=list)
 
 
+class ScalingConfig(Model):
+    """Lambda's ScalingConfig: how far a mapping's concurrency may go."""
+
+    maximum_concurrency: Annotated[int, Range(2, 1000)] = Field(
+        description=(
+            "Most batches of the mapping invoked at once, over all its pollers (Lambda's"
+            " MaximumConcurrency, 2 to 1000); the lanes (partitions and streams times"
+            " parallelization_factor) still bound it too"
+        )
+    )
+
+
 class EventSourceMapping(Model):
     """Reads a source, batches its records and invokes a function with them."""
 
@@ -326,6 +339,7 @@ class EventSourceMapping(Model):
             " wait on it is reported as stalled (log, /status, esm_stalled_units)"
         ),
     )
+    scaling_config: ScalingConfig | None = None
 
     @field_validator("maximum_record_age_s", mode="before")
     @classmethod
@@ -340,6 +354,27 @@ class EventSourceMapping(Model):
         if value != -1 and not 1 <= value <= 604800:
             raise here(f"must be -1 (no limit) or between 1 and 604800 (got {value})")
         return value
+
+    @model_validator(mode="after")
+    def _concurrency_per_poller(self) -> Self:
+        scaling = self.scaling_config
+        if scaling is not None and scaling.maximum_concurrency < self.pollers:
+            raise invalid(
+                (
+                    ("scaling_config", "maximum_concurrency"),
+                    f"must be at least pollers ({self.pollers}): each poller runs at least one"
+                    f" batch at a time (got {scaling.maximum_concurrency})",
+                )
+            )
+        return self
+
+    def batches_at_once(self, instance: int) -> int:
+        """The most batches poller `instance` may run at once (its share of
+        `scaling_config.maximum_concurrency`), or 0 for no bound beyond its lanes."""
+        if self.scaling_config is None:
+            return 0
+        share, left = divmod(self.scaling_config.maximum_concurrency, self.pollers)
+        return share + (1 if instance < left else 0)
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Self:
@@ -454,34 +489,8 @@ class Config(Model):
 
     def warnings(self) -> list[str]:
         """Legal but probably unintended settings, to show at start-up and by `validate`."""
-        found: list[str] = []
         # Disabled mappings too: `workers mappings enable` can start them at any time.
-        for m in self.event_source_mappings:
-            queue_decides = m.source.broker_retries
-            if m.destination_config is None:
-                found.append(
-                    f"mapping {m.name!r} has no on-failure destination:"
-                    + (
-                        " records that exhaust their retries are left to the queue, for its"
-                        " redrive policy to move (without one they are retried forever)"
-                        if queue_decides
-                        else " records that exhaust their retries will be dropped"
-                    )
-                )
-            if m.destination_config is not None:
-                found.extend(m.destination_config.on_failure.warnings(m.name))
-            if (
-                m.maximum_retry_attempts == -1
-                and m.maximum_record_age_s == -1
-                and m.destination_config is None
-                and not queue_decides
-            ):
-                found.append(
-                    f"mapping {m.name!r} retries a failing record forever"
-                    " (maximum_retry_attempts and maximum_record_age_s are both -1)"
-                    + (", holding up the records after it" if m.source.ordered else "")
-                )
-        return found
+        return [w for m in self.event_source_mappings for w in mapping_warnings(m)]
 
 
 # --------------------------------------------------------------------------------------------

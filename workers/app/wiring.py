@@ -92,6 +92,7 @@ def build_poller(
             maximum_batching_window_s=mapping.maximum_batching_window_s,
         ),
         parallelization_factor=mapping.parallelization_factor,
+        maximum_concurrency=mapping.batches_at_once(instance),
         drain_timeout_s=spec.timeout_s + DRAIN_MARGIN_S,
         stalled_after_s=mapping.stalled_after_s,
         enabled=mapping.enabled if enabled is None else enabled,

@@ -54,6 +54,9 @@ class PollerSettings:
     function: str
     limits: BatchLimits = field(default_factory=BatchLimits)
     parallelization_factor: int = 1
+    # Most batches running at once, over all lanes (scaling_config.maximum_concurrency, this
+    # poller's share); 0: one per lane.
+    maximum_concurrency: int = 0
     # How long a revoke or shutdown waits for in-flight batches (the function timeout, plus).
     drain_timeout_s: float = 35.0
     # Records buffered per source unit before it is paused (or polling stops).
@@ -149,6 +152,9 @@ class Poller:
         self._acks = AckTable()  # ack sources; the loop thread's
         self._settled = SettleQueue(getattr(source, "wake", None))
         self._in_flight = 0
+        # Set when a ready lane waits for maximum_concurrency: running lanes then stop taking
+        # batches back to back, so that the lanes waiting longest get their turn.
+        self._starved = False
         self._failure: BaseException | None = None
         self._executor = ThreadPoolExecutor(
             max_workers=settings.max_threads, thread_name_prefix=f"batch-{settings.mapping}"
@@ -423,9 +429,15 @@ class Poller:
         """Start every lane whose batch is ready; returns how long the next poll may wait."""
         limits = self.settings.limits
         wait = self.settings.poll_timeout_s
+        bound = self.settings.maximum_concurrency
         with self._lock:
             self._holding = self.valve.holds(self._in_flight)
-            for lane in self._lanes.values() if not self._holding else ():
+            lanes: Collection[_Lane] = () if self._holding else self._lanes.values()
+            if bound:
+                self._starved = False
+                # Oldest waiting first: with fewer batches than lanes, none is left behind.
+                lanes = sorted(lanes, key=lambda lane: lane.buffer.first_at)
+            for lane in lanes:
                 if lane.busy or lane.stop.is_set():
                     continue
                 due = lane.buffer.ready_in(limits, now)
@@ -434,6 +446,9 @@ class Poller:
                 if due > 0:
                     wait = min(wait, due)
                     continue
+                if bound and self._in_flight >= bound:
+                    self._starved = True
+                    break
                 batch = self._take(lane)
                 lane.busy = True
                 self._in_flight += 1
@@ -459,7 +474,7 @@ class Poller:
                 with self._lock:
                     due = lane.buffer.ready_in(self.settings.limits, now)
                     go = due == 0.0 and not lane.stop.is_set() and self.valve.is_open()
-                    batch = self._take(lane) if go else []
+                    batch = self._take(lane) if go and not self._starved else []
         except BaseException as exc:
             log.exception("mapping %s: batch runner failed", self.settings.mapping)
             if self.in_flight is not None and batch:

@@ -297,6 +297,9 @@ class SourceSettings(Model):
     # Whether the broker takes back records to retry (`Capabilities.broker_retries`): with no
     # on-failure destination, exhausted records are left to its own dead-letter policy.
     broker_retries: ClassVar[bool] = False
+    # The source is one unit (a queue): one lane per parallelization_factor slot, so a mapping
+    # runs at most pollers x parallelization_factor batches at once.
+    single_unit: ClassVar[bool] = False
 
     def complete(self, mapping: str) -> None:
         """Fill the defaults that depend on the mapping (such as a group named after it)."""

@@ -1,6 +1,7 @@
-"""Retries through SQS against moto: a failed message comes back after the mapping's backoff
-(ChangeMessageVisibility), counted by ApproximateReceiveCount, and with no on-failure
-destination an exhausted message is left to the queue's redrive policy, never deleted."""
+"""SQS mappings against moto: a failed message comes back after the mapping's backoff
+(ChangeMessageVisibility), counted by ApproximateReceiveCount; with no on-failure destination an
+exhausted message is left to the queue's redrive policy, never deleted; and
+`scaling_config.maximum_concurrency` bounds the batches running at once."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pytest
 
 from connectors.memory.broker import MemoryDestination
 from tests import brokers
-from tests.engine import DirectInvoker
+from tests.engine import DirectInvoker, Held, eventually
 from tests.integration.test_sqs import mapping_for, send
 from workers.app import registry
+from workers.app.config import config_from_dict
+from workers.app.wiring import build_poller
 from workers.engine.batcher import BatchLimits
 from workers.engine.invoker import InvocationRequest
 from workers.engine.policy import Policy
@@ -138,3 +141,42 @@ def test_with_no_destination_the_queues_redrive_policy_takes_the_poison_message(
     stats = poller.stats.snapshot()
     assert stats["dropped"] == 0 and stats["dead_lettered"] == 0
     assert stats["succeeded"] == 3 and stats["released"] == 3
+
+
+def test_maximum_concurrency_is_shared_between_the_pollers(sqs_server: brokers.MotoServer) -> None:
+    url = sqs_server.create_queue(brokers.unique_name("sqs"))
+    send(sqs_server, url, [str(i) for i in range(12)])
+    config = config_from_dict(
+        {
+            "functions": {"f": {"handler": "tests.handlers.misbehaving:noop"}},
+            "event_source_mappings": [
+                {
+                    "name": "scaled",
+                    "function": "f",
+                    "pollers": 2,
+                    "source": {"type": "sqs", "queue_url": url},
+                    "batch_size": 1,
+                    "maximum_batching_window_s": 0,
+                    "parallelization_factor": 6,
+                    "scaling_config": {"maximum_concurrency": 5},
+                }
+            ],
+        }
+    )
+    handler = Held()
+    # The first of two pollers: three of the five.
+    poller, _ = build_poller(
+        config, config.mapping("scaled"), instance=0, invoker=DirectInvoker(handler)
+    )
+    thread = threading.Thread(target=poller.run, kwargs={"until_idle_s": 0.5})
+    thread.start()
+    try:
+        eventually(lambda: handler.running == 3 and poller._starved)
+        assert poller._in_flight == 3
+    finally:
+        handler.release.set()
+        thread.join(GUARD_S)
+        poller.stop()
+    assert handler.peak == 3
+    assert sorted(int(b) for b in handler.done) == list(range(12))
+    assert counts(sqs_server, url) == (0, 0)
