@@ -236,6 +236,9 @@ class KombuShape:
     def event(self, records: Sequence[Record]) -> dict[str, Any]:
         return {"Records": [self.item(r) for r in records]}
 
+    def ordered(self, records: Sequence[Record]) -> bool:
+        return False  # acked one by one; a message retried does not hold up the others
+
     def records(self, event: dict[str, Any]) -> list[Record]:
         out = []
         for position, item in enumerate(event.get("Records") or []):

@@ -198,6 +198,9 @@ class RabbitShape:
 
     batch_info_name = "RabbitMQBatchInfo"
 
+    def ordered(self, records: Sequence[Record]) -> bool:
+        return False  # a requeued message goes back; the others keep flowing
+
     def __init__(self, broker: str) -> None:
         self.broker = broker  # host:port, never credentials
         self.source_arn = f"arn:aws:mq:local:000000000000:broker:{broker}"

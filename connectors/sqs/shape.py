@@ -137,6 +137,11 @@ class SQSShape:
     def event(self, records: Sequence[Record]) -> dict[str, Any]:
         return {"Records": [sqs_item(r.meta) for r in records]}
 
+    def ordered(self, records: Sequence[Record]) -> bool:
+        """Records of a FIFO queue (their MessageGroupId is their key) keep their group's order;
+        a standard queue's have none to keep."""
+        return any(r.key is not None for r in records)
+
     def records(self, event: dict[str, Any]) -> list[Record]:
         out = []
         for position, item in enumerate(event.get("Records") or ()):

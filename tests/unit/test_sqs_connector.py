@@ -109,6 +109,8 @@ def test_lambdas_event_reads_back_and_rebuilds_exactly() -> None:
     assert standard.headers == [("myAttribute", b"myValue")]
     assert (standard.attempts, standard.timestamp_ms) == (0, 1545082649183)
     assert (fifo.key, fifo.attempts, fifo.redelivered) == (b"1", 2, True)
+    # A FIFO group keeps its order (in a replay too); a standard queue has none to keep.
+    assert not shape.ordered([standard]) and shape.ordered([fifo])
     assert [shape.item_identifier(r) for r in got] == [r["messageId"] for r in EVENT["Records"]]
     assert shape.parse_item({"messageId": "x"}) is None and shape.parse_item("") is None
     assert shape.filter_view(fifo)["body"] == {"n": 2}

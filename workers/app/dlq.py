@@ -24,7 +24,13 @@ from workers.engine.invoker import Invoker
 from workers.engine.letters import DeadLetters, payload_omitted
 from workers.engine.lettersize import OMITTED
 from workers.engine.policy import BatchRunner, Policy
-from workers.engine.ports import DeadLetterStore, Destination, SourcePublisher, StoredLetter
+from workers.engine.ports import (
+    DeadLetterStore,
+    Destination,
+    OrderAwareShape,
+    SourcePublisher,
+    StoredLetter,
+)
 from workers.engine.records import Record
 from workers.engine.stats import MappingStats
 
@@ -314,6 +320,11 @@ class Replayer:
         assert self.policy is not None and self.invoker is not None
         payload = stored.letter["payload"]
         shape = shape_for_event(payload)
+        ordered = shape.ordered(records) if isinstance(shape, OrderAwareShape) else True
+        # A replay is a delivery of its own: the retries it gets are the mapping's, whatever
+        # the delivery counts the records carried when they were dead-lettered.
+        for r in records:
+            r.attempts = 0
         stats = MappingStats()
         runner = BatchRunner(
             mapping=self.mapping,
@@ -321,7 +332,7 @@ class Replayer:
             policy=self.policy,
             invoker=self.invoker,
             shape=shape,
-            ordered=payload.get("eventSource") != "aws:rmq",
+            ordered=ordered,
             dead_letters=DeadLetters(
                 mapping=self.mapping,
                 function=self.function,

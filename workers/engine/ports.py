@@ -104,6 +104,18 @@ class FieldedShape(Protocol):
         ...
 
 
+@runtime_checkable
+class OrderAwareShape(Protocol):
+    """Optional part of an `EventShape` whose sources are not all ordered (queues): it tells,
+    from records alone, whether they must be handled in order. A shape without it is ordered.
+    `workers dlq replay` asks it of a letter's records."""
+
+    def ordered(self, records: Sequence[Record]) -> bool:
+        """True if a failure must hold up the records after it (a partial response is retried
+        from the first failed record), as on a Kafka partition or an SQS FIFO group."""
+        ...
+
+
 class AssignmentListener(Protocol):
     """Told by a source when its assignment changes (consumer-group rebalances)."""
 
