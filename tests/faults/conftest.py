@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -187,14 +188,20 @@ class SQSRig(Rig):
     mapping = {"parallelization_factor": 2}
     visibility_timeout_s = 5
 
-    def __init__(self, name: str, server: brokers.MotoServer) -> None:
+    def __init__(self, name: str, server: brokers.MotoServer, via: str | None = None) -> None:
+        """`via`: host:port the worker reaches the server through (a proxy); the sender and the
+        checks go to the server directly."""
         super().__init__(name)
         self.server = server
         self.client = server.client()
         self.queue_url = server.create_queue(name, VisibilityTimeout=str(self.visibility_timeout_s))
+        self.via = via
 
     def source(self) -> dict[str, Any]:
-        return {"type": "sqs", "queue_url": self.queue_url}
+        url = self.queue_url
+        if self.via is not None:
+            url = urlsplit(url)._replace(netloc=self.via).geturl()
+        return {"type": "sqs", "queue_url": url}
 
     def sender(self) -> Sender:
         return SQSSender(self.server.client(), self.queue_url)

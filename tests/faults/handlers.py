@@ -84,9 +84,11 @@ def slow_recording(event: dict[str, Any], context: Any) -> None:
 
 def items_by_ref(event: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each record's item of the event under a reference that needs no payload: Kafka
-    "topic-partition@offset", Redis "stream@id", RabbitMQ the `messageId` property (hostile
-    records have no usable JSON id)."""
+    "topic-partition@offset", Redis "stream@id", RabbitMQ the `messageId` property, SQS the
+    `messageId` (hostile records have no usable JSON id)."""
     out: dict[str, dict[str, Any]] = {}
+    if "Records" in event:
+        return {str(item.get("messageId")): item for item in event["Records"]}
     if "rmqMessagesByQueue" in event:
         for items in event["rmqMessagesByQueue"].values():
             for item in items:

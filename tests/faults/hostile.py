@@ -3,7 +3,8 @@ a `file` destination, `workers run --until-idle` in a subprocess that cannot han
 producers for each broker, and what the run left behind (journal, letters) as record refs.
 
 Records are counted by reference rather than payload (see `handlers.refs`): Kafka
-"topic-partition@offset", Redis "stream@id", RabbitMQ the `messageId` property, so a record whose
+"topic-partition@offset", Redis "stream@id", RabbitMQ the `messageId` property, SQS the
+`MessageId` SQS gave the message, so a record whose
 payload is not JSON, empty or absent still has an identity in the handler's journal and in its
 dead letter.
 """
@@ -11,6 +12,7 @@ dead letter.
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import resource
 import signal
@@ -81,7 +83,7 @@ class FaultRun:
 
     def records_in_new_letters(self) -> int:
         """Records in the letters this run wrote, by each letter's batch info."""
-        names = ("KafkaBatchInfo", "RedisStreamBatchInfo", "RabbitMQBatchInfo")
+        names = ("KafkaBatchInfo", "RedisStreamBatchInfo", "RabbitMQBatchInfo", "SQSBatchInfo")
         return sum(
             int(letter.get(name, {}).get("batchSize", 0))
             for letter in self.letters[self.letters_before :]
@@ -126,6 +128,9 @@ def letter_refs(letters: Sequence[dict[str, Any]]) -> list[str]:
         queues = letter.get("RabbitMQBatchInfo", {}).get("queues", {})
         for info in queues.values():
             out += [str(i) for i in info.get("messageIds", [])]
+        sqs = letter.get("SQSBatchInfo", {})
+        if sqs:
+            out += sorted({str(sqs["firstMessageId"]), str(sqs["lastMessageId"])})
     return out
 
 
@@ -349,6 +354,10 @@ def rabbitmq_source(url: str, queue: str, **extra: Any) -> dict[str, Any]:
     return {"type": "rabbitmq", "url": url, "queue": queue, **extra}
 
 
+def sqs_source(url: str, **extra: Any) -> dict[str, Any]:
+    return {"type": "sqs", "queue_url": url, **extra}
+
+
 def kafka_ref(topic: str, partition: int, offset: int) -> str:
     return f"{topic}-{partition}@{offset}"
 
@@ -431,6 +440,59 @@ class RabbitQueues:
                 channel.queue_delete(name)
         finally:
             connection.close()
+
+
+@dataclass
+class SQSMessage:
+    """One SQS message to send; its ref is the MessageId SQS gives it."""
+
+    body: str
+    attributes: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class SQSQueues:
+    """Queues on the test session's moto server for one test, deleted afterwards."""
+
+    def __init__(self, server: Any) -> None:
+        self.server = server
+        self.client = server.client()
+        self.created: list[str] = []
+
+    def create(self, name: str, **attributes: str) -> str:
+        url: str = self.server.create_queue(name, **attributes)
+        self.created.append(url)
+        return url
+
+    def send(self, url: str, messages: Sequence[SQSMessage]) -> list[str]:
+        """One SendMessage each (a batch holds 1 MiB at most); their MessageIds, in order."""
+        ids = []
+        for m in messages:
+            request: dict[str, Any] = {"QueueUrl": url, "MessageBody": m.body}
+            if m.attributes:
+                request["MessageAttributes"] = m.attributes
+            ids.append(str(self.client.send_message(**request)["MessageId"]))
+        return ids
+
+    def left(self, url: str) -> dict[str, str]:
+        """What the queue still holds: visible, in flight and delayed counts."""
+        names = ["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"]
+        names.append("ApproximateNumberOfMessagesDelayed")
+        reply = self.client.get_queue_attributes(QueueUrl=url, AttributeNames=names)
+        return dict(reply["Attributes"])
+
+    def delete_all(self) -> None:
+        for url in self.created:
+            with contextlib.suppress(Exception):
+                self.client.delete_queue(QueueUrl=url)
+
+
+@pytest.fixture
+def sqs(sqs_server: Any) -> Iterator[SQSQueues]:
+    queues = SQSQueues(sqs_server)
+    try:
+        yield queues
+    finally:
+        queues.delete_all()
 
 
 @pytest.fixture

@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 
 from tests import brokers
-from tests.faults.conftest import KafkaRig, RabbitRig, RedisRig, Rig
+from tests.faults.conftest import KafkaRig, RabbitRig, RedisRig, Rig, SQSRig
 from tests.faults.handlers import SLEEP_ENV
 from tests.faults.load import Load, Worker, journals, redis_letter_ids, wait_until, write_config
 from tests.faults.private import PrivateRabbit, PrivateRedis, ProxiedTansu
+from tests.faults.proxy import TcpProxy
 from tests.faults.results import Tally, read_journal
 
 pytestmark = pytest.mark.faults
@@ -29,6 +30,13 @@ BATCH_SIZE = 20
 # so the group really loses the member.
 DOWN_S = 3.0
 FROZEN_S = 8.0
+# moto slows down as its queues grow and as the messages held by a consumer do (each
+# ChangeMessageVisibility scans the queue): a third of the load keeps its scenarios short.
+SQS_COUNT = COUNT // 3
+SQS_RATE_PER_S = RATE_PER_S / 3
+# Messages an SQS poller holds at most under that load: received, not yet deleted (batches
+# running and waiting in its lanes; a poll receives up to 50).
+SQS_HELD_AT_MOST = 200
 
 
 def under_load(
@@ -42,6 +50,8 @@ def under_load(
     allowed: Callable[[], set[str]] = set,
     expect_in_log: str = "",
     extra: dict[str, object] | None = None,
+    count: int = COUNT,
+    rate_per_s: float = RATE_PER_S,
 ) -> Tally:
     """Run a worker under load, apply `fault` (which returns once the broker or link is back)
     after 30% of the load was handled, then wait until everything produced is handled once
@@ -50,7 +60,7 @@ def under_load(
     as taken but not checkpointed just before the fault, and at most `max_duplicates` (default:
     as many as those records)."""
     sender = rig.sender()
-    load = Load(sender, rig.name, COUNT, RATE_PER_S)
+    load = Load(sender, rig.name, count, rate_per_s)
     journal = tmp_path / "run.journal"
     config = write_config(
         tmp_path / "run.yaml",
@@ -67,7 +77,7 @@ def under_load(
     worker = Worker(config, tmp_path / "run.log")
     try:
         wait_until(
-            lambda: len(read_journal(journal)) >= COUNT * 0.3 or not worker.alive(),
+            lambda: len(read_journal(journal)) >= count * 0.3 or not worker.alive(),
             150,
             "30% of the load handled",
         )
@@ -241,6 +251,41 @@ def test_kafka_connection_frozen(proxied_kafka: ProxiedTansu, tmp_path: Path) ->
     assert proxy.bytes_down > 0
 
 
+@pytest.mark.sqs
+@pytest.mark.faults_full
+def test_sqs_connection_cut(sqs_server: brokers.MotoServer, tmp_path: Path) -> None:
+    """The worker's connections to SQS closed and refused for a while (moto keeps its queues in
+    memory, so the server itself is not restarted); the producer goes to the server directly."""
+    proxy = TcpProxy(("127.0.0.1", sqs_server.port))
+    rig = SQSRig(brokers.unique_name("faults-sqs-cut"), sqs_server, via=proxy.address)
+    cut: list[int] = []
+
+    def fault() -> None:
+        before = proxy.connections
+        cut.append(proxy.cut(refuse_s=DOWN_S))
+        wait_until(lambda: proxy.connections > before, 60, "the worker to reconnect")
+
+    try:
+        under_load(
+            rig,
+            tmp_path,
+            "connection cut",
+            fault,
+            notes=f"every SQS connection of the worker closed through a proxy, refused for"
+            f" {DOWN_S}s",
+            # What the poller held at the cut (received, not yet deleted) may come back once its
+            # visibility timeout (5 s) runs out during the outage: a poll's worth at most.
+            max_duplicates=SQS_HELD_AT_MOST,
+            expect_in_log="broker error",
+            count=SQS_COUNT,
+            rate_per_s=SQS_RATE_PER_S,
+        )
+    finally:
+        proxy.close()
+        rig.close()
+    assert cut[0] >= 1 and proxy.bytes_down > 0
+
+
 # --- the on-failure destination down ------------------------------------------------------------
 
 
@@ -249,7 +294,9 @@ def full(kind: str) -> object:
 
 
 @pytest.mark.parametrize(
-    "rig", [full("kafka"), pytest.param("redis", id="redis"), full("rabbitmq")], indirect=True
+    "rig",
+    [full("kafka"), pytest.param("redis", id="redis"), full("rabbitmq"), full("sqs")],
+    indirect=True,
 )
 def test_destination_down_then_back_with_a_kill_in_the_outage(
     rig: Rig, private_redis: PrivateRedis, tmp_path: Path
@@ -260,7 +307,8 @@ def test_destination_down_then_back_with_a_kill_in_the_outage(
     sender = rig.sender()
     # Six seconds of load: the destination goes down at the first letter, well before the end,
     # so that later poison records need letters during the outage.
-    load = Load(sender, rig.name, 900, RATE_PER_S, poison_every=25)
+    count, rate = (900, RATE_PER_S) if rig.broker != "sqs" else (SQS_COUNT, SQS_RATE_PER_S)
+    load = Load(sender, rig.name, count, rate, poison_every=25)
 
     def config(run: str) -> tuple[Path, Path]:
         journal = tmp_path / f"{run}.journal"
@@ -349,7 +397,8 @@ def test_destination_down_then_back_with_a_kill_in_the_outage(
         bound = len(in_flight & set(before))
         assert {i for i, n in Counter(handled).items() if n > 1} <= in_flight
     else:
-        bound = 100  # RabbitMQ: at most the prefetch window was unacked
-    tally.check(max_duplicates=bound, key_of=load.key_of)
+        # RabbitMQ: at most the prefetch window was unacked; SQS: what the poller held.
+        bound = 100 if rig.broker == "rabbitmq" else SQS_HELD_AT_MOST
+    tally.check(max_duplicates=bound, key_of=load.key_of if rig.ordered else None)
     rig.assert_checkpointed()
     tally.record()

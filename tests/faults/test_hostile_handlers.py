@@ -22,6 +22,8 @@ from tests.faults.hostile import (
     FaultRun,
     Message,
     RabbitQueues,
+    SQSMessage,
+    SQSQueues,
     check_run,
     good,
     kafka_source,
@@ -30,6 +32,8 @@ from tests.faults.hostile import (
     redis_client,
     redis_source,
     run_mapping,
+    sqs,
+    sqs_source,
     stream,
     tally_ids,
     xadd,
@@ -37,7 +41,7 @@ from tests.faults.hostile import (
 from tests.faults.results import letter_ids
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
-__all__ = ["rabbit", "redis_client", "stream"]  # fixtures
+__all__ = ["rabbit", "redis_client", "sqs", "stream"]  # fixtures
 
 HOSTILE = "tests.faults.handlers:hostile"
 # What each kind of hostile record makes the handler do, and the errorType its letter carries
@@ -104,7 +108,8 @@ def run_hostile(
     isolation: str = "process",
     key_of: dict[str, str] | None = None,
     timeout_s: float = 150,
-) -> None:
+    **mapping: Any,
+) -> FaultRun:
     run = run_mapping(
         tmp_path,
         name=unique_name(f"hostile-handler-{broker}"),
@@ -113,6 +118,7 @@ def run_hostile(
         function={**FUNCTION, "isolation": isolation},
         batch_size=4,
         timeout_s=timeout_s,
+        **mapping,
     )
     scenario = "hostile handlers" + ("" if isolation == "process" else f" ({isolation})")
     result = tally_ids(scenario, broker, COUNT, run)
@@ -120,6 +126,7 @@ def run_hostile(
     check_run(result, run, key_of=key_of)
     check_letters(run, acts)
     result.record()
+    return run
 
 
 def kafka_scenario(
@@ -160,6 +167,27 @@ def test_rabbitmq_hostile_handlers(rabbit: RabbitQueues, rabbitmq_url: str, tmp_
     rabbit.publish(queue, [Message(f"m{i}", v) for i, v in enumerate(values)])
     run_hostile(tmp_path, "rabbitmq", rabbitmq_source(rabbitmq_url, queue), acts)
     assert rabbit.ready(queue) == 0
+
+
+@pytest.mark.sqs
+def test_sqs_hostile_handlers(sqs: SQSQueues, tmp_path: Path) -> None:
+    """With a retry each, through SQS: every poison message is handed back once
+    (ChangeMessageVisibility) before its letter."""
+    url = sqs.create(unique_name("hostile-handlers"))
+    values, acts = payloads(tuple(ERROR_TYPES))
+    sqs.send(url, [SQSMessage(v.decode()) for v in values])
+    run = run_hostile(
+        tmp_path,
+        "sqs",
+        sqs_source(url),
+        acts,
+        maximum_retry_attempts=1,
+    )
+    poison = sum(ERROR_TYPES[act] is not None for act in acts.values())
+    assert run.counters["released"] >= poison, run.counters
+    for letter in run.letters:
+        assert letter["requestContext"]["approximateInvokeCount"] >= 2, letter
+    assert set(sqs.left(url).values()) == {"0"}, sqs.left(url)
 
 
 @pytest.mark.kafka

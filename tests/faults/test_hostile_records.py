@@ -26,6 +26,8 @@ from tests.faults.hostile import (
     FaultRun,
     Message,
     RabbitQueues,
+    SQSMessage,
+    SQSQueues,
     as_bytes,
     check_run,
     good,
@@ -40,6 +42,8 @@ from tests.faults.hostile import (
     redis_item_fields,
     redis_source,
     run_mapping,
+    sqs,
+    sqs_source,
     stream,
     tally_ids,
     tally_refs,
@@ -48,7 +52,7 @@ from tests.faults.hostile import (
 from tests.faults.results import Tally, letter_ids
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
-__all__ = ["rabbit", "redis_client", "stream"]  # fixtures
+__all__ = ["rabbit", "redis_client", "sqs", "stream"]  # fixtures
 
 HOSTILE = "tests.faults.handlers:hostile"
 # Payload cap per invocation in these scenarios, and a record past it.
@@ -443,4 +447,72 @@ def test_rabbitmq_timestamp_header_field_past_year_9999(
     # so the good message with such a header may be handled or dead-lettered; nothing else may.
     assert "7" in letter_ids(run.letters)
     assert set(letter_ids(run.letters)) <= {"5", "7"}
+    result.record()
+
+
+# --- SQS -------------------------------------------------------------------------------------
+
+# SQS bodies are text (what XML 1.0 allows), at most 1 MiB with their attributes (moto, as SQS
+# since 2025): a record too large for an invocation needs a smaller payload cap.
+SQS_BATCH_BYTES = 512 * 1024
+
+
+def sqs_attribute(data_type: str, value: str | bytes) -> dict[str, Any]:
+    if isinstance(value, bytes):
+        return {"DataType": data_type, "BinaryValue": value}
+    return {"DataType": data_type, "StringValue": value}
+
+
+@pytest.mark.sqs
+def test_sqs_hostile_messages(sqs: SQSQueues, tmp_path: Path) -> None:
+    url = sqs.create(unique_name("hostile-records"))
+    messages = [SQSMessage(good(i).decode()) for i in range(30)]
+    messages[3] = SQSMessage("é ☃ 𝄞 \ufffd \ue000 \U0010ffff\r\n\t end")  # every plane SQS takes
+    messages[6] = SQSMessage(" ")  # whitespace only: SQS refuses an empty body
+    messages[9] = SQSMessage("[1, 2, 3]")  # JSON, not an object
+    messages[12] = SQSMessage("y" * (400 * 1024))  # large, yet within the payload cap
+    messages[15] = SQSMessage("z" * (1024 * 1024 - 1024))  # past the payload cap
+    messages[18] = SQSMessage(
+        good(18).decode(),
+        {
+            "text": sqs_attribute("String", "é ☃ 𝄞"),
+            "number": sqs_attribute("Number", "-12345678901234567890.123456789"),
+            "raw": sqs_attribute("Binary", NOT_UTF8),
+            "custom": sqs_attribute("String.custom-type", "x"),
+            "gz": sqs_attribute("Binary.gzip", b"\x1f\x8b\x08\x00"),
+            **{f"a{i}": sqs_attribute("String", str(i)) for i in range(5)},
+        },
+    )
+    messages[21] = SQSMessage(
+        good(21).decode(), {"esm-replay-count": sqs_attribute("String", "not a number")}
+    )
+    messages[24] = SQSMessage(good(24).decode(), {"huge": sqs_attribute("String", "h" * 300_000)})
+    # What kombu's SQS transport alters (docs/brokers.md): base64-looking text, a "properties" key.
+    messages[27] = SQSMessage("aGVsbG8gd29ybGQ=")
+    messages[28] = SQSMessage('{"properties": {"delivery_tag": 1}, "body": "x"}')
+    produced = sqs.send(url, messages)
+    run = run_mapping(
+        tmp_path,
+        name=unique_name("hostile-sqs"),
+        source=sqs_source(url),
+        batch_size=10,
+        maximum_batch_bytes=SQS_BATCH_BYTES,
+        keep_events=True,
+    )
+    result = tally_refs("hostile records", "sqs", produced, run)
+    check_run(result, run)
+    assert run.conditions() == {produced[15]: "MaximumPayloadSizeExceeded"}
+    assert set(sqs.left(url).values()) == {"0"}, sqs.left(url)
+    items = run.items()
+    for ref, m in zip(produced, messages, strict=True):
+        item = items[ref]
+        assert item["body"] == m.body, ref
+        assert set(item["messageAttributes"]) == set(m.attributes), ref
+        for name, sent in m.attributes.items():
+            got = item["messageAttributes"][name]
+            assert got["dataType"] == sent["DataType"], (ref, name)
+            if "BinaryValue" in sent:
+                assert base64.b64decode(got["binaryValue"]) == sent["BinaryValue"], (ref, name)
+            else:
+                assert got["stringValue"] == sent["StringValue"], (ref, name)
     result.record()
