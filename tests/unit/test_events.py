@@ -22,8 +22,8 @@ from connectors.redis.shape import (
 from connectors.redis.source import RedisSource
 from workers.app import config as cfg
 from workers.engine.outcomes import PartialFailure
-from workers.engine.policy import interpret
 from workers.engine.records import Record
+from workers.engine.responses import interpret
 from workers.events import EventRecord, batch_response, records
 from workers.invoke.loading import load_handler
 

@@ -16,9 +16,10 @@ from workers.engine.batcher import BatchLimits, LaneBuffer
 from workers.engine.checkpoint import CheckpointTracker
 from workers.engine.letters import Condition, build_letter
 from workers.engine.outcomes import ErrorInfo, InvalidResponse, PartialFailure, Success
-from workers.engine.policy import Policy, interpret
+from workers.engine.policy import Policy
 from workers.engine.ports import EventShape
 from workers.engine.records import Record
+from workers.engine.responses import interpret
 from workers.engine.shapes import encoded_size
 
 

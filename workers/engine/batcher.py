@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from workers.engine.records import Record
@@ -79,3 +81,29 @@ class LaneBuffer:
         self.records.clear()
         self.nbytes = 0
         return dropped
+
+
+class Lane:
+    """One lane of a poller: the records of a unit (and key slot) waiting, run one batch at a
+    time; `stop` is its unit's."""
+
+    __slots__ = ("buffer", "busy", "stop", "unit")
+
+    def __init__(self, unit: str, stop: threading.Event) -> None:
+        self.unit = unit
+        self.buffer = LaneBuffer()
+        self.busy = False
+        self.stop = stop
+
+
+def runs_by_unit(records: Sequence[Record]) -> list[tuple[str, list[Record]]]:
+    """Records grouped into consecutive runs of one unit, in order."""
+    runs: list[tuple[str, list[Record]]] = []
+    unit: str | None = None
+    run: list[Record] = []
+    for r in records:
+        if r.source != unit:
+            unit, run = r.source, []
+            runs.append((unit, run))
+        run.append(r)
+    return runs

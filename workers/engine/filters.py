@@ -7,12 +7,17 @@ https://docs.aws.amazon.com/lambda/latest/dg/invocation-eventfiltering.html
 from __future__ import annotations
 
 import json
+import logging
 import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-__all__ = ["FilterError", "Match", "compile_filters", "compile_pattern"]
+from workers.engine.records import Record
+
+log = logging.getLogger("workers.filters")
+
+__all__ = ["FilterError", "Match", "compile_filters", "compile_pattern", "split_matching"]
 
 Match = Callable[[Mapping[str, Any]], bool]
 _LeafTest = Callable[[Any], bool]
@@ -465,3 +470,37 @@ def _range(
     high: int | float,
 ) -> _LeafTest:
     return lambda value: _is_number(value) and low_op(value, low) and high_op(value, high)
+
+
+def split_matching(
+    run: list[Record], matches: Match, view: Callable[[Record], dict[str, Any]], mapping: str
+) -> tuple[list[Record], list[Record]]:
+    """`run` as (kept, filtered out) by `matches` on each record's `view`. A record its connector
+    could not convert is no document to match: it is kept, to be dead-lettered; so is one the
+    filter cannot judge, for the handler (or, when its event cannot be built either, the
+    destination) to deal with."""
+    try:
+        kept = [r for r in run if r.fault is not None or matches(view(r))]
+    except Exception:
+        kept = [r for r in run if r.fault is not None or _judged(r, matches, view, mapping)]
+    if len(kept) == len(run):
+        return run, []
+    keep = {id(r) for r in kept}
+    return kept, [r for r in run if id(r) not in keep]
+
+
+def _judged(
+    record: Record, matches: Match, view: Callable[[Record], dict[str, Any]], mapping: str
+) -> bool:
+    try:
+        return matches(view(record))
+    except Exception as exc:
+        log.warning(
+            "mapping %s: filter criteria cannot be applied to %s@%s (%s: %s); not filtering it out",
+            mapping,
+            record.source,
+            record.position,
+            type(exc).__name__,
+            exc,
+        )
+        return True

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from workers.engine.backoff import Backoff
-from workers.engine.batcher import BatchLimits, LaneBuffer
+from workers.engine.batcher import BatchLimits, Lane, runs_by_unit
 from workers.engine.checkpoint import AckTable, CheckpointTracker, SettleQueue
 from workers.engine.clock import SYSTEM_CLOCK, Clock
+from workers.engine.filters import split_matching
 from workers.engine.flight import InFlightFile, SuspectList, Suspects
 from workers.engine.invoker import Invoker
 from workers.engine.letters import DeadLetters
@@ -77,31 +78,8 @@ class PollerSettings:
         return max(2000, 4 * self.limits.batch_size * self.parallelization_factor)
 
 
-def _runs(records: Sequence[Record]) -> list[tuple[str, list[Record]]]:
-    """Records grouped into consecutive runs of one unit, in order."""
-    runs: list[tuple[str, list[Record]]] = []
-    unit: str | None = None
-    run: list[Record] = []
-    for r in records:
-        if r.source != unit:
-            unit, run = r.source, []
-            runs.append((unit, run))
-        run.append(r)
-    return runs
-
-
 class PollerFailed(RuntimeError):
     """A batch failed in the engine itself: records it held were left unsettled."""
-
-
-class _Lane:
-    __slots__ = ("buffer", "busy", "stop", "unit")
-
-    def __init__(self, unit: str, stop: threading.Event) -> None:
-        self.unit = unit
-        self.buffer = LaneBuffer()
-        self.busy = False
-        self.stop = stop
 
 
 class Poller:
@@ -136,7 +114,7 @@ class Poller:
         self._rr = itertools.count()
         self._lock = threading.Lock()  # guards lanes and buffers; never held across a source call
         self._idle = threading.Condition(self._lock)
-        self._lanes: dict[tuple[str, int], _Lane] = {}
+        self._lanes: dict[tuple[str, int], Lane] = {}
         self._unit_stops: dict[str, threading.Event] = {}
         self._buffered: dict[str, int] = {}
         self._paused: set[str] = set()
@@ -358,22 +336,14 @@ class Poller:
             self._acks.hold(records)
         with self._lock:
             # Per run of one unit rather than per record: this is the hot path of every poll.
-            for unit, run in _runs(records):
+            for unit, run in runs_by_unit(records):
                 if self._offsets:
                     fresh = set(self._tracker.track_run(unit, [r.position for r in run]))
                     if len(fresh) != len(run):  # redeliveries of records this poller holds
                         run = [r for r in run if r.position in fresh]
                 if matches is not None:
-                    # A record its connector could not convert is no document to match: it goes
-                    # on, to be dead-lettered.
-                    try:
-                        kept = [r for r in run if r.fault is not None or matches(view(r))]
-                    except Exception:
-                        kept = [r for r in run if r.fault is not None or self._matches(r)]
-                    if len(kept) != len(run):
-                        keep = {id(r) for r in kept}
-                        filtered.extend(r for r in run if id(r) not in keep)
-                    run = kept
+                    run, dropped = split_matching(run, matches, view, self.settings.mapping)
+                    filtered += dropped
                 if not run:
                     continue
                 if self._pf == 1:
@@ -386,24 +356,6 @@ class Poller:
         if filtered:
             self._settle(filtered)
 
-    def _matches(self, record: Record) -> bool:
-        """The filter's verdict; a record it cannot judge is kept, for the handler (or, when its
-        event cannot be built either, the destination) to deal with."""
-        assert self.record_filter is not None
-        try:
-            return self.record_filter(self.source.shape.filter_view(record))
-        except Exception as exc:
-            log.warning(
-                "mapping %s: filter criteria cannot be applied to %s@%s (%s: %s); not filtering"
-                " it out",
-                self.settings.mapping,
-                record.source,
-                record.position,
-                type(exc).__name__,
-                exc,
-            )
-            return True
-
     def _slot(self, record: Record) -> int:
         if not self._ordered:
             return next(self._rr) % self._pf
@@ -412,7 +364,7 @@ class Poller:
             return (record.position ^ (record.position >> 64)) % self._pf
         return zlib.crc32(record.key) % self._pf
 
-    def _lane(self, unit: str, slot: int) -> _Lane:
+    def _lane(self, unit: str, slot: int) -> Lane:
         lane = self._lanes.get((unit, slot))
         if lane is None:
             stop = self._unit_stops.get(unit)
@@ -420,7 +372,7 @@ class Poller:
                 stop = self._unit_stops[unit] = threading.Event()
                 if self.stop_event.is_set():
                     stop.set()
-            lane = self._lanes[(unit, slot)] = _Lane(unit, stop)
+            lane = self._lanes[(unit, slot)] = Lane(unit, stop)
         return lane
 
     # --- dispatch --------------------------------------------------------------------------------
@@ -432,7 +384,7 @@ class Poller:
         bound = self.settings.maximum_concurrency
         with self._lock:
             self._holding = self.valve.holds(self._in_flight)
-            lanes: Collection[_Lane] = () if self._holding else self._lanes.values()
+            lanes: Collection[Lane] = () if self._holding else self._lanes.values()
             if bound:
                 self._starved = False
                 # Oldest waiting first: with fewer batches than lanes, none is left behind.
@@ -458,13 +410,13 @@ class Poller:
                 wait = min(wait, 0.05)
         return wait
 
-    def _take(self, lane: _Lane) -> list[Record]:
+    def _take(self, lane: Lane) -> list[Record]:
         batch = lane.buffer.take(self.settings.limits)
         self._buffered[lane.unit] -= len(batch)
         self._wake.set()
         return batch
 
-    def _run_lane(self, lane: _Lane, batch: list[Record]) -> None:
+    def _run_lane(self, lane: Lane, batch: list[Record]) -> None:
         """Run batches of one lane back to back while more are ready, then free the lane."""
         try:
             while batch:
