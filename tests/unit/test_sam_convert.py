@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from workers.app.config import ConfigError, EventSourceMapping
+from workers.app.config import ConfigError
 from workers.app.sam import convert, load_template
 
 SQS_WITH_REDRIVE = """\
@@ -123,10 +123,8 @@ def test_sqs_with_redrive(tmp_path: Path) -> None:
     assert spec.code_paths == (str(folder / "src"),)
     assert notes.not_mappings == ["QueueConsumerFunction.Everyday (Schedule)"]
     assert notes.ignored == ["QueueConsumerFunction: Architectures", "Outputs"]
-    if "scaling_config" in EventSourceMapping.model_fields:
-        assert mapping.scaling_config.maximum_concurrency == 5  # type: ignore[attr-defined]
-    else:
-        assert notes.not_applied == ["QueueConsumerFunction-MySQSEvent: ScalingConfig"]
+    assert mapping.scaling_config is not None
+    assert mapping.scaling_config.maximum_concurrency == 5
 
 
 KAFKA_WITH_DESTINATION = """\

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from workers.app.config import Config, EventSourceMapping, config_from_dict
+from workers.app.config import Config, config_from_dict
 from workers.app.config_errors import ConfigError, Problem, render
 from workers.app.sam.functions import Functions, read_functions
 from workers.app.sam.intrinsics import DEFAULT_PSEUDO, Resolver, TemplateError
@@ -130,7 +130,6 @@ def convert(
     notes.skipped += functions.skipped
     notes.ignored = functions.ignored + notes.ignored
     notes.other += functions.notes
-    scaling = "scaling_config" in EventSourceMapping.model_fields
     drafts: list[Draft] = []
     for logical_id in resolver.resources.of_type("AWS::Lambda::EventSourceMapping"):
         event = transformed.events.get(logical_id)
@@ -145,7 +144,6 @@ def convert(
                 where=where,
                 event_type=event.type if event else "",
                 functions=functions.names,
-                scaling=scaling,
             )
         except TemplateError as exc:
             problems.append(Problem(_written(exc.loc, transformed), exc.message))

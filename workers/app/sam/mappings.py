@@ -142,7 +142,6 @@ class _Reader:
         name: str,
         where: str,
         event_type: str,
-        scaling: bool,
     ) -> None:
         self.event_type = event_type
         self.r = resolver
@@ -150,7 +149,6 @@ class _Reader:
         self.id = logical_id
         self.name = name
         self.where = where
-        self.scaling = scaling
         self.raw = resolver.resources.properties(logical_id)
 
     def loc(self, *keys: str | int) -> Loc:
@@ -335,9 +333,6 @@ class _Reader:
     def _scaling(self, draft: Draft) -> None:
         if "ScalingConfig" not in self.raw:
             return
-        if not self.scaling:
-            draft.not_applied.append("ScalingConfig")
-            return
         scaling = self.get("ScalingConfig") or {}
         if "MaximumConcurrency" in scaling:
             draft.mapping["scaling_config"] = {"maximum_concurrency": scaling["MaximumConcurrency"]}
@@ -420,11 +415,9 @@ def read_mapping(
     where: str,
     event_type: str = "",
     functions: dict[str, str],
-    scaling: bool,
 ) -> Draft | Skipped:
     """One `AWS::Lambda::EventSourceMapping` resource. `functions` maps the template's function
-    names (physical and logical) to logical ids; `scaling`: the native format has
-    `scaling_config`; `where` and `event_type` say where the template writes it (a SAM event's
-    Properties, or the resource's own)."""
-    reader = _Reader(resolver, overrides, logical_id, name, where, event_type, scaling)
+    names (physical and logical) to logical ids; `where` and `event_type` say where the
+    template writes it (a SAM event's Properties, or the resource's own)."""
+    reader = _Reader(resolver, overrides, logical_id, name, where, event_type)
     return reader.read(functions)
