@@ -23,7 +23,6 @@ import pika
 import pytest
 
 from tests import brokers
-from workers.engine.ports import Capabilities
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "sam"
@@ -117,14 +116,10 @@ def test_sam_example(
     assert [r.json()["id"] for r in records(letters[0]["payload"])] == [POISON_ID]
     assert letters[0]["error"]["errorType"] == "InvalidOrder"
     # The order that fails: reported by messageId, retried as the redrive policy allows.
-    if getattr(Capabilities, "broker_retries", None) is not None:
-        # SQS itself retries it and moves it to the dead-letter queue after maxReceiveCount.
-        moved = [json.loads(m["Body"]) for m in receive_all(client, dlq_url)]
-        assert [order["id"] for order in moved] == [POISON_ID]
-    else:
-        # Until the SQS source hands exhausted messages back to the queue (issue 15), the
-        # engine retries it in process (maxReceiveCount - 1 times) and drops it.
-        assert orders["dropped"] == 1, orders
+    # SQS itself retries it and moves it to the dead-letter queue after maxReceiveCount.
+    moved = [json.loads(m["Body"]) for m in receive_all(client, dlq_url)]
+    assert [order["id"] for order in moved] == [POISON_ID]
+    assert orders["dropped"] == 0, orders
     assert receive_all(client, orders_url) == []
     # What does not run here is said once at start-up.
     assert log.count("left alone: PaymentsFunction.Reconcile (Schedule)") == 1, log
