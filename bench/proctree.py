@@ -1,0 +1,204 @@
+"""Watches the process tree of one `workers run` from /proc while it runs: peak resident memory
+(VmHWM), the most threads, and the tree's proportional set size (PSS), by role: the supervisor,
+each poller, the execution environments, and multiprocessing's helper processes.
+
+The tree is found by the environment variable every process of a benchmark run inherits
+(`BENCH_OUT`, a path unique to the run), so no pid needs to come back from the subprocess call.
+Linux only; elsewhere nothing is sampled.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROC = Path("/proc")
+
+
+@dataclass(slots=True)
+class Seen:
+    """What was observed of one process over the run."""
+
+    pid: int
+    ppid: int
+    cmdline: str
+    hwm_kb: int = 0  # VmHWM: its peak resident set
+    rss_kb: int = 0  # VmRSS at the last sample
+    threads: int = 0  # the most threads seen at once
+    pss_kb: int = 0  # Pss at the last sample (shared pages divided among their sharers)
+
+
+@dataclass(slots=True)
+class Tree:
+    """The run's processes by role, and the tree's peak proportional set size."""
+
+    processes: dict[int, Seen] = field(default_factory=dict)
+    peak_pss_kb: int = 0
+    samples: int = 0
+
+    def _children(self, pid: int) -> list[Seen]:
+        return [p for p in self.processes.values() if p.ppid == pid]
+
+    def _root(self) -> Seen | None:
+        roots = [p for p in self.processes.values() if p.ppid not in self.processes]
+        return min(roots, key=lambda p: p.pid) if roots else None
+
+    def _descendants(self, pid: int) -> list[Seen]:
+        out: list[Seen] = []
+        stack = [pid]
+        while stack:
+            for child in self._children(stack.pop()):
+                out.append(child)
+                stack.append(child.pid)
+        return out
+
+    def roles(self) -> dict[str, list[Seen]]:
+        """supervisor, pollers, environments and helpers (forkserver, resource trackers)."""
+        root = self._root()
+        if root is None:
+            return {"supervisor": [], "pollers": [], "environments": [], "helpers": []}
+        helpers: list[Seen] = []
+        pollers: list[Seen] = []
+        for child in self._children(root.pid):
+            (helpers if _helper(child) else pollers).append(child)
+        environments: list[Seen] = []
+        for poller in pollers:
+            for p in self._descendants(poller.pid):
+                # Environments fork from the forkserver and keep its command line; the server
+                # itself is the poller's direct child.
+                server = p.ppid == poller.pid and "forkserver" in p.cmdline
+                (helpers if server or "resource_tracker" in p.cmdline else environments).append(p)
+        return {
+            "supervisor": [root],
+            "pollers": pollers,
+            "environments": environments,
+            "helpers": helpers,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        """Megabytes and thread counts, for a results file."""
+        roles = self.roles()
+        pollers = roles["pollers"]
+        envs = roles["environments"]
+
+        def mb(kb: int) -> float:
+            return round(kb / 1024, 1)
+
+        return {
+            "samples": self.samples,
+            "pollers": len(pollers),
+            "poller_hwm_mb": mb(max((p.hwm_kb for p in pollers), default=0)),
+            "poller_threads": max((p.threads for p in pollers), default=0),
+            "environments": len(envs),
+            "environment_hwm_mb": mb(max((p.hwm_kb for p in envs), default=0)),
+            "environments_hwm_sum_mb": mb(sum(p.hwm_kb for p in envs)),
+            "supervisor_hwm_mb": mb(sum(p.hwm_kb for p in roles["supervisor"])),
+            "helpers_hwm_mb": mb(sum(p.hwm_kb for p in roles["helpers"])),
+            "tree_peak_pss_mb": mb(self.peak_pss_kb),
+        }
+
+
+def _helper(p: Seen) -> bool:
+    return "resource_tracker" in p.cmdline or "forkserver" in p.cmdline
+
+
+class TreeSampler:
+    """Samples, on a thread, every process whose environment holds `marker` (NAME=value)."""
+
+    def __init__(self, marker: str, interval_s: float = 0.25) -> None:
+        self._marker = marker.encode()
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tree-sampler", daemon=True)
+        self._foreign: set[int] = set()  # pids checked once and not ours
+        self.tree = Tree()
+        self._me = os.getpid()
+
+    def __enter__(self) -> TreeSampler:
+        if PROC.joinpath("self", "status").exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            self.sample()
+            if self._stop.wait(self._interval_s):
+                return
+
+    def sample(self) -> None:
+        pss = 0
+        for entry in os.scandir(PROC):
+            if not entry.name.isdigit():
+                continue
+            pid = int(entry.name)
+            if pid in self._foreign:
+                continue
+            seen = self.tree.processes.get(pid)
+            if seen is None:
+                seen = self._adopt(pid)
+                if seen is None:
+                    continue
+            if _update(seen):
+                pss += seen.pss_kb
+        self.tree.peak_pss_kb = max(self.tree.peak_pss_kb, pss)
+        self.tree.samples += 1
+
+    def _adopt(self, pid: int) -> Seen | None:
+        try:
+            environ = (PROC / str(pid) / "environ").read_bytes()
+            if self._marker not in environ.split(b"\0"):
+                # A child of this process may not have exec'd `workers run` yet: look again.
+                if _ppid(pid) != self._me:
+                    self._foreign.add(pid)
+                return None
+            stat = (PROC / str(pid) / "stat").read_text()
+            cmdline = (PROC / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:  # gone, or not ours to read
+            self._foreign.add(pid)
+            return None
+        seen = Seen(pid, _parse_ppid(stat), cmdline.decode(errors="replace"))
+        self.tree.processes[pid] = seen
+        return seen
+
+
+def _parse_ppid(stat: str) -> int:
+    # The command name in field 2 may hold spaces and parentheses: split after the last ')'.
+    return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return _parse_ppid((PROC / str(pid) / "stat").read_text())
+    except OSError:
+        return -1
+
+
+def _update(seen: Seen) -> bool:
+    """Read the process's status and PSS; False when it has exited."""
+    base = PROC / str(seen.pid)
+    try:
+        status = (base / "status").read_text()
+        rollup = (base / "smaps_rollup").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        name, _, value = line.partition(":")
+        if name == "VmHWM":
+            seen.hwm_kb = max(seen.hwm_kb, int(value.split()[0]))
+        elif name == "VmRSS":
+            seen.rss_kb = int(value.split()[0])
+        elif name == "Threads":
+            seen.threads = max(seen.threads, int(value))
+    for line in rollup.splitlines():
+        if line.startswith("Pss:"):
+            seen.pss_kb = int(line.split()[1])
+            break
+    return True
