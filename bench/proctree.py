@@ -1,6 +1,7 @@
 """Watches the process tree of one `workers run` from /proc while it runs: peak resident memory
-(VmHWM), the most threads, and the tree's proportional set size (PSS), by role: the supervisor,
-each poller, the execution environments, and multiprocessing's helper processes.
+(VmHWM), the most threads, the tree's proportional set size (PSS) and the CPU time each process
+used, by role: the supervisor, each poller, the execution environments, and multiprocessing's
+helper processes.
 
 The tree is found by the environment variable every process of a benchmark run inherits
 (`BENCH_OUT`, a path unique to the run), so no pid needs to come back from the subprocess call.
@@ -9,13 +10,16 @@ Linux only; elsewhere nothing is sampled.
 
 from __future__ import annotations
 
+import bisect
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 PROC = Path("/proc")
+_TICK_S = 1 / os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 0.01
 
 
 @dataclass(slots=True)
@@ -29,6 +33,7 @@ class Seen:
     rss_kb: int = 0  # VmRSS at the last sample
     threads: int = 0  # the most threads seen at once
     pss_kb: int = 0  # Pss at the last sample (shared pages divided among their sharers)
+    cpu_ticks: int = 0  # user + system time at the last sample, in clock ticks
 
 
 @dataclass(slots=True)
@@ -38,6 +43,39 @@ class Tree:
     processes: dict[int, Seen] = field(default_factory=dict)
     peak_pss_kb: int = 0
     samples: int = 0
+    # Per sample: its wall-clock time, each live process's CPU ticks, and the machine's busy
+    # ticks (all CPUs, whatever runs on them: the broker, other work).
+    timeline: list[tuple[float, dict[int, int], int]] = field(default_factory=list)
+
+    def cpu_between(self, start: float, end: float) -> dict[str, float]:
+        """CPU seconds each role used from the last sample at or before `start` (wall clock)
+        to the first at or after `end`, the whole machine's (`machine_s`), and that window's
+        length. A process that started inside the window counts from its start, one that ended
+        inside it up to its last sample."""
+        if not self.timeline:
+            return {}
+        times = [t for t, _, _ in self.timeline]
+        a = max(0, bisect.bisect_right(times, start) - 1)
+        b = min(len(times) - 1, bisect.bisect_left(times, end))
+        out: dict[str, float] = {
+            "window_s": times[b] - times[a],
+            "machine_s": (self.timeline[b][2] - self.timeline[a][2]) * _TICK_S,
+        }
+        for role, members in self.roles().items():
+            ticks = 0
+            for p in members:
+                before = self.timeline[a][1].get(p.pid, 0)
+                after = next(
+                    (
+                        self.timeline[i][1][p.pid]
+                        for i in range(b, a - 1, -1)
+                        if p.pid in self.timeline[i][1]
+                    ),
+                    before,
+                )
+                ticks += after - before
+            out[f"{role}_cpu_s"] = ticks * _TICK_S
+        return out
 
     def _children(self, pid: int) -> list[Seen]:
         return [p for p in self.processes.values() if p.ppid == pid]
@@ -108,7 +146,7 @@ def _helper(p: Seen) -> bool:
 class TreeSampler:
     """Samples, on a thread, every process whose environment holds `marker` (NAME=value)."""
 
-    def __init__(self, marker: str, interval_s: float = 0.25) -> None:
+    def __init__(self, marker: str, interval_s: float = 0.1) -> None:
         self._marker = marker.encode()
         self._interval_s = interval_s
         self._stop = threading.Event()
@@ -135,6 +173,8 @@ class TreeSampler:
 
     def sample(self) -> None:
         pss = 0
+        now = time.time()
+        ticks: dict[int, int] = {}
         for entry in os.scandir(PROC):
             if not entry.name.isdigit():
                 continue
@@ -148,15 +188,20 @@ class TreeSampler:
                     continue
             if _update(seen):
                 pss += seen.pss_kb
+                ticks[pid] = seen.cpu_ticks
         self.tree.peak_pss_kb = max(self.tree.peak_pss_kb, pss)
+        self.tree.timeline.append((now, ticks, _machine_busy()))
         self.tree.samples += 1
 
     def _adopt(self, pid: int) -> Seen | None:
         try:
             environ = (PROC / str(pid) / "environ").read_bytes()
             if self._marker not in environ.split(b"\0"):
-                # A child of this process may not have exec'd `workers run` yet: look again.
-                if _ppid(pid) != self._me:
+                # Look again at a child of this process that may not have exec'd `workers run`
+                # yet, and at a process whose environment reads empty: in the middle of an exec
+                # (kernel threads, children of kthreadd, are empty for good).
+                ppid = _ppid(pid)
+                if ppid != self._me and (environ or ppid in (0, 2)):
                     self._foreign.add(pid)
                 return None
             stat = (PROC / str(pid) / "stat").read_text()
@@ -181,14 +226,29 @@ def _ppid(pid: int) -> int:
         return -1
 
 
+def _machine_busy() -> int:
+    """Ticks all CPUs spent on anything but idle and I/O wait, from /proc/stat."""
+    try:
+        with (PROC / "stat").open() as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return 0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return user + nice + system + irq + softirq + steal
+
+
 def _update(seen: Seen) -> bool:
     """Read the process's status and PSS; False when it has exited."""
     base = PROC / str(seen.pid)
     try:
         status = (base / "status").read_text()
         rollup = (base / "smaps_rollup").read_text()
+        stat = (base / "stat").read_text()
     except OSError:
         return False
+    # Fields 14 and 15 (utime, stime), counted from the one after the command name.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    seen.cpu_ticks = int(fields[11]) + int(fields[12])
     for line in status.splitlines():
         name, _, value = line.partition(":")
         if name == "VmHWM":

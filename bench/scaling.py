@@ -98,6 +98,12 @@ class Row:
     create_s: float = 0.0  # creating the topic (Kafka)
     wall_s: float = 0.0  # the whole `workers run`, start-up and group join included
     memory: dict[str, Any] = field(default_factory=dict)
+    # CPU seconds per role over the measured span (widened to the sampler's ticks), window_s.
+    cpu: dict[str, float] = field(default_factory=dict)
+    cores: float = 0.0  # CPU of the whole `workers run` tree over the span: cores kept busy
+    poller_cores: float = 0.0  # the pollers' share of it
+    machine_cores: float = 0.0  # every CPU's busy time over the span: the broker, other work
+    records_per_cpu_s: float = 0.0  # records per second of CPU the tree used
     error: str = ""
 
     def as_json(self) -> dict[str, Any]:
@@ -303,8 +309,21 @@ class Runner:
         row.create_s = round(float(ds.extra.get("create_s", 0.0)), 3)
         row.wall_s = round(run.wall_s, 2)
         row.memory = sampler.tree.summary()
+        first = min(s.start for s in run.spans)
+        last = max(s.end for s in run.spans)
+        row.cpu = {k: round(v, 3) for k, v in sampler.tree.cpu_between(first, last).items()}
+        used = sum(v for k, v in row.cpu.items() if k.endswith("_cpu_s"))
+        window = row.cpu.get("window_s", 0.0)
+        if used > 0 and window > 0:
+            row.cores = used / window
+            row.poller_cores = row.cpu.get("pollers_cpu_s", 0.0) / window
+            row.machine_cores = row.cpu.get("machine_s", 0.0) / window
+            row.records_per_cpu_s = ds.records / used
         log(
             f"{self.broker} {row.section} {row.label} {row.isolation}: {rate:,.0f} records/s,"
+            f" {row.cores:.2f} cores ({row.poller_cores:.2f} pollers) of {row.machine_cores:.2f}"
+            " busy,"
+            f" {row.records_per_cpu_s:,.0f} records/CPU-s,"
             f" poller {row.memory['poller_hwm_mb']} MB / {row.memory['poller_threads']} threads,"
             f" {row.memory['environments']} environment(s)"
         )

@@ -50,6 +50,16 @@ def _ratio(rate: float, base: float) -> str:
     return f"{rate / base:.2f}" if base else "—"
 
 
+def _cores(r: dict[str, Any]) -> str:
+    if not r["cores"]:
+        return "—"
+    return f"{r['cores']:.2f} ({r['poller_cores']:.2f}) of {r['machine_cores']:.2f}"
+
+
+def _per_cpu(r: dict[str, Any]) -> str:
+    return _n(r["records_per_cpu_s"]) if r["records_per_cpu_s"] else "—"
+
+
 def _envs(m: dict[str, Any]) -> str:
     if not m.get("environments"):
         return "—"
@@ -79,9 +89,13 @@ def markdown(run: dict[str, Any]) -> str:
         f"{host['cpus']} CPUs, Python {host['python']}, load average at the end {load};"
         f" {run['duration_s']:.0f} s in all. `workers run` with {s['mapping']}. Records/s run"
         " from the first invocation's start to the last one's end; every run checked that"
-        " each record produced was handled. Memory: peak resident set (VmHWM) per process,"
-        " and the proportional set size (PSS) of the whole `workers run` tree at its peak,"
-        " which counts pages the environments share with each other once.\n",
+        " each record produced was handled. Cores: CPU time of the whole `workers run` tree"
+        " (the pollers' share in brackets) over that span, from /proc every 0.1 s, of the"
+        " cores the whole machine kept busy meanwhile (the broker's and other work's too);"
+        " records/CPU-s divides the records by that CPU time, which the machine's other load"
+        " disturbs less than records/s. The broker runs on the same cores. Memory: peak"
+        " resident set (VmHWM) per process, and the proportional set size (PSS) of the whole"
+        " tree at its peak, which counts pages the environments share with each other once.\n",
     ]
 
     size = _section(rows, "size")
@@ -93,6 +107,8 @@ def markdown(run: dict[str, Any]) -> str:
             "records",
             "records/s",
             "MB/s",
+            "cores: run (pollers) of busy",
+            "records/CPU-s",
             "records/invocation",
             "ms/invocation",
             "poller MB",
@@ -113,6 +129,8 @@ def markdown(run: dict[str, Any]) -> str:
                     _n(r["records"]),
                     _n(r["rate"]),
                     _n(r["mb_per_s"], 1),
+                    _cores(r),
+                    _per_cpu(r),
                     _n(r["records_per_invocation"], 1),
                     _n(r["ms_per_invocation"], 1),
                     _n(m["poller_hwm_mb"]),
@@ -136,6 +154,8 @@ def markdown(run: dict[str, Any]) -> str:
             "records",
             "records/s",
             "ratio to 1",
+            "cores: run (pollers) of busy",
+            "records/CPU-s",
             "records/invocation",
             "poller threads",
             "poller MB",
@@ -157,6 +177,8 @@ def markdown(run: dict[str, Any]) -> str:
                     _n(r["records"]),
                     _n(r["rate"]),
                     _ratio(r["rate"], _base(rows, r, section="partitions", units=1)),
+                    _cores(r),
+                    _per_cpu(r),
                     _n(r["records_per_invocation"], 1),
                     str(m["poller_threads"]),
                     _n(m["poller_hwm_mb"]),
@@ -180,6 +202,8 @@ def markdown(run: dict[str, Any]) -> str:
             "records",
             "records/s",
             "ratio to pf=1",
+            "cores: run (pollers) of busy",
+            "records/CPU-s",
             "records/invocation",
             "poller threads",
             "poller MB",
@@ -200,6 +224,8 @@ def markdown(run: dict[str, Any]) -> str:
                     _n(r["records"]),
                     _n(r["rate"]),
                     _ratio(r["rate"], _base(rows, r, section="lanes", parallelization_factor=1)),
+                    _cores(r),
+                    _per_cpu(r),
                     _n(r["records_per_invocation"], 1),
                     str(m["poller_threads"]),
                     _n(m["poller_hwm_mb"]),
@@ -225,6 +251,8 @@ def markdown(run: dict[str, Any]) -> str:
             "records",
             "records/s",
             "ratio to 1 poller",
+            "cores: run (pollers) of busy",
+            "records/CPU-s",
             "poller MB (each)",
             "environments x MB",
             "tree PSS MB",
@@ -243,6 +271,8 @@ def markdown(run: dict[str, Any]) -> str:
                     _n(r["records"]),
                     _n(r["rate"]),
                     _ratio(r["rate"], _base(rows, r, section="pollers", pollers=1)),
+                    _cores(r),
+                    _per_cpu(r),
                     _n(m["poller_hwm_mb"]),
                     _envs(m),
                     _n(m["tree_peak_pss_mb"]),

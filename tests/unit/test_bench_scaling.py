@@ -49,6 +49,34 @@ def test_roles_follow_the_workers_run_tree() -> None:
     assert summary["environments_hwm_sum_mb"] == 70.0
 
 
+def test_cpu_between_counts_each_role_over_the_samples_around_the_span() -> None:
+    tree = Tree()
+    spawn = "python -c from multiprocessing.spawn import spawn_main"
+    server = "python -c from multiprocessing.forkserver import main"
+    for seen in (
+        Seen(10, 1, "workers run"),
+        Seen(12, 10, spawn),
+        Seen(14, 12, server),
+        Seen(15, 14, server),
+    ):
+        tree.processes[seen.pid] = seen
+    tree.timeline = [
+        (100.0, {10: 0, 12: 0}, 0),
+        (101.0, {10: 1, 12: 50, 14: 1, 15: 10}, 150),  # the environment starts
+        (102.0, {10: 1, 12: 120, 14: 1, 15: 40}, 300),
+        (103.0, {10: 1, 12: 130, 14: 1}, 350),  # and has ended: its last sample counts
+        (104.0, {10: 9, 12: 900}, 900),  # after the span: left out
+    ]
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    cpu = tree.cpu_between(100.5, 102.5)
+    assert cpu["window_s"] == 3.0
+    assert cpu["pollers_cpu_s"] == pytest.approx(130 * tick)
+    assert cpu["environments_cpu_s"] == pytest.approx(40 * tick)
+    assert cpu["supervisor_cpu_s"] == pytest.approx(1 * tick)
+    assert cpu["helpers_cpu_s"] == pytest.approx(1 * tick)
+    assert cpu["machine_s"] == pytest.approx(350 * tick)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
 def test_sampler_finds_a_child_tree_by_its_environment_marker() -> None:
     marker = f"BENCH_OUT=/tmp/tree-test-{os.getpid()}-{time.monotonic_ns()}"
