@@ -251,6 +251,7 @@ def markdown(run: dict[str, Any]) -> str:
             "records",
             "records/s",
             "ratio to 1 poller",
+            "runs (records/s)",
             "cores: run (pollers) of busy",
             "records/CPU-s",
             "poller MB (each)",
@@ -271,6 +272,7 @@ def markdown(run: dict[str, Any]) -> str:
                     _n(r["records"]),
                     _n(r["rate"]),
                     _ratio(r["rate"], _base(rows, r, section="pollers", pollers=1)),
+                    ", ".join(_n(x) for x in r["runs"]) or _n(r["rate"]),
                     _cores(r),
                     _per_cpu(r),
                     _n(m["poller_hwm_mb"]),
@@ -282,7 +284,9 @@ def markdown(run: dict[str, Any]) -> str:
         out += [
             "## Pollers on one machine\n",
             f"{units} partitions (Kafka) or streams (Redis), one consumer group, 100-byte"
-            " values, concurrency 4 per poller.\n",
+            " values, concurrency 4 per poller; 1 and 2 pollers interleaved, each row the run"
+            " of median records/s. A second poller can only use a core the machine has free:"
+            " compare the busy cores.\n",
             _table(head, 3, lines),
         ]
     if run.get("errors"):
