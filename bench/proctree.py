@@ -43,24 +43,24 @@ class Tree:
     processes: dict[int, Seen] = field(default_factory=dict)
     peak_pss_kb: int = 0
     samples: int = 0
-    # Per sample: its wall-clock time, each live process's CPU ticks, and the machine's busy
-    # ticks (all CPUs, whatever runs on them: the broker, other work).
-    timeline: list[tuple[float, dict[int, int], int]] = field(default_factory=list)
+    # Per sample: its wall-clock time, each live process's CPU ticks, and other counters in
+    # ticks: the machine's busy time (all CPUs, whatever runs on them), a watched process's.
+    timeline: list[tuple[float, dict[int, int], dict[str, int]]] = field(default_factory=list)
 
     def cpu_between(self, start: float, end: float) -> dict[str, float]:
         """CPU seconds each role used from the last sample at or before `start` (wall clock)
-        to the first at or after `end`, the whole machine's (`machine_s`), and that window's
-        length. A process that started inside the window counts from its start, one that ended
-        inside it up to its last sample."""
+        to the first at or after `end`, the whole machine's (`machine_s`) and each watched
+        process's (`<name>_s`), and that window's length. A process that started inside the
+        window counts from its start, one that ended inside it up to its last sample."""
         if not self.timeline:
             return {}
         times = [t for t, _, _ in self.timeline]
         a = max(0, bisect.bisect_right(times, start) - 1)
         b = min(len(times) - 1, bisect.bisect_left(times, end))
-        out: dict[str, float] = {
-            "window_s": times[b] - times[a],
-            "machine_s": (self.timeline[b][2] - self.timeline[a][2]) * _TICK_S,
-        }
+        out: dict[str, float] = {"window_s": times[b] - times[a]}
+        first, last = self.timeline[a][2], self.timeline[b][2]
+        for name in first.keys() & last.keys():
+            out[f"{name}_s"] = (last[name] - first[name]) * _TICK_S
         for role, members in self.roles().items():
             ticks = 0
             for p in members:
@@ -144,10 +144,14 @@ def _helper(p: Seen) -> bool:
 
 
 class TreeSampler:
-    """Samples, on a thread, every process whose environment holds `marker` (NAME=value)."""
+    """Samples, on a thread, every process whose environment holds `marker` (NAME=value), and
+    the CPU time of the processes in `watch` (name: pid), such as the broker."""
 
-    def __init__(self, marker: str, interval_s: float = 0.1) -> None:
+    def __init__(
+        self, marker: str, interval_s: float = 0.1, watch: dict[str, int] | None = None
+    ) -> None:
         self._marker = marker.encode()
+        self._watch = dict(watch or {})
         self._interval_s = interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="tree-sampler", daemon=True)
@@ -190,7 +194,12 @@ class TreeSampler:
                 pss += seen.pss_kb
                 ticks[pid] = seen.cpu_ticks
         self.tree.peak_pss_kb = max(self.tree.peak_pss_kb, pss)
-        self.tree.timeline.append((now, ticks, _machine_busy()))
+        counters = {"machine": _machine_busy()}
+        for name, watched in self._watch.items():
+            cpu = process_ticks(watched)
+            if cpu is not None:
+                counters[name] = cpu
+        self.tree.timeline.append((now, ticks, counters))
         self.tree.samples += 1
 
     def _adopt(self, pid: int) -> Seen | None:
@@ -226,6 +235,31 @@ def _ppid(pid: int) -> int:
         return -1
 
 
+def process_ticks(pid: int) -> int | None:
+    """A process's user + system time in clock ticks; None once it is gone."""
+    try:
+        stat = (PROC / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # Fields 14 and 15 (utime, stime), counted from the one after the command name.
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def find_process(*needles: str) -> int | None:
+    """The first process whose command line holds every one of `needles`."""
+    for entry in os.scandir(PROC):
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (PROC / entry.name / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if all(needle in cmdline for needle in needles):
+            return int(entry.name)
+    return None
+
+
 def _machine_busy() -> int:
     """Ticks all CPUs spent on anything but idle and I/O wait, from /proc/stat."""
     try:
@@ -243,12 +277,12 @@ def _update(seen: Seen) -> bool:
     try:
         status = (base / "status").read_text()
         rollup = (base / "smaps_rollup").read_text()
-        stat = (base / "stat").read_text()
     except OSError:
         return False
-    # Fields 14 and 15 (utime, stime), counted from the one after the command name.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    seen.cpu_ticks = int(fields[11]) + int(fields[12])
+    cpu = process_ticks(seen.pid)
+    if cpu is None:
+        return False
+    seen.cpu_ticks = cpu
     for line in status.splitlines():
         name, _, value = line.partition(":")
         if name == "VmHWM":

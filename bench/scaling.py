@@ -31,7 +31,7 @@ import orjson
 from bench import scaling_report
 from bench.common import OUT_ENV, RESULTS, BenchError, key_of, log, rate_of
 from bench.engine import MAPPING, Workdir, config_for, run_workers
-from bench.proctree import TreeSampler
+from bench.proctree import TreeSampler, find_process
 from bench.targets import Dataset, KafkaTarget, RedisTarget, Target
 
 BROKERS: dict[str, Callable[[], Target]] = {"kafka": KafkaTarget, "redis": RedisTarget}
@@ -105,6 +105,7 @@ class Row:
     cores: float = 0.0  # CPU of the whole `workers run` tree over the span: cores kept busy
     poller_cores: float = 0.0  # the pollers' share of it
     machine_cores: float = 0.0  # every CPU's busy time over the span: the broker, other work
+    broker_cores: float = 0.0  # the broker process's (on the shared Redis, others' work too)
     records_per_cpu_s: float = 0.0  # records per second of CPU the tree used
     runs: list[float] = field(default_factory=list)  # records/s of each repeat, if repeated
     error: str = ""
@@ -259,6 +260,13 @@ class Runner:
         self.target = target
         self.plan = plan
         self.workdir = workdir
+        # The broker shares the machine's cores: its CPU time says when it is the bottleneck.
+        broker: int | None = None
+        if isinstance(target, KafkaTarget):
+            broker = find_process("--listener-url", f"tcp://{target.bootstrap}")
+        elif isinstance(target, RedisTarget):
+            broker = find_process("redis-server", ":6379")
+        self.watch = {"broker": broker} if broker is not None else {}
 
     @property
     def broker(self) -> str:
@@ -290,7 +298,7 @@ class Runner:
         folder = self.workdir.next(f"{self.broker}-{row.section}-{row.label}-{row.isolation}")
         # run_workers points the handler at folder/handler.out through BENCH_OUT, which every
         # process of the run inherits: the sampler finds the tree by it.
-        with TreeSampler(f"{OUT_ENV}={folder / 'handler.out'}") as sampler:
+        with TreeSampler(f"{OUT_ENV}={folder / 'handler.out'}", watch=self.watch) as sampler:
             run = run_workers(config, folder, until_idle_s=self.plan.until_idle_s)
         succeeded = int(run.summary["succeeded"])
         handled = sum(s.records for s in run.spans)
@@ -321,11 +329,12 @@ class Runner:
             row.cores = used / window
             row.poller_cores = row.cpu.get("pollers_cpu_s", 0.0) / window
             row.machine_cores = row.cpu.get("machine_s", 0.0) / window
+            row.broker_cores = row.cpu.get("broker_s", 0.0) / window
             row.records_per_cpu_s = ds.records / used
         log(
             f"{self.broker} {row.section} {row.label} {row.isolation}: {rate:,.0f} records/s,"
-            f" {row.cores:.2f} cores ({row.poller_cores:.2f} pollers) of {row.machine_cores:.2f}"
-            " busy,"
+            f" {row.cores:.2f} cores ({row.poller_cores:.2f} pollers) + broker"
+            f" {row.broker_cores:.2f} of {row.machine_cores:.2f} busy,"
             f" {row.records_per_cpu_s:,.0f} records/CPU-s,"
             f" poller {row.memory['poller_hwm_mb']} MB / {row.memory['poller_threads']} threads,"
             f" {row.memory['environments']} environment(s)"

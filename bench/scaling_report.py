@@ -53,7 +53,8 @@ def _ratio(rate: float, base: float) -> str:
 def _cores(r: dict[str, Any]) -> str:
     if not r["cores"]:
         return "—"
-    return f"{r['cores']:.2f} ({r['poller_cores']:.2f}) of {r['machine_cores']:.2f}"
+    broker = r.get("broker_cores", 0.0)
+    return f"{r['cores']:.2f} ({r['poller_cores']:.2f}) + {broker:.2f} of {r['machine_cores']:.2f}"
 
 
 def _per_cpu(r: dict[str, Any]) -> str:
@@ -90,8 +91,9 @@ def markdown(run: dict[str, Any]) -> str:
         f" {run['duration_s']:.0f} s in all. `workers run` with {s['mapping']}. Records/s run"
         " from the first invocation's start to the last one's end; every run checked that"
         " each record produced was handled. Cores: CPU time of the whole `workers run` tree"
-        " (the pollers' share in brackets) over that span, from /proc every 0.1 s, of the"
-        " cores the whole machine kept busy meanwhile (the broker's and other work's too);"
+        " (the pollers' share in brackets) over that span, from /proc every 0.1 s, the"
+        " broker's (the shared Redis server serves other work too), and the cores the whole"
+        " machine kept busy meanwhile;"
         " records/CPU-s divides the records by that CPU time, which the machine's other load"
         " disturbs less than records/s. The broker runs on the same cores. Memory: peak"
         " resident set (VmHWM) per process, and the proportional set size (PSS) of the whole"
@@ -107,7 +109,7 @@ def markdown(run: dict[str, Any]) -> str:
             "records",
             "records/s",
             "MB/s",
-            "cores: run (pollers) of busy",
+            "cores: run (pollers) + broker of busy",
             "records/CPU-s",
             "records/invocation",
             "ms/invocation",
@@ -154,7 +156,7 @@ def markdown(run: dict[str, Any]) -> str:
             "records",
             "records/s",
             "ratio to 1",
-            "cores: run (pollers) of busy",
+            "cores: run (pollers) + broker of busy",
             "records/CPU-s",
             "records/invocation",
             "poller threads",
@@ -202,7 +204,7 @@ def markdown(run: dict[str, Any]) -> str:
             "records",
             "records/s",
             "ratio to pf=1",
-            "cores: run (pollers) of busy",
+            "cores: run (pollers) + broker of busy",
             "records/CPU-s",
             "records/invocation",
             "poller threads",
@@ -252,7 +254,7 @@ def markdown(run: dict[str, Any]) -> str:
             "records/s",
             "ratio to 1 poller",
             "runs (records/s)",
-            "cores: run (pollers) of busy",
+            "cores: run (pollers) + broker of busy",
             "records/CPU-s",
             "poller MB (each)",
             "environments x MB",

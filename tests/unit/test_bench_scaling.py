@@ -61,11 +61,12 @@ def test_cpu_between_counts_each_role_over_the_samples_around_the_span() -> None
     ):
         tree.processes[seen.pid] = seen
     tree.timeline = [
-        (100.0, {10: 0, 12: 0}, 0),
-        (101.0, {10: 1, 12: 50, 14: 1, 15: 10}, 150),  # the environment starts
-        (102.0, {10: 1, 12: 120, 14: 1, 15: 40}, 300),
-        (103.0, {10: 1, 12: 130, 14: 1}, 350),  # and has ended: its last sample counts
-        (104.0, {10: 9, 12: 900}, 900),  # after the span: left out
+        (100.0, {10: 0, 12: 0}, {"machine": 0, "broker": 5}),
+        (101.0, {10: 1, 12: 50, 14: 1, 15: 10}, {"machine": 150}),  # the environment starts
+        (102.0, {10: 1, 12: 120, 14: 1, 15: 40}, {"machine": 300}),
+        # The environment has ended: its last sample counts.
+        (103.0, {10: 1, 12: 130, 14: 1}, {"machine": 350, "broker": 65}),
+        (104.0, {10: 9, 12: 900}, {"machine": 900, "broker": 99}),  # after the span: left out
     ]
     tick = 1 / os.sysconf("SC_CLK_TCK")
     cpu = tree.cpu_between(100.5, 102.5)
@@ -75,6 +76,7 @@ def test_cpu_between_counts_each_role_over_the_samples_around_the_span() -> None
     assert cpu["supervisor_cpu_s"] == pytest.approx(1 * tick)
     assert cpu["helpers_cpu_s"] == pytest.approx(1 * tick)
     assert cpu["machine_s"] == pytest.approx(350 * tick)
+    assert cpu["broker_s"] == pytest.approx(60 * tick)
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc")
