@@ -314,26 +314,18 @@ def chart(run: dict[str, Any], path: Path) -> None:
     for broker in brokers:
         for isolation in ("thread", "process"):
             points = sorted(
-                (r["value_bytes"], r["mb_per_s"], r["rate"])
+                (r["value_bytes"], r["mb_per_s"])
                 for r in _section(rows, "size")
                 if r["broker"] == broker and r["isolation"] == isolation
             )
             if points:
-                xs, ys, rates = zip(*points, strict=True)
+                xs, ys = zip(*points, strict=True)
                 ax.plot(xs, ys, marker="o", label=f"{broker} {isolation}")
-                for x, y, rate in points:
-                    ax.annotate(
-                        f"{rate:,.0f}/s",
-                        (x, y),
-                        fontsize=7,
-                        textcoords="offset points",
-                        xytext=(4, -10),
-                    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("value bytes (log)")
     ax.set_ylabel("MB/s of values (log)")
-    ax.set_title("Record size: throughput (label: records/s)")
+    ax.set_title("Record size: throughput")
     _legend(ax)
 
     ax = axes[0][1]
@@ -404,15 +396,15 @@ def chart(run: dict[str, Any], path: Path) -> None:
                 continue
             if r["section"] == "lanes":
                 base = _base(rows, r, section="lanes", parallelization_factor=1)
-                labels.append(f"{broker}\npf={r['parallelization_factor']}")
+                labels.append(f"{broker} pf={r['parallelization_factor']}")
             else:
                 base = _base(rows, r, section="pollers", pollers=1)
-                labels.append(f"{broker}\n{r['isolation']}\npollers={r['pollers']}")
+                labels.append(f"{broker} {r['isolation']} pollers={r['pollers']}")
             values.append(r["rate"] / base if base else 0.0)
             colours.append(palette.get(broker, "tab:grey"))
     ax.bar(range(len(values)), values, color=colours)
     ax.axhline(1.0, color="grey", linewidth=0.8)
-    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=45, ha="right")
     ax.set_ylabel("records/s relative to pf=1 / pollers=1")
     ax.set_title("Lanes on one partition (no-op handler), pollers on 8 partitions")
 
