@@ -331,13 +331,13 @@ def chart(run: dict[str, Any], path: Path) -> None:
     ax = axes[0][1]
     right = ax.twinx()
     for broker in brokers:
-        points = sorted(
+        spread = sorted(
             (r["units"], r["rate"], r["memory"]["poller_threads"])
             for r in _section(rows, "partitions")
             if r["broker"] == broker
         )
-        if points:
-            xs, rates, threads = zip(*points, strict=True)
+        if spread:
+            xs, rates, threads = zip(*spread, strict=True)
             ax.plot(xs, rates, marker="o", label=f"{broker} records/s")
             right.plot(xs, threads, marker="x", linestyle="--", label=f"{broker} poller threads")
     ax.set_xscale("log")
