@@ -56,16 +56,44 @@ def port_open(host: str, port: int) -> bool:
     return False
 
 
-class EmbeddedKafka:
-    """Runs Tansu on a free loopback port until closed."""
+class _LocalServer:
+    """A server process on a free loopback port, in a working directory of its own, with its
+    output in a log there; killed when its parent dies where the platform allows."""
+
+    workdir_prefix = "esm-server-"
+    log_name = "server.log"
 
     def __init__(self, port: int | None = None, startup_timeout_s: float = 30.0) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port(self.host)
         self.startup_timeout_s = startup_timeout_s
-        self.workdir = Path(tempfile.mkdtemp(prefix="esm-kafka-"))
-        self.log_path = self.workdir / "broker.log"
+        self.workdir = Path(tempfile.mkdtemp(prefix=self.workdir_prefix))
+        self.log_path = self.workdir / self.log_name
         self._process: subprocess.Popen[bytes] | None = None
+
+    def _spawn(
+        self, command: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        with self.log_path.open("ab") as log:
+            self._process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=env,
+                start_new_session=True,
+                # One killed hard (a demo, a test run) must not leave its server running.
+                preexec_fn=die_with_parent if can_die_with_parent() else None,
+            )
+        return self._process
+
+
+class EmbeddedKafka(_LocalServer):
+    """Runs Tansu on a free loopback port until closed."""
+
+    workdir_prefix = "esm-kafka-"
+    log_name = "broker.log"
 
     @property
     def bootstrap(self) -> str:
@@ -89,20 +117,10 @@ class EmbeddedKafka:
             "--storage-engine",
             "memory://tansu/",
         ]
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,
-                # A demo killed hard must not leave its broker running.
-                preexec_fn=die_with_parent if can_die_with_parent() else None,
-            )
+        process = self._spawn(command)
         deadline = time.monotonic() + self.startup_timeout_s
         while not port_open(self.host, self.port):
-            if self._process.poll() is not None or time.monotonic() > deadline:
+            if process.poll() is not None or time.monotonic() > deadline:
                 tail = self.log_path.read_text(errors="replace")[-2000:]
                 self.close()
                 raise RuntimeError(f"embedded broker did not start on {self.bootstrap}: {tail}")
@@ -136,7 +154,7 @@ LOCAL_SQS_ENVIRONMENT = {
 }
 
 
-class EmbeddedSQS:
+class EmbeddedSQS(_LocalServer):
     """moto's server (an SQS-compatible HTTP endpoint, queues in memory) on a free loopback
     port, as a process of its own so that `workers run` in a subprocess reaches it too. Needs
     `moto[server]`; docs/brokers.md lists where moto does not behave as SQS.
@@ -144,13 +162,11 @@ class EmbeddedSQS:
     Started from the main thread on Linux, it is killed when its parent dies.
     """
 
+    workdir_prefix = "esm-moto-"
+    log_name = "moto.log"
+
     def __init__(self, *, port: int | None = None, startup_timeout_s: float = 30.0) -> None:
-        self.host = "127.0.0.1"
-        self.port = port or free_port(self.host)
-        self.startup_timeout_s = startup_timeout_s
-        self.workdir = Path(tempfile.mkdtemp(prefix="esm-moto-"))
-        self.log_path = self.workdir / "moto.log"
-        self._process: subprocess.Popen[bytes] | None = None
+        super().__init__(port, startup_timeout_s)
 
     @property
     def endpoint_url(self) -> str:
@@ -192,17 +208,7 @@ class EmbeddedSQS:
             raise RuntimeError(f"port {self.port} on {self.host} is already in use")
         command = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
         started = time.monotonic()
-        with self.log_path.open("ab") as log:
-            self._process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                env={**os.environ, **LOCAL_SQS_ENVIRONMENT},
-                start_new_session=True,
-                preexec_fn=die_with_parent if can_die_with_parent() else None,
-            )
+        self._spawn(command, env={**os.environ, **LOCAL_SQS_ENVIRONMENT})
         try:
             self._wait_ready(started + self.startup_timeout_s)
         except BaseException:
