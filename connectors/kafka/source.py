@@ -32,7 +32,7 @@ from connectors.kafka.consumer import consumer_config, fresh_partitions, missing
 from connectors.kafka.shape import TIMESTAMP_TYPES, KafkaMeta, KafkaShape
 from workers.engine.ports import AssignmentListener, Capabilities, SourceBase, undecodable
 from workers.engine.records import Record
-from workers.engine.shapes import encoded_size
+from workers.engine.shapes import RECORD_OVERHEAD_BYTES, encoded_size
 
 if TYPE_CHECKING:
     from workers.app.config import EventSourceMapping
@@ -335,41 +335,66 @@ class KafkaSource(SourceBase):
         return records
 
     def _records_from(self, messages: list[Message]) -> list[Record]:
-        # The hot path: one pass per fetched message, with lookups hoisted out of the loop.
+        # The hot path. consume() hands out a partition's messages in runs, so what depends on
+        # the partition alone (its unit, whether it is assigned, held or skipped) is settled
+        # once per run, and each message costs its reads, its size and its Record.
         out: list[Record] = []
-        assigned = self._assigned
-        skip = self._skip
+        append = out.append
         metas = self._metas
-        held = self._held
-        units = self._units
         positions = self._next
-        eof_discard = self._eof.discard
+        topic = ""
+        partition = -1  # no run yet
+        unit = ""
+        keep = hold = skipping = False
+        meta: KafkaMeta | None = None
+        meta_type = -1
+        last = -1
         for m in messages:
-            topic = m.topic() or ""
-            partition = m.partition() or 0
-            unit = units.get((topic, partition)) or self._unit(topic, partition)
             err = m.error()
             if err is not None:
-                self._message_error(unit, m, err)
+                if last >= 0:
+                    positions[unit] = last + 1
+                    last = -1
+                self._message_error(self._unit(m.topic() or "", m.partition() or 0), m, err)
+                partition = -1  # the error may end a skip or a hold: look again
                 continue
-            if unit not in assigned:
-                continue  # fetched before a revoke; the next owner reads it
+            if m.partition() != partition or m.topic() != topic:
+                if last >= 0:
+                    positions[unit] = last + 1
+                    last = -1
+                topic = m.topic() or ""
+                partition = m.partition() or 0
+                unit = self._units.get((topic, partition)) or self._unit(topic, partition)
+                keep = unit in self._assigned  # else fetched before a revoke: the next owner's
+                if keep:
+                    self._eof.discard(unit)
+                hold = unit in self._held
+                skipping = unit in self._skip
+                meta_type = -1
+            if not keep:
+                continue
             offset = m.offset() or 0
-            eof_discard(unit)
-            positions[unit] = offset + 1
+            last = offset
             ts_type, ts = m.timestamp()
-            if skip and unit in skip and self._skip_older(unit, ts):
-                continue
+            if skipping:
+                if self._skip_older(unit, ts):
+                    continue
+                skipping = False
             try:
-                meta = metas.get((topic, partition, ts_type))
-                if meta is None:
-                    meta = metas[(topic, partition, ts_type)] = KafkaMeta(
-                        topic, partition, TIMESTAMP_TYPES.get(ts_type, "NO_TIMESTAMP_TYPE")
-                    )
+                if ts_type != meta_type:
+                    meta = metas.get((topic, partition, ts_type))
+                    if meta is None:
+                        meta = metas[(topic, partition, ts_type)] = KafkaMeta(
+                            topic, partition, TIMESTAMP_TYPES.get(ts_type, "NO_TIMESTAMP_TYPE")
+                        )
+                    meta_type = ts_type
                 value = m.value() or b""  # a tombstone's null value is delivered as "" (base64 "")
                 key = m.key()
+                # The bytes the record adds to an event: base64 grows key and value by 4/3.
+                size = (len(value) + 2) // 3 * 4 + RECORD_OVERHEAD_BYTES
+                if key:
+                    size += (len(key) + 2) // 3 * 4
                 headers: Sequence[tuple[str, bytes]] = ()
-                extra = 0
                 raw_headers = m.headers()
                 if raw_headers:
                     headers = []
@@ -377,27 +402,19 @@ class KafkaSource(SourceBase):
                         data = data.encode() if isinstance(data, str) else data or b""
                         headers.append((name, data))
                         # Header bytes appear in the event as a JSON list of numbers.
-                        extra += len(name) + 4 * len(data) + 8
+                        size += len(name) + 4 * len(data) + 8
                 # 0 is "unknown" to the engine (no record-age check), as Kafka's -1 means.
-                ts = ts if ts > 0 and ts_type != TIMESTAMP_NOT_AVAILABLE else 0
-                record = Record(
-                    unit,
-                    offset,
-                    value,
-                    key,
-                    ts,
-                    headers,
-                    0,
-                    False,
-                    encoded_size(value, key, extra),
-                    meta,
-                )
+                if ts <= 0 or ts_type == TIMESTAMP_NOT_AVAILABLE:
+                    ts = 0
+                record = Record(unit, offset, value, key, ts, headers, 0, False, size, meta)
             except Exception as exc:  # no message may stop the partition: it becomes a letter
                 record = self._undecodable(unit, topic, partition, offset, m, exc)
-            if held and unit in held:
+            if hold:
                 self._hold(unit, record)
             else:
-                out.append(record)
+                append(record)
+        if last >= 0:
+            positions[unit] = last + 1
         return out
 
     def _undecodable(

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 from workers.engine.records import Record
+
+_size = attrgetter("size")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +25,9 @@ class LaneBuffer:
     __slots__ = ("first_at", "nbytes", "records")
 
     def __init__(self) -> None:
-        self.records: deque[Record] = deque()
+        # A list: batches leave from the front by slicing, which costs less than a record at a
+        # time from a deque.
+        self.records: list[Record] = []
         self.nbytes = 0
         self.first_at = 0.0  # when the oldest waiting record arrived (monotonic)
 
@@ -40,7 +44,7 @@ class LaneBuffer:
         if not self.records:
             self.first_at = now
         self.records.extend(records)
-        self.nbytes += sum(r.size for r in records)
+        self.nbytes += sum(map(_size, records))
 
     def ready_in(self, limits: BatchLimits, now: float) -> float | None:
         """Seconds until a batch should go (0: now), or None when nothing waits.
@@ -55,15 +59,22 @@ class LaneBuffer:
 
     def take(self, limits: BatchLimits) -> list[Record]:
         """The next batch: up to batch_size records within the byte cap (always at least one)."""
-        batch: list[Record] = []
-        size = 0
         records = self.records
-        while records and len(batch) < limits.batch_size:
-            nxt = records[0].size
-            if batch and size + nxt > limits.maximum_batch_bytes:
-                break
-            batch.append(records.popleft())
-            size += nxt
+        n = min(len(records), limits.batch_size)
+        if self.nbytes <= limits.maximum_batch_bytes:
+            # Everything waiting fits the cap, so the first n do.
+            batch = records[:n]
+            size = self.nbytes if n == len(records) else sum(map(_size, batch))
+        else:
+            size = 0
+            taken = 0
+            for r in records[:n]:
+                if taken and size + r.size > limits.maximum_batch_bytes:
+                    break
+                size += r.size
+                taken += 1
+            batch = records[:taken]
+        del records[: len(batch)]
         self.nbytes -= size
         # What stays behind keeps the oldest arrival time: it has waited at least that long.
         return batch
@@ -72,13 +83,12 @@ class LaneBuffer:
         """Take out, in order, the waiting records with one of these keys."""
         out = [r for r in self.records if r.key in keys]
         if out:
-            self.records = deque(r for r in self.records if r.key not in keys)
-            self.nbytes -= sum(r.size for r in out)
+            self.records = [r for r in self.records if r.key not in keys]
+            self.nbytes -= sum(map(_size, out))
         return out
 
     def clear(self) -> list[Record]:
-        dropped = list(self.records)
-        self.records.clear()
+        dropped, self.records = self.records, []
         self.nbytes = 0
         return dropped
 

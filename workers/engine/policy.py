@@ -16,6 +16,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -110,8 +111,14 @@ class _Work:
         self.handed_back: dict[Hashable, float] = {}
 
 
+_attempts = attrgetter("attempts")
+_fault = attrgetter("fault")
+_size = attrgetter("size")
+_timestamp = attrgetter("timestamp_ms")
+
+
 def _max_attempts(records: Sequence[Record]) -> int:
-    return max((r.attempts for r in records), default=0)
+    return max(map(_attempts, records), default=0)
 
 
 class BatchRunner:
@@ -181,7 +188,7 @@ class BatchRunner:
         """The batch as work in record order: records that cannot become an event and records
         pollers died on too often to be dead-lettered, suspects to run alone, the rest together."""
         suspects = self.suspects
-        if suspects is None and not any(r.fault is not None for r in records):
+        if suspects is None and not any(map(_fault, records)):
             prior = _max_attempts(records)
             return [_Work(records, retries=prior, invocations=prior)]
         plan: list[_Work] = []
@@ -460,7 +467,14 @@ class BatchRunner:
     def _drop_unsendable(self, work: _Work, stop: threading.Event) -> bool:
         """Dead-letter records too old or too large to invoke; False if stopping meanwhile."""
         max_bytes = self.policy.maximum_batch_bytes
-        too_big = [r for r in work.records if r.size > max_bytes]
+        if not work.records:
+            return True
+        # Checked on the batch's largest and oldest first: most batches have neither.
+        too_big = (
+            [r for r in work.records if r.size > max_bytes]
+            if max(map(_size, work.records)) > max_bytes
+            else None
+        )
         if too_big:
             if not self._dead_letter_records(
                 work, too_big, Condition.MAXIMUM_PAYLOAD_SIZE_EXCEEDED, None, stop
@@ -470,7 +484,11 @@ class BatchRunner:
         max_age_s = self.policy.maximum_record_age_s
         if max_age_s >= 0:
             oldest_ok = self.clock.wall_ms() - int(max_age_s * 1000)
-            old = [r for r in work.records if 0 < r.timestamp_ms < oldest_ok]
+            old = (
+                [r for r in work.records if 0 < r.timestamp_ms < oldest_ok]
+                if work.records and min(map(_timestamp, work.records)) < oldest_ok
+                else None
+            )
             if old:
                 condition = Condition.RECORD_AGE_EXCEEDED
                 if not self._dead_letter_records(work, old, condition, work.last_error, stop):

@@ -476,12 +476,9 @@ class Poller:
         if not records:
             return
         if self._offsets:
-            by_unit: dict[str, list[int]] = {}
-            for r in records:
-                by_unit.setdefault(r.source, []).append(r.position)
-            for unit, positions in by_unit.items():
+            for unit, run in runs_by_unit(records):
                 if self._tracker.knows(unit):
-                    self._tracker.settle(unit, positions)
+                    self._tracker.settle(unit, [r.position for r in run])
             moved = self._tracker.advance()
             if moved:
                 self.source.commit(moved)
