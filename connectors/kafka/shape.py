@@ -9,6 +9,7 @@ import marshal
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
+from operator import attrgetter
 from typing import Any
 
 from workers.engine.letters import iso_ms
@@ -18,6 +19,12 @@ from workers.engine.shapes import encoded_size
 from workers.engine.shapes import int_or_none as _int_or_none
 
 _b64 = base64.b64encode
+_meta = attrgetter("meta")
+_position = attrgetter("position")
+_timestamp = attrgetter("timestamp_ms")
+_key = attrgetter("key")
+_value = attrgetter("value")
+_headers = attrgetter("headers")
 _b2a = binascii.b2a_base64
 
 
@@ -159,13 +166,31 @@ class KafkaShape:
 
     def pack(self, records: Sequence[Record]) -> bytes:
         """The batch as columns per partition, in record order (see `unpack_event`)."""
+        metas = list(map(_meta, records))
+        if metas and metas.count(metas[0]) == len(metas):
+            # One partition and timestamp type, as in every batch the poller makes: each column
+            # is one pass in C.
+            meta: KafkaMeta = metas[0]
+            single = (
+                records[0].source,
+                meta.topic,
+                meta.partition,
+                meta.timestamp_type,
+                list(map(_position, records)),
+                list(map(_timestamp, records)),
+                list(map(_key, records)),
+                list(map(_value, records)),
+                list(map(_headers, records)),
+            )
+            return marshal.dumps((self.bootstrap_servers, self.event_source_arn, [single]))
+        # Runs of one partition and timestamp type, each a group, in record order.
         groups: list[tuple[Any, ...]] = []
-        columns: dict[str, tuple[Any, ...]] = {}
-        for r in records:
-            group = columns.get(r.source)
-            if group is None:
-                meta: KafkaMeta = r.meta
-                group = columns[r.source] = (
+        group: tuple[Any, ...] = ()
+        last: KafkaMeta | None = None
+        for r, meta in zip(records, metas, strict=True):
+            if meta is not last:
+                last = meta
+                group = (
                     r.source,
                     meta.topic,
                     meta.partition,

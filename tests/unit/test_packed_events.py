@@ -21,6 +21,25 @@ def kafka_records() -> list[Record]:
     ]
 
 
+def one_partition() -> list[Record]:
+    """A batch as the poller makes them: one partition, one metadata object."""
+    meta = KafkaMeta("orders", 1)
+    return [
+        Record("orders-1", n, b'{"n": %d}' % n, b"k", 1_700_000_000_000 + n, (), meta=meta)
+        for n in range(5)
+    ]
+
+
+def mixed_timestamp_types() -> list[Record]:
+    """One partition whose records change timestamp type midway (a topic reconfigured)."""
+    create, append = KafkaMeta("orders", 1), KafkaMeta("orders", 1, "LOG_APPEND_TIME")
+    return [
+        Record("orders-1", 1, b"a", None, 1, (), meta=create),
+        Record("orders-1", 2, b"b", None, 2, (), meta=append),
+        Record("orders-1", 3, b"c", None, 3, (), meta=create),
+    ]
+
+
 def redis_records() -> list[Record]:
     def entry(stream: str, entry_id: str, fields: dict[str, bytes]) -> Record:
         ms = int(entry_id.split("-")[0])
@@ -38,9 +57,11 @@ def redis_records() -> list[Record]:
     [
         (KafkaShape("127.0.0.1:9092"), kafka_records()),
         (KafkaShape("b:9092", "arn:aws:kafka:us-east-1:1:cluster/c/u"), kafka_records()),
+        (KafkaShape("127.0.0.1:9092"), one_partition()),
+        (KafkaShape("127.0.0.1:9092"), mixed_timestamp_types()),
         (RedisShape("127.0.0.1:6379/0"), redis_records()),
     ],
-    ids=["kafka", "msk", "redis"],
+    ids=["kafka", "msk", "kafka-one-partition", "kafka-timestamp-types", "redis"],
 )
 def test_the_environment_builds_the_event_the_shape_builds(
     shape: PackingShape, records: list[Record]
