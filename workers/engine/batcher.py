@@ -10,6 +10,8 @@ from operator import attrgetter
 from workers.engine.records import Record
 
 _size = attrgetter("size")
+_source = attrgetter("source")
+position_of = attrgetter("position")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +110,12 @@ class Lane:
 
 def runs_by_unit(records: Sequence[Record]) -> list[tuple[str, list[Record]]]:
     """Records grouped into consecutive runs of one unit, in order."""
+    if not records:
+        return []
+    units = list(map(_source, records))
+    first = units[0]
+    if units.count(first) == len(units):
+        return [(first, list(records))]  # one unit, as in every batch and most polls
     runs: list[tuple[str, list[Record]]] = []
     unit: str | None = None
     run: list[Record] = []
