@@ -9,7 +9,6 @@ import marshal
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from operator import attrgetter
 from typing import Any
 
 from workers.engine.letters import iso_ms
@@ -19,12 +18,7 @@ from workers.engine.shapes import encoded_size
 from workers.engine.shapes import int_or_none as _int_or_none
 
 _b64 = base64.b64encode
-_meta = attrgetter("meta")
-_position = attrgetter("position")
-_timestamp = attrgetter("timestamp_ms")
-_key = attrgetter("key")
-_value = attrgetter("value")
-_headers = attrgetter("headers")
+
 _b2a = binascii.b2a_base64
 
 
@@ -166,21 +160,20 @@ class KafkaShape:
 
     def pack(self, records: Sequence[Record]) -> bytes:
         """The batch as columns per partition, in record order (see `unpack_event`)."""
-        metas = list(map(_meta, records))
+        metas = [r.meta for r in records]
         if metas and metas.count(metas[0]) == len(metas):
-            # One partition and timestamp type, as in every batch the poller makes: each column
-            # is one pass in C.
+            # One partition and timestamp type, as in every batch the poller makes: a column each.
             meta: KafkaMeta = metas[0]
             single = (
                 records[0].source,
                 meta.topic,
                 meta.partition,
                 meta.timestamp_type,
-                list(map(_position, records)),
-                list(map(_timestamp, records)),
-                list(map(_key, records)),
-                list(map(_value, records)),
-                list(map(_headers, records)),
+                [r.position for r in records],
+                [r.timestamp_ms for r in records],
+                [r.key for r in records],
+                [r.value for r in records],
+                [r.headers for r in records],
             )
             return marshal.dumps((self.bootstrap_servers, self.event_source_arn, [single]))
         # Runs of one partition and timestamp type, each a group, in record order.

@@ -16,7 +16,6 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
-from operator import attrgetter
 from typing import Any
 
 import orjson
@@ -111,14 +110,16 @@ class _Work:
         self.handed_back: dict[Hashable, float] = {}
 
 
-_attempts = attrgetter("attempts")
-_fault = attrgetter("fault")
-_size = attrgetter("size")
-_timestamp = attrgetter("timestamp_ms")
+def _any_fault(records: Sequence[Record]) -> bool:
+    # A loop: a quarter of what any() over a generator costs.
+    for r in records:  # noqa: SIM110
+        if r.fault is not None:
+            return True
+    return False
 
 
 def _max_attempts(records: Sequence[Record]) -> int:
-    return max(map(_attempts, records), default=0)
+    return max([r.attempts for r in records], default=0)
 
 
 class BatchRunner:
@@ -188,7 +189,7 @@ class BatchRunner:
         """The batch as work in record order: records that cannot become an event and records
         pollers died on too often to be dead-lettered, suspects to run alone, the rest together."""
         suspects = self.suspects
-        if suspects is None and not any(map(_fault, records)):
+        if suspects is None and not _any_fault(records):
             prior = _max_attempts(records)
             return [_Work(records, retries=prior, invocations=prior)]
         plan: list[_Work] = []
@@ -472,7 +473,7 @@ class BatchRunner:
         # Checked on the batch's largest and oldest first: most batches have neither.
         too_big = (
             [r for r in work.records if r.size > max_bytes]
-            if max(map(_size, work.records)) > max_bytes
+            if max([r.size for r in work.records]) > max_bytes
             else None
         )
         if too_big:
@@ -486,7 +487,7 @@ class BatchRunner:
             oldest_ok = self.clock.wall_ms() - int(max_age_s * 1000)
             old = (
                 [r for r in work.records if 0 < r.timestamp_ms < oldest_ok]
-                if work.records and min(map(_timestamp, work.records)) < oldest_ok
+                if work.records and min([r.timestamp_ms for r in work.records]) < oldest_ok
                 else None
             )
             if old:

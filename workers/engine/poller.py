@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from workers.engine.backoff import Backoff
-from workers.engine.batcher import BatchLimits, Lane, position_of, runs_by_unit
+from workers.engine.batcher import BatchLimits, Lane, runs_by_unit
 from workers.engine.checkpoint import AckTable, CheckpointTracker, SettleQueue
 from workers.engine.clock import SYSTEM_CLOCK, Clock
 from workers.engine.filters import split_matching
@@ -338,7 +338,7 @@ class Poller:
             # Per run of one unit rather than per record: this is the hot path of every poll.
             for unit, run in runs_by_unit(records):
                 if self._offsets:
-                    fresh = self._tracker.track_run(unit, list(map(position_of, run)))
+                    fresh = self._tracker.track_run(unit, [r.position for r in run])
                     if len(fresh) != len(run):  # redeliveries of records this poller holds
                         keep = set(fresh)
                         run = [r for r in run if r.position in keep]
@@ -479,7 +479,7 @@ class Poller:
         if self._offsets:
             for unit, run in runs_by_unit(records):
                 if self._tracker.knows(unit):
-                    self._tracker.settle(unit, list(map(position_of, run)))
+                    self._tracker.settle(unit, [r.position for r in run])
             moved = self._tracker.advance()
             if moved:
                 self.source.commit(moved)
