@@ -12,7 +12,7 @@ from connectors.kafka.shape import KafkaMeta, KafkaShape
 from connectors.rabbitmq.shape import RabbitMeta, RabbitShape, basic_properties, record_headers
 from connectors.redis.shape import RedisMeta, RedisShape, format_stream_id, parse_stream_id
 from workers.engine.backoff import Backoff
-from workers.engine.batcher import BatchLimits, LaneBuffer
+from workers.engine.batcher import BatchLimits, LaneBuffer, runs_by_unit
 from workers.engine.checkpoint import CheckpointTracker
 from workers.engine.letters import Condition, build_letter
 from workers.engine.outcomes import ErrorInfo, InvalidResponse, PartialFailure, Success
@@ -53,6 +53,28 @@ class TestLaneBuffer:
         huge = LaneBuffer()
         huge.add(rec(9, size=1000), 0.0)
         assert [r.position for r in huge.take(limits)] == [9]
+
+    def test_take_under_the_byte_cap_takes_by_count_and_keeps_the_byte_total(self) -> None:
+        limits = BatchLimits(batch_size=3, maximum_batch_bytes=1000)
+        buf = LaneBuffer()
+        buf.extend([rec(i, size=10 + i) for i in range(5)], 0.0)
+        assert buf.nbytes == 60
+        assert [r.position for r in buf.take(limits)] == [0, 1, 2]
+        assert buf.nbytes == 27  # what is left: 13 + 14
+        assert [r.position for r in buf.take(limits)] == [3, 4]
+        assert buf.nbytes == 0 and len(buf) == 0
+
+
+def test_runs_by_unit_keeps_order_within_and_across_runs() -> None:
+    one = [rec(i) for i in range(3)]
+    assert [(u, [r.position for r in run]) for u, run in runs_by_unit(one)] == [("t-0", [0, 1, 2])]
+    mixed = [rec(0), rec(0, source="t-1"), rec(1, source="t-1"), rec(1)]
+    assert [(u, [r.position for r in run]) for u, run in runs_by_unit(mixed)] == [
+        ("t-0", [0]),
+        ("t-1", [0, 1]),
+        ("t-0", [1]),
+    ]
+    assert runs_by_unit([]) == []
 
 
 class TestCheckpointTracker:
