@@ -2,6 +2,10 @@
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
+# The suite starts many Python processes (`workers` commands, pollers, handlers' environments),
+# each importing the project: with PYTHONDONTWRITEBYTECODE set in the environment, every one of
+# them compiled every module again. The tests write bytecode (to __pycache__, ignored by git).
+PYTEST := PYTHONDONTWRITEBYTECODE= $(BIN)/pytest
 
 .PHONY: install brokers browser promtool test test-unit test-integration test-faults lint format schema bench demo clean
 
@@ -21,7 +25,7 @@ browser:
 	bash scripts/chromium.sh
 
 test: install brokers promtool browser
-	$(BIN)/pytest -q -m "not faults_full"
+	$(PYTEST) -q -m "not faults_full"
 
 # Prometheus' promtool, which evaluates the KEDA query of deploy/kubernetes in a test.
 promtool: install
@@ -29,14 +33,14 @@ promtool: install
 
 # No broker and no process: the engine on the memory connector, in seconds.
 test-unit: install
-	$(BIN)/pytest -q -m "not integration" tests/unit tests/contract
+	$(PYTEST) -q -m "not integration" tests/unit tests/contract
 
 test-integration: install brokers browser
-	$(BIN)/pytest -q -m integration
+	$(PYTEST) -q -m integration
 
 # Every fault scenario on every broker; `make test` runs a representative subset of them.
 test-faults: install brokers
-	$(BIN)/pytest -q tests/faults
+	$(PYTEST) -q tests/faults
 	$(BIN)/python -m tests.faults.report
 
 lint: install

@@ -37,8 +37,8 @@ MAPPING = "orders"
 REPLAY_GROUP = f"{MAPPING}-dlq-replay"
 # Where the store keeps letters replayed past a commit (connectors/kafka).
 REPLAY_STATE_TOPIC = "_esm-dlq-replay-state"
-# Tansu joins a member only after about half of session.timeout.ms (docs/brokers.md).
-CLIENT_CONFIG = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+# A short session: Tansu joins a member after half of it (tests/brokers.py).
+CLIENT_CONFIG = dict(brokers.KAFKA_TEST_SESSION)
 # All poison records are on source partition 1; their letters are keyed like them, so the keys
 # spread the letters over both partitions of the dead-letter topic: [3, 15] on one, [7, 10] on
 # the other.

@@ -30,13 +30,13 @@ import pytest
 import redis
 import yaml
 
-from tests.brokers import unique_name
+from tests.brokers import KAFKA_TEST_SESSION, unique_name
 from tests.cli import REPO, workers_run
 from tests.faults.handlers import EVENTS_ENV, JOURNAL_ENV, items_by_ref, refs
 from tests.faults.results import Tally, file_letters, letter_ids, read_journal
 
-# Tansu joins a consumer to its group only after about half of session.timeout.ms.
-KAFKA_CLIENT_CONFIG: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+# A short session: Tansu joins a member after half of it (tests/brokers.py).
+KAFKA_CLIENT_CONFIG: dict[str, Any] = dict(KAFKA_TEST_SESSION)
 # Seconds of quiet before `--until-idle` ends a run: short, since the suite waits for each run.
 UNTIL_IDLE_S = 2.0
 # A hang must fail its test, never block the suite.

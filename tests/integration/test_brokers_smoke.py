@@ -123,8 +123,7 @@ def test_kafka_group_consumes_everything_and_commits_to_the_end(
 
     consumer = Consumer(
         kafka_broker.consumer_config(
-            group,
-            **{"session.timeout.ms": 6000, "partition.assignment.strategy": "cooperative-sticky"},
+            group, **{"partition.assignment.strategy": "cooperative-sticky"}
         )
     )
     assigned: set[int] = set()

@@ -374,7 +374,7 @@ def test_a_record_that_kills_its_poller_is_dead_lettered_after_three_deaths_on_k
                     "type": "kafka",
                     "bootstrap_servers": bootstrap,
                     "topics": [topic],
-                    "client_config": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500},
+                    "client_config": brokers.KAFKA_TEST_SESSION,
                 },
                 "batch_size": 10,
                 "maximum_batching_window_s": 0.05,

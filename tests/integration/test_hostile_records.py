@@ -26,7 +26,8 @@ pytestmark = [pytest.mark.integration]
 # 2**50 ms is in year 37648; 2**40 s is in year 36812: datetime cannot show either.
 ABSURD_MS = 2**50
 ABSURD_S = 2**40
-CLIENT_CONFIG: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+# A short session: Tansu joins a member after half of it (tests/brokers.py).
+CLIENT_CONFIG: dict[str, Any] = dict(brokers.KAFKA_TEST_SESSION)
 
 
 def write_config(path: Path, handler: str, environment: dict[str, str], **mapping: Any) -> Path:

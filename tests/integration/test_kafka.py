@@ -41,8 +41,8 @@ from workers.engine.ports import Destination, Source
 pytestmark = [pytest.mark.integration, pytest.mark.kafka]
 
 REPO = Path(__file__).resolve().parents[2]
-# Tansu joins a member only after about half of session.timeout.ms (docs/brokers.md).
-CLIENT_CONFIG: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+# A short session: Tansu joins a member after half of it (tests/brokers.py).
+CLIENT_CONFIG: dict[str, Any] = dict(brokers.KAFKA_TEST_SESSION)
 
 
 def mapping_for(
@@ -73,7 +73,7 @@ def letters_in(bootstrap: str, topic: str) -> list[tuple[Any, dict[str, Any]]]:
 
 
 class TestKafkaContract(SourceContract, OffsetContract, PauseContract, RebalanceContract):
-    # A join takes about 3 s here; the contract also waits this long to see that nothing more
+    # A join takes about 1 s here; the contract also waits this long to see that nothing more
     # arrives, so it is kept short.
     join_timeout_s = 12.0
     # Once a member fetched, records of every partition it owns are on their way.

@@ -37,7 +37,8 @@ from workers.engine.ports import LetterTooLarge
 pytestmark = [pytest.mark.integration, pytest.mark.kafka]
 
 ROOT = Path(__file__).resolve().parents[2]
-CLIENT_CONFIG = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+# A short session: Tansu joins a member after half of it (tests/brokers.py).
+CLIENT_CONFIG = dict(brokers.KAFKA_TEST_SESSION)
 # The unfixed engine never returned; the fixed run takes well under this.
 RUN_TIMEOUT_S = 150.0
 TOPIC_LIMIT_BYTES = 100_000

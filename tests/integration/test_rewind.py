@@ -23,7 +23,8 @@ from tests.cli import REPO, run_workers
 
 pytestmark = [pytest.mark.integration]
 
-CLIENT_CONFIG: dict[str, Any] = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+# A short session: Tansu joins a member after half of it (tests/brokers.py).
+CLIENT_CONFIG: dict[str, Any] = dict(brokers.KAFKA_TEST_SESSION)
 # Record i is stamped BASE_MS + i s: far enough in the past that "latest" means something.
 BASE_MS = (int(time.time()) - 3600) * 1000
 

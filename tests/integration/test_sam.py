@@ -206,7 +206,9 @@ MQ_AND_MSK_OVERRIDES = """\
     parameters: {AWS::StackName: "${STACK}", Topic: "${TOPIC}"}
     sources:
       BrokerArn: {url: "amqp://${MQ_USER}:${MQ_PASSWORD}@${MQ_HOST}/%2F"}
-      Cluster: {bootstrap_servers: "${KAFKA_BOOTSTRAP}", client_config: {session.timeout.ms: 6000}}
+      Cluster:
+        bootstrap_servers: "${KAFKA_BOOTSTRAP}"
+        client_config: {session.timeout.ms: 2000, heartbeat.interval.ms: 500}
     """
 
 

@@ -26,7 +26,8 @@ from tests.brokers import KafkaRecord, Tansu
 pytestmark = [pytest.mark.integration, pytest.mark.kafka]
 
 REPO = Path(__file__).resolve().parents[2]
-CLIENT_CONFIG = {"session.timeout.ms": 6000, "heartbeat.interval.ms": 500}
+# A short session: Tansu joins a member after half of it (tests/brokers.py).
+CLIENT_CONFIG = dict(brokers.KAFKA_TEST_SESSION)
 # Markup in the poison record: the handler's error quotes it, and the page must show it as text.
 POISON = '</script><b id="injected">poison</b>'
 GOOD = 20  # records on partition 1, all handled
