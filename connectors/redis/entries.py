@@ -14,6 +14,7 @@ from connectors.redis.shape import (
     entry_value,
     field_name,
     format_stream_id,
+    name_of,
     parse_stream_id,
 )
 from workers.engine.letters import REPLAY_HEADER
@@ -23,8 +24,6 @@ from workers.engine.shapes import RECORD_OVERHEAD_BYTES
 
 # Bytes the "fields" object adds per field in the event, beyond its name and base64 value.
 FIELD_BYTES = 8
-# Field names kept as the event shows them, before the cache is emptied.
-NAMES_KEPT = 4096
 
 # An entry as the server sends it: its id, and its fields as one list of names and values in
 # turn (None for a pending entry deleted since). hiredis gives lists; tuples do as well.
@@ -58,7 +57,6 @@ class EntryConverter:
         self.mapping = mapping
         self._key_field = key_field.encode() if key_field else None
         self._key_name = field_name(self._key_field) if self._key_field is not None else None
-        self._names: dict[bytes, str] = {}
         # The newest entry id converted per stream, where a vanished group is recreated.
         self.last_seen: dict[str, str] = {}
 
@@ -69,11 +67,9 @@ class EntryConverter:
         XPENDING reports (None: first deliveries)."""
         out: list[Record] = []
         append = out.append
-        names = self._names
         # A key field named as the replay field is left to `_uncommon`, which reads both.
         key_field = self._key_field if self._key_field != REPLAY_FIELD_BYTES else None
         newest = -1
-        name_of = self.name_of
         replay = REPLAY_FIELD_BYTES
         one = RECORD_OVERHEAD_BYTES + FIELD_BYTES + 2
         two = one + FIELD_BYTES + 2
@@ -94,15 +90,15 @@ class EntryConverter:
             ):
                 f0, v0, f1, v1 = flat
                 key, value = (v0, v1) if f0 == key_field else (v1, v0)
-                named = {names.get(f0) or name_of(f0): v0, names.get(f1) or name_of(f1): v1}
                 size = two + len(f0) + len(f1) + (len(v0) + len(v1)) * 4 // 3
                 headers: Sequence[tuple[str, bytes]] = ()
+                named = None  # named when first asked for (RedisMeta.fields)
             elif n == 2 and flat[0] != replay:
                 f0, value = flat
                 key = value if f0 == key_field else None
-                named = {names.get(f0) or name_of(f0): value}
                 size = one + len(f0) + len(value) * 4 // 3
                 headers = ()
+                named = None
             else:
                 key, value, headers, size, named = self._uncommon(flat or [])
             attempts = 0 if counts is None else max(0, counts.get(raw_id, 1) - 1)
@@ -117,7 +113,7 @@ class EntryConverter:
                     attempts,
                     attempts > 0,
                     size,
-                    RedisMeta(stream, entry_id, named),
+                    RedisMeta(stream, entry_id, named, flat),
                 )
             )
         if out:
@@ -141,7 +137,7 @@ class EntryConverter:
         data_bytes = 0
         value = b""
         for raw_name, data in fields.items():
-            named[self.name_of(raw_name)] = data
+            named[name_of(raw_name)] = data
             size += len(raw_name) + FIELD_BYTES + 2
             data_bytes += len(data)
             if raw_name != key_field:
@@ -190,13 +186,3 @@ class EntryConverter:
             size=RECORD_OVERHEAD_BYTES + len(raw),
             meta=RedisMeta(stream, entry_id, {}),
         )
-
-    def name_of(self, raw_name: bytes) -> str:
-        """A field name as the event shows it (`field_name`); names repeat across entries, so
-        the ones seen are kept."""
-        name = self._names.get(raw_name)
-        if name is None:
-            if len(self._names) > NAMES_KEPT:
-                self._names.clear()
-            name = self._names[raw_name] = field_name(raw_name)
-        return name
