@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import binascii
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -28,8 +28,6 @@ FIELD_BYTES = 8
 # An entry as the server sends it: its id, and its fields as one list of names and values in
 # turn (None for a pending entry deleted since). hiredis gives lists; tuples do as well.
 RawEntry = tuple[bytes, list[bytes]]
-# An entry read: its id as text, as the server sent it, and its fields.
-Entry = tuple[str, bytes, list[bytes]]
 
 
 def stream_replies(response: Any, **options: Any) -> Any:
@@ -61,66 +59,91 @@ class EntryConverter:
         self.last_seen: dict[str, str] = {}
 
     def convert(
-        self, stream: str, fresh: Sequence[Entry], counts: Mapping[bytes, int] | None
-    ) -> list[Record]:
-        """Engine records for entries not in flight before; `counts` are the deliveries
-        XPENDING reports (None: first deliveries)."""
-        out: list[Record] = []
+        self,
+        stream: str,
+        entries: Iterable[RawEntry],
+        held: dict[str, float],
+        now: float,
+        counts: Mapping[bytes, int] | None,
+        out: list[Record],
+    ) -> None:
+        """Appends to `out` the records of the entries not in `held` (in flight), and holds
+        each one from `now`; `counts` are the deliveries XPENDING reports (None: first
+        deliveries). An entry that cannot be converted raises: the records before it are in
+        `out` and held, it is not."""
         append = out.append
         # A key field named as the replay field is left to `_uncommon`, which reads both.
         key_field = self._key_field if self._key_field != REPLAY_FIELD_BYTES else None
-        newest = -1
         replay = REPLAY_FIELD_BYTES
         one = RECORD_OVERHEAD_BYTES + FIELD_BYTES + 2
         two = one + FIELD_BYTES + 2
+        newest = -1
+        ms_text: str | None = None
+        ms = top = 0
         key: bytes | None
-        for entry_id, raw_id, flat in fresh:
-            ms_text, _, seq_text = entry_id.partition("-")
-            ms = int(ms_text)
-            position = (ms << 64) | int(seq_text)
-            if position > newest:
-                newest = position
-            # The common cases: the key field and one other, or one field; replayed entries and
-            # the rest are spelled out in `_uncommon`. A value in base64 grows by 4/3 in the
-            # event, padding included.
-            n = len(flat) if flat else 0
-            if n == 4 and (
-                (flat[0] == key_field and flat[2] != key_field and flat[2] != replay)
-                or (flat[2] == key_field and flat[0] != key_field and flat[0] != replay)
-            ):
-                f0, v0, f1, v1 = flat
-                key, value = (v0, v1) if f0 == key_field else (v1, v0)
-                size = two + len(f0) + len(f1) + (len(v0) + len(v1)) * 4 // 3
-                headers: Sequence[tuple[str, bytes]] = ()
-                named = None  # named when first asked for (RedisMeta.fields)
-            elif n == 2 and flat[0] != replay:
-                f0, value = flat
-                key = value if f0 == key_field else None
-                size = one + len(f0) + len(value) * 4 // 3
-                headers = ()
-                named = None
-            else:
-                key, value, headers, size, named = self._uncommon(flat or [])
-            attempts = 0 if counts is None else max(0, counts.get(raw_id, 1) - 1)
-            append(
-                Record(
-                    stream,
-                    position,
-                    value,
-                    key,
-                    ms,
-                    headers,
-                    attempts,
-                    attempts > 0,
-                    size,
-                    RedisMeta(stream, entry_id, named, flat),
+        headers: Sequence[tuple[str, bytes]]
+        try:
+            for raw_id, flat in entries:
+                entry_id = raw_id.decode()
+                if entry_id in held:
+                    continue
+                # The entries of one millisecond share its text: it is parsed once.
+                head, _, tail = entry_id.partition("-")
+                if head != ms_text:
+                    ms = int(head)
+                    top = ms << 64
+                    ms_text = head
+                position = top | int(tail)
+                # The common cases: the key field and one other, or one field; replayed entries
+                # and the rest are spelled out in `_uncommon`. A value in base64 grows by 4/3 in
+                # the event, padding included. The fields are named when first asked for
+                # (RedisMeta.fields).
+                n = len(flat) if flat else 0
+                if n == 4 and (
+                    (flat[0] == key_field and flat[2] != key_field and flat[2] != replay)
+                    or (flat[2] == key_field and flat[0] != key_field and flat[0] != replay)
+                ):
+                    f0, v0, f1, v1 = flat
+                    if f0 == key_field:
+                        key = v0
+                        value = v1
+                    else:
+                        key = v1
+                        value = v0
+                    size = two + len(f0) + len(f1) + (len(v0) + len(v1)) * 4 // 3
+                    headers = ()
+                    named = None
+                elif n == 2 and flat[0] != replay:
+                    f0, value = flat
+                    key = value if f0 == key_field else None
+                    size = one + len(f0) + len(value) * 4 // 3
+                    headers = ()
+                    named = None
+                else:
+                    key, value, headers, size, named = self._uncommon(flat or [])
+                attempts = 0 if counts is None else max(0, counts.get(raw_id, 1) - 1)
+                append(
+                    Record(
+                        stream,
+                        position,
+                        value,
+                        key,
+                        ms,
+                        headers,
+                        attempts,
+                        attempts > 0,
+                        size,
+                        RedisMeta(stream, entry_id, named, flat),
+                    )
                 )
-            )
-        if out:
-            last = self.last_seen.get(stream)
-            if last is None or newest > parse_stream_id(last):
-                self.last_seen[stream] = format_stream_id(newest)
-        return out
+                held[entry_id] = now
+                if position > newest:
+                    newest = position
+        finally:
+            if newest >= 0:
+                last = self.last_seen.get(stream)
+                if last is None or newest > parse_stream_id(last):
+                    self.last_seen[stream] = format_stream_id(newest)
 
     def _uncommon(
         self, flat: list[bytes]
@@ -175,7 +198,7 @@ class EntryConverter:
         raw = orjson.dumps(
             {
                 b64(k, newline=False).decode(): b64(v, newline=False).decode()
-                for k, v in zip(it, it, strict=True)
+                for k, v in zip(it, it, strict=False)  # whatever came: this must not fail
             }
         )
         return undecodable(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -25,7 +25,7 @@ from connectors.redis.client import (
     server_label,
     source_streams,
 )
-from connectors.redis.entries import Entry, EntryConverter, RawEntry, as_sent, stream_replies
+from connectors.redis.entries import EntryConverter, RawEntry, as_sent, stream_replies
 from connectors.redis.shape import RedisMeta, RedisShape, timestamp_start_id
 from workers.engine.ports import AssignmentListener, Capabilities, SourceBase
 from workers.engine.records import Record
@@ -387,30 +387,26 @@ class RedisSource(SourceBase):
     def _records(
         self,
         stream: str,
-        entries: Iterable[RawEntry],
+        entries: Sequence[RawEntry],
         now: float,
         counts: Mapping[bytes, int] | None = None,
     ) -> list[Record]:
         """Engine records for `entries`, skipping any already in flight."""
-        fresh: list[Entry] = []
-        held = self._in_flight[stream]
-        for raw_id, flat in entries:
-            entry_id = raw_id.decode()
-            if entry_id not in held:
-                held[entry_id] = now
-                fresh.append((entry_id, raw_id, flat))
-        try:
-            return self._entries.convert(stream, fresh, counts)
-        except Exception:
-            pass
-        # Some entry cannot be converted: one at a time, and that one becomes a letter, so that
-        # no entry stops its stream.
         out: list[Record] = []
-        for entry in fresh:
-            try:
-                out += self._entries.convert(stream, [entry], counts)
-            except Exception as exc:
-                out.append(self._entries.undecodable(stream, entry[0], entry[2], exc))
+        held = self._in_flight[stream]
+        convert = self._entries.convert
+        try:
+            convert(stream, entries, held, now, counts, out)
+        except Exception:
+            # Some entry cannot be converted: the rest one at a time, and that one becomes a
+            # letter, so that no entry stops its stream.
+            for entry in entries:
+                try:
+                    convert(stream, (entry,), held, now, counts, out)
+                except Exception as exc:
+                    entry_id = entry[0].decode()
+                    held[entry_id] = now
+                    out.append(self._entries.undecodable(stream, entry_id, entry[1], exc))
         return out
 
     def _touch(self, client: redis.Redis, now: float) -> None:
