@@ -446,9 +446,14 @@ class RedisSource(SourceBase):
     def ack(self, records: Sequence[Record]) -> None:
         """XACK, one pipelined round trip; on a lost connection the loop retries the acks."""
         by_stream: dict[str, list[str]] = {}
+        stream: str | None = None
+        ids: list[str] = []
         for r in records:
             meta: RedisMeta = r.meta
-            by_stream.setdefault(meta.stream, []).append(meta.entry_id)
+            if meta.stream != stream:  # a batch is mostly one stream's: its list is kept
+                stream = meta.stream
+                ids = by_stream.setdefault(stream, [])
+            ids.append(meta.entry_id)
         client = self._client
         try:
             if client is None:
@@ -481,8 +486,9 @@ class RedisSource(SourceBase):
         for stream, ids in by_stream.items():
             held = self._in_flight.get(stream)
             if held is not None:
+                pop = held.pop
                 for entry_id in ids:
-                    held.pop(entry_id, None)
+                    pop(entry_id, None)
 
     def _flush_unacked(self, client: redis.Redis) -> None:
         pending = {s: set(ids) for s, ids in self._unacked.items() if ids}
