@@ -229,12 +229,15 @@ class RedisShape:
         by_stream: dict[str, list[dict[str, Any]]] = {}
         b2a = _b2a
         names = _names
+        stream: str | None = None
         for r in records:
             meta: RedisMeta = r.meta
-            stream = meta.stream
-            items = by_stream.get(stream)
-            if items is None:
-                items = by_stream[stream] = []
+            if meta.stream != stream:  # a batch is mostly one stream's: its list is kept
+                stream = meta.stream
+                items = by_stream.get(stream)
+                if items is None:
+                    items = by_stream[stream] = []
+                add = items.append
             flat = meta.flat
             if flat is not None and len(flat) == 4:  # `encoded_fields`, the common case inline
                 f0, v0, f1, v1 = flat
@@ -244,7 +247,7 @@ class RedisShape:
                 }
             else:
                 encoded = encoded_fields(meta.fields if flat is None else flat)
-            items.append(
+            add(
                 {
                     "stream": stream,
                     "id": meta.entry_id,
@@ -261,16 +264,20 @@ class RedisShape:
         each entry as `encoded_fields` takes them."""
         groups: list[Column] = []
         columns: dict[str, Column] = {}
+        stream: str | None = None
         for r in records:
             meta: RedisMeta = r.meta
-            group = columns.get(meta.stream)
-            if group is None:
-                group = columns[meta.stream] = (meta.stream, [], [], [])
-                groups.append(group)
-            group[1].append(meta.entry_id)
-            group[2].append(r.timestamp_ms)
+            if meta.stream != stream:  # a batch is mostly one stream's: its column is kept
+                stream = meta.stream
+                group = columns.get(stream)
+                if group is None:
+                    group = columns[stream] = (stream, [], [], [])
+                    groups.append(group)
+                add_id, add_ms, add_fields = group[1].append, group[2].append, group[3].append
+            add_id(meta.entry_id)
+            add_ms(r.timestamp_ms)
             flat = meta.flat
-            group[3].append(meta.fields if flat is None else flat)
+            add_fields(meta.fields if flat is None else flat)
         return marshal.dumps(groups)
 
     def records(self, event: dict[str, Any]) -> list[Record]:
