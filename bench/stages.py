@@ -75,7 +75,11 @@ def _mapping(
 def _redis_batch(target: Any, ds: Dataset) -> tuple[Any, Callable[[], Any], Callable[[], Any]]:
     import redis
 
+    from connectors.redis.entries import stream_replies
+
     client = redis.Redis.from_url(target.source(ds, "")["url"])
+    # The replies as the source's client reads them (connectors/redis/source.py `open`).
+    client.set_response_callback("XREADGROUP", stream_replies)
     group = f"stages-{time.time_ns()}"
     client.xgroup_create(ds.name, group, id="0")
     reply: Any = client.xreadgroup(group, "c", {ds.name: ">"}, count=BATCH)

@@ -6,7 +6,6 @@ import base64
 import binascii
 import marshal
 from collections.abc import Hashable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -113,42 +112,107 @@ def handler_fields(fields: Mapping[str, bytes]) -> dict[str, bytes]:
     }
 
 
-@dataclass(slots=True)  # not frozen: one per record, and a frozen __init__ costs more
 class RedisMeta:
-    stream: str
-    entry_id: str
-    fields: dict[str, bytes]  # keyed by the names as the event shows them (`field_name`)
+    """What a Redis record keeps of its entry: its stream, its id and its fields.
+
+    The source keeps the fields as the server sent them (`flat`: names and values in turn) and
+    names them only when asked (`fields`), which most batches never do; records read back from
+    an event, and the memory connector's, have them by name only (`flat` None).
+    """
+
+    __slots__ = ("_fields", "entry_id", "flat", "stream")
+
+    def __init__(
+        self,
+        stream: str,
+        entry_id: str,
+        fields: dict[str, bytes] | None = None,
+        flat: list[bytes] | None = None,
+    ) -> None:
+        self.stream = stream
+        self.entry_id = entry_id
+        self.flat = flat
+        self._fields = fields
+
+    @property
+    def fields(self) -> dict[str, bytes]:
+        """The fields keyed by the names as the event shows them (`field_name`)."""
+        fields = self._fields
+        if fields is None:
+            fields = self._fields = named_fields(self.flat or ())
+        return fields
 
     def raw_fields(self) -> dict[bytes, bytes]:
         """The entry's fields under their original names, as the stream held them."""
+        if self.flat is not None:
+            it = iter(self.flat)
+            return dict(zip(it, it, strict=True))
         return {field_bytes(name): value for name, value in self.fields.items()}
 
+    def __repr__(self) -> str:
+        return f"RedisMeta({self.stream!r}, {self.entry_id!r})"
 
-def redis_item(
-    stream: str, entry_id: str, timestamp_ms: int, encoded_fields: dict[str, str]
-) -> dict[str, Any]:
-    """One record of the `redis:streams` event; its fields already in base64."""
-    return {"stream": stream, "id": entry_id, "timestamp": timestamp_ms, "fields": encoded_fields}
+
+# Field names as the event shows them, by their bytes: names repeat across entries, so the ones
+# seen are kept, up to NAMES_KEPT. The threads of a process share them; a lost race only names
+# a field twice.
+NAMES_KEPT = 4096
+_names: dict[bytes, str] = {}
+
+
+def name_of(raw: bytes) -> str:
+    """`field_name(raw)`, remembered."""
+    name = _names.get(raw)
+    if name is None:
+        if len(_names) >= NAMES_KEPT:
+            _names.clear()
+        name = _names[raw] = field_name(raw)
+    return name
+
+
+def named_fields(flat: Sequence[bytes]) -> dict[str, bytes]:
+    """Fields as the server sends them (names and values in turn) keyed by the names as the event
+    shows them; a name sent twice keeps its last value, as in a dict of the entry."""
+    it = iter(flat)
+    return {name_of(raw): data for raw, data in zip(it, it, strict=True)}
+
+
+def encoded_fields(fields: list[bytes] | dict[str, bytes]) -> dict[str, str]:
+    """An entry's "fields" in the event, their values in base64: of `RedisMeta.flat`, or of the
+    fields by name when there is none."""
+    b2a = _b2a
+    if isinstance(fields, dict):
+        return {name: b2a(data, newline=False).decode() for name, data in fields.items()}
+    names = _names
+    if len(fields) == 4:  # the common case (a name sent twice: the last value, as in a dict)
+        f0, v0, f1, v1 = fields
+        return {
+            names.get(f0) or name_of(f0): b2a(v0, newline=False).decode(),
+            names.get(f1) or name_of(f1): b2a(v1, newline=False).decode(),
+        }
+    encoded = {}
+    for i in range(0, len(fields), 2):
+        raw = fields[i]
+        encoded[names.get(raw) or name_of(raw)] = b2a(fields[i + 1], newline=False).decode()
+    return encoded
 
 
 def unpack_event(payload: bytes) -> dict[str, Any]:
     """The event `RedisShape.pack` packed, built where the handler runs."""
-    b2a = _b2a
     by_stream: dict[str, list[dict[str, Any]]] = {}
     for stream, ids, timestamps, fields in marshal.loads(payload):
         items = by_stream.get(stream)
         if items is None:
             items = by_stream[stream] = []
         items.extend(
-            {
-                "stream": stream,
-                "id": entry_id,
-                "timestamp": ms,
-                "fields": {k: b2a(v, newline=False).decode() for k, v in named.items()},
-            }
-            for entry_id, ms, named in zip(ids, timestamps, fields, strict=True)
+            {"stream": stream, "id": entry_id, "timestamp": ms, "fields": encoded_fields(entry)}
+            for entry_id, ms, entry in zip(ids, timestamps, fields, strict=True)
         )
     return {"eventSource": "redis:streams", "records": by_stream}
+
+
+# A stream's part of a packed batch: its name, and the ids, timestamps and fields of its entries.
+Column = tuple[str, list[str], list[int], list[list[bytes] | dict[str, bytes]]]
 
 
 class RedisShape:
@@ -164,33 +228,56 @@ class RedisShape:
         # Built anew for every invocation: nothing a handler does to its event reaches a retry.
         by_stream: dict[str, list[dict[str, Any]]] = {}
         b2a = _b2a
+        names = _names
+        stream: str | None = None
         for r in records:
             meta: RedisMeta = r.meta
-            stream = meta.stream
-            items = by_stream.get(stream)
-            if items is None:
-                items = by_stream[stream] = []
-            encoded = {}
-            for name, data in meta.fields.items():  # a loop: a comprehension costs a function
-                encoded[name] = b2a(data, newline=False).decode()
-            items.append(redis_item(stream, meta.entry_id, r.timestamp_ms, encoded))
+            if meta.stream != stream:  # a batch is mostly one stream's: its list is kept
+                stream = meta.stream
+                items = by_stream.get(stream)
+                if items is None:
+                    items = by_stream[stream] = []
+                add = items.append
+            flat = meta.flat
+            if flat is not None and len(flat) == 4:  # `encoded_fields`, the common case inline
+                f0, v0, f1, v1 = flat
+                encoded = {
+                    names.get(f0) or name_of(f0): b2a(v0, newline=False).decode(),
+                    names.get(f1) or name_of(f1): b2a(v1, newline=False).decode(),
+                }
+            else:
+                encoded = encoded_fields(meta.fields if flat is None else flat)
+            add(
+                {
+                    "stream": stream,
+                    "id": meta.entry_id,
+                    "timestamp": r.timestamp_ms,
+                    "fields": encoded,
+                }
+            )
         return {"eventSource": "redis:streams", "records": by_stream}
 
     unpacker = "connectors.redis.shape:unpack_event"
 
     def pack(self, records: Sequence[Record]) -> bytes:
-        """The batch as columns per stream, in record order (see `unpack_event`)."""
-        groups: list[tuple[str, list[str], list[int], list[dict[str, bytes]]]] = []
-        columns: dict[str, tuple[str, list[str], list[int], list[dict[str, bytes]]]] = {}
+        """The batch as columns per stream, in record order (see `unpack_event`); the fields of
+        each entry as `encoded_fields` takes them."""
+        groups: list[Column] = []
+        columns: dict[str, Column] = {}
+        stream: str | None = None
         for r in records:
             meta: RedisMeta = r.meta
-            group = columns.get(meta.stream)
-            if group is None:
-                group = columns[meta.stream] = (meta.stream, [], [], [])
-                groups.append(group)
-            group[1].append(meta.entry_id)
-            group[2].append(r.timestamp_ms)
-            group[3].append(meta.fields)
+            if meta.stream != stream:  # a batch is mostly one stream's: its column is kept
+                stream = meta.stream
+                group = columns.get(stream)
+                if group is None:
+                    group = columns[stream] = (stream, [], [], [])
+                    groups.append(group)
+                add_id, add_ms, add_fields = group[1].append, group[2].append, group[3].append
+            add_id(meta.entry_id)
+            add_ms(r.timestamp_ms)
+            flat = meta.flat
+            add_fields(meta.fields if flat is None else flat)
         return marshal.dumps(groups)
 
     def records(self, event: dict[str, Any]) -> list[Record]:

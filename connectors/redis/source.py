@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
@@ -25,7 +25,7 @@ from connectors.redis.client import (
     server_label,
     source_streams,
 )
-from connectors.redis.entries import Entry, EntryConverter
+from connectors.redis.entries import EntryConverter, RawEntry, as_sent, stream_replies
 from connectors.redis.shape import RedisMeta, RedisShape, timestamp_start_id
 from workers.engine.ports import AssignmentListener, Capabilities, SourceBase
 from workers.engine.records import Record
@@ -103,6 +103,10 @@ class RedisSource(SourceBase):
     def open(self, listener: AssignmentListener) -> None:
         if self._client is None:
             self._client = redis_client(self.url)
+            # Entries as the server sends them, their fields one list of names and values in
+            # turn: the converter reads them there (entries.py).
+            self._client.set_response_callback("XREADGROUP", stream_replies)
+            self._client.set_response_callback("XAUTOCLAIM", as_sent)
             log.info(
                 "mapping %s: redis %s streams %s, group %s, consumer %s",
                 self.mapping,
@@ -265,7 +269,7 @@ class RedisSource(SourceBase):
             self.group, self.consumer, {s: self._history[s] for s in streams}, count=count
         )
         got = {raw.decode(): entries for raw, entries in reply or ()}
-        live: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
+        live: dict[str, list[RawEntry]] = {}
         for stream in streams:
             entries = got.get(stream) or []
             if len(entries) < count:
@@ -285,7 +289,7 @@ class RedisSource(SourceBase):
         element lists pending ids whose entries were deleted (trimmed); the server has already
         dropped them from the pending list, so they need no ack.
         """
-        live: dict[str, list[tuple[bytes, dict[bytes, bytes]]]] = {}
+        live: dict[str, list[RawEntry]] = {}
         finished = True
         taken = 0
         for stream in streams:
@@ -331,8 +335,8 @@ class RedisSource(SourceBase):
         return self._with_counts(client, live, now)
 
     def _drop_deleted(
-        self, client: redis.Redis, stream: str, entries: list[tuple[bytes, dict[bytes, bytes]]]
-    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
+        self, client: redis.Redis, stream: str, entries: list[RawEntry]
+    ) -> list[RawEntry]:
         """Entries still in the stream; pending ids whose entry was trimmed are acked.
 
         A pending entry that was deleted comes back with no fields (XREADGROUP from a pending id,
@@ -355,7 +359,7 @@ class RedisSource(SourceBase):
     def _with_counts(
         self,
         client: redis.Redis,
-        live: Mapping[str, list[tuple[bytes, dict[bytes, bytes]]]],
+        live: Mapping[str, list[RawEntry]],
         now: float,
     ) -> list[Record]:
         """Records of redelivered entries, with the delivery counts XPENDING reports."""
@@ -383,30 +387,26 @@ class RedisSource(SourceBase):
     def _records(
         self,
         stream: str,
-        entries: Iterable[tuple[bytes, dict[bytes, bytes]]],
+        entries: Sequence[RawEntry],
         now: float,
         counts: Mapping[bytes, int] | None = None,
     ) -> list[Record]:
         """Engine records for `entries`, skipping any already in flight."""
-        fresh: list[Entry] = []
-        held = self._in_flight[stream]
-        for raw_id, fields in entries:
-            entry_id = raw_id.decode()
-            if entry_id not in held:
-                held[entry_id] = now
-                fresh.append((entry_id, raw_id, fields))
-        try:
-            return self._entries.convert(stream, fresh, counts)
-        except Exception:
-            pass
-        # Some entry cannot be converted: one at a time, and that one becomes a letter, so that
-        # no entry stops its stream.
         out: list[Record] = []
-        for entry in fresh:
-            try:
-                out += self._entries.convert(stream, [entry], counts)
-            except Exception as exc:
-                out.append(self._entries.undecodable(stream, entry[0], entry[2], exc))
+        held = self._in_flight[stream]
+        convert = self._entries.convert
+        try:
+            convert(stream, entries, held, now, counts, out)
+        except Exception:
+            # Some entry cannot be converted: the rest one at a time, and that one becomes a
+            # letter, so that no entry stops its stream.
+            for entry in entries:
+                try:
+                    convert(stream, (entry,), held, now, counts, out)
+                except Exception as exc:
+                    entry_id = entry[0].decode()
+                    held[entry_id] = now
+                    out.append(self._entries.undecodable(stream, entry_id, entry[1], exc))
         return out
 
     def _touch(self, client: redis.Redis, now: float) -> None:
@@ -446,9 +446,14 @@ class RedisSource(SourceBase):
     def ack(self, records: Sequence[Record]) -> None:
         """XACK, one pipelined round trip; on a lost connection the loop retries the acks."""
         by_stream: dict[str, list[str]] = {}
+        stream: str | None = None
+        ids: list[str] = []
         for r in records:
             meta: RedisMeta = r.meta
-            by_stream.setdefault(meta.stream, []).append(meta.entry_id)
+            if meta.stream != stream:  # a batch is mostly one stream's: its list is kept
+                stream = meta.stream
+                ids = by_stream.setdefault(stream, [])
+            ids.append(meta.entry_id)
         client = self._client
         try:
             if client is None:
@@ -481,8 +486,9 @@ class RedisSource(SourceBase):
         for stream, ids in by_stream.items():
             held = self._in_flight.get(stream)
             if held is not None:
+                pop = held.pop
                 for entry_id in ids:
-                    held.pop(entry_id, None)
+                    pop(entry_id, None)
 
     def _flush_unacked(self, client: redis.Redis) -> None:
         pending = {s: set(ids) for s, ids in self._unacked.items() if ids}

@@ -21,12 +21,12 @@ import orjson
 import pika
 import pytest
 import yaml
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from connectors.kafka.shape import KafkaMeta, KafkaShape
 from connectors.rabbitmq.shape import RabbitMeta, RabbitShape, basic_properties, record_headers
-from connectors.redis.shape import RedisShape
+from connectors.redis.shape import RedisShape, entry_value, field_name
 from connectors.redis.source import RedisSource
 from tests.cli import REPO
 from tests.faults.hostile import field_name_bytes
@@ -35,6 +35,7 @@ from workers.app.registry import shape_for_event
 from workers.engine.letters import Condition, build_letter
 from workers.engine.outcomes import ErrorInfo
 from workers.engine.records import Record
+from workers.engine.shapes import RECORD_OVERHEAD_BYTES
 
 pytestmark = pytest.mark.faults
 
@@ -295,7 +296,8 @@ def redis_entries(
 def redis_round_trip(entries: list[tuple[bytes, dict[bytes, bytes]]], letter: bool) -> None:
     """Records read from `entries` give an event (or a letter) whose fields are the entries'
     fields, byte for byte, names included."""
-    records = redis_source()._records("s", entries, 0.0)
+    sent = [(i, [x for pair in fields.items() for x in pair]) for i, fields in entries]
+    records = redis_source()._records("s", sent, 0.0)
     shape = RedisShape("127.0.0.1:6379/0")
     if letter:
         event = letter_for(records, shape)["payload"]
@@ -331,6 +333,62 @@ def test_redis_event_keeps_field_names_that_are_not_utf8(
 @given(redis_entries(utf8_names(), ms=st.integers(0, 2**64 - 1)))
 def test_redis_letter_takes_any_entry_id(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> None:
     redis_round_trip(entries, letter=True)
+
+
+@st.composite
+def sent_entries(draw: st.DrawFn) -> list[tuple[bytes, list[bytes]]]:
+    """Entries as the server sends them, their names from a few that matter (the key field, the
+    replay field), repeats included."""
+    names = st.sampled_from([b"k", b"value", b"esm-replay-count", b"\xff"])
+    pairs = st.lists(st.tuples(names, st.binary(max_size=20)), min_size=1, max_size=3)
+    ids = draw(st.lists(entry_ids(SANE_MS), min_size=1, max_size=4, unique=True))
+    return [(i, [x for pair in draw(pairs) for x in pair]) for i in ids]
+
+
+REPLAY = b"esm-replay-count"
+
+
+@settings(FAST, max_examples=300)
+@given(sent_entries(), st.sampled_from([None, "k", "esm-replay-count"]))
+@example([(b"1-0", [b"k", b"a", REPLAY, b"1"]), (b"1-1", [REPLAY, b"1", b"k", b"a"])], "k")
+@example(
+    [(b"1-0", [b"k", b"a", b"k", b"b"]), (b"1-1", [b"k", b"a"]), (b"1-2", [REPLAY, b"1"])], "k"
+)
+@example(
+    [(b"1-0", [REPLAY, b"a", b"v", b"b"]), (b"1-1", [b"v", b"b", REPLAY, b"a"])], REPLAY.decode()
+)
+@example([(b"1-0", [b"k", b"a", b"v", b"b"]), (b"1-1", [b"v", b"b"])], None)
+def test_redis_record_key_value_and_size_follow_the_fields(
+    entries: list[tuple[bytes, list[bytes]]], key_field: str | None
+) -> None:
+    """Whichever way the source reads an entry, its record's value is `entry_value` of its
+    fields, its key the key field's, and its size what the fields add to the event."""
+    mapping = cfg.EventSourceMapping.model_validate(
+        {
+            "name": "fuzz",
+            "function": "f",
+            "source": {
+                "type": "redis",
+                "url": "redis://127.0.0.1:1/0",
+                "streams": ["s"],
+                "partition_key_field": key_field,
+            },
+        }
+    )
+    records = RedisSource(mapping, 0)._records("s", entries, 0.0)
+    assert len(records) == len(entries)
+    for record, (_, flat) in zip(records, entries, strict=True):
+        it = iter(flat)
+        fields = dict(zip(it, it, strict=True))  # a repeated name: the last value counts
+        named = {field_name(k): v for k, v in fields.items()}
+        assert record.meta.fields == named
+        assert record.value == entry_value(named, key_field)
+        assert record.key == (None if key_field is None else fields.get(key_field.encode()))
+        replays = fields.get(b"esm-replay-count")
+        assert list(record.headers) == ([] if replays is None else [("esm-replay-count", replays)])
+        values = sum(len(v) for v in fields.values())
+        names = sum(len(k) + 10 for k in fields)
+        assert record.size == RECORD_OVERHEAD_BYTES + names + values * 4 // 3
 
 
 # --- RabbitMQ events -------------------------------------------------------------------------

@@ -154,11 +154,18 @@ def redis_source(partition_key_field: str | None = None) -> RedisSource:
     return RedisSource(mapping, 0)
 
 
+def as_sent(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[bytes, list[bytes]]]:
+    """Entries as the server sends them: each one's fields a list of names and values in turn."""
+    return [
+        (entry_id, [x for pair in fields.items() for x in pair]) for entry_id, fields in entries
+    ]
+
+
 def read_back(
     entries: list[tuple[bytes, dict[bytes, bytes]]], partition_key_field: str | None = None
 ) -> tuple[list[Record], list[EventRecord]]:
     """The source's records of `entries`, and what a handler reads of the event they make."""
-    built = redis_source(partition_key_field)._records("s", entries, 0.0)
+    built = redis_source(partition_key_field)._records("s", as_sent(entries), 0.0)
     event = orjson.loads(orjson.dumps(RedisShape("h").event(built)))
     return built, list(records(event))
 
@@ -231,7 +238,7 @@ def test_the_example_configs_handler_reads_every_broker_it_is_fed_from(
 
     good, bad = b'{"id": 1, "amount": 12.5}', b'{"id": 2, "amount": -1}'
     redis_built = redis_source()._records(
-        "s", [(b"1-0", {b"order": good}), (b"1-1", {b"id": b"2", b"amount": b"-1"})], 0.0
+        "s", as_sent([(b"1-0", {b"order": good}), (b"1-1", {b"id": b"2", b"amount": b"-1"})]), 0.0
     )
     batches: list[tuple[Any, list[Record]]] = [
         (
