@@ -78,7 +78,7 @@ class ContractBase:
     # The broker counts deliveries, so a record delivered again says so in `Record.attempts`.
     delivery_counts = False
     # How long the poller must find nothing to read before a run stops (`--until-idle`).
-    idle_s = 2.0
+    idle_s = 1.0
 
     def make_source(self, name: str) -> Source:
         raise NotImplementedError

@@ -106,7 +106,6 @@ def state_records(bootstrap: str, dlq: str) -> list[tuple[bytes, bytes | None]]:
 
 
 class TestKafkaReplay(ReplayToSourceContract):
-    until_idle_s = 2.0
     interrupt_flags = ("--rate", "1")
 
     def scenario(self, tmp_path: Path) -> Scenario:

@@ -38,7 +38,7 @@ from tests.faults.results import Tally, file_letters, letter_ids, read_journal
 # A short session: Tansu joins a member after half of it (tests/brokers.py).
 KAFKA_CLIENT_CONFIG: dict[str, Any] = dict(KAFKA_TEST_SESSION)
 # Seconds of quiet before `--until-idle` ends a run: short, since the suite waits for each run.
-UNTIL_IDLE_S = 2.0
+UNTIL_IDLE_S = 1.0
 # A hang must fail its test, never block the suite.
 RUN_TIMEOUT_S = 120.0
 

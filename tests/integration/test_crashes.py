@@ -84,7 +84,7 @@ def letters(client: redis.Redis, stream: str) -> list[dict[str, Any]]:
 
 def run(config: Path, tmp_path: Path, timeout_s: float = 150) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        workers_run(config, tmp_path / "summary.json", until_idle_s=3.0),
+        workers_run(config, tmp_path / "summary.json"),
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -548,7 +548,8 @@ def test_latest_and_at_timestamp_start_where_they_should(
 
     log_path = tmp_path / "run.log"
     process = subprocess.Popen(
-        workers_run(config, tmp_path / "summary.json"),
+        # Records are produced while it runs: the idle wait must outlast the gaps between them.
+        workers_run(config, tmp_path / "summary.json", until_idle_s=3.0),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=log_path.open("w"),
@@ -600,7 +601,8 @@ def test_broker_down_at_start_up_is_reported_and_the_worker_recovers(
     )
     log_path = tmp_path / "run.log"
     process = subprocess.Popen(
-        workers_run(config, tmp_path / "summary.json"),
+        # The records are produced once the broker is back, while it runs.
+        workers_run(config, tmp_path / "summary.json", until_idle_s=3.0),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=log_path.open("w"),

@@ -163,7 +163,7 @@ def run(kafka_broker: Tansu, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     )
     # A session of its own, so that a run that does not return is killed with its pollers.
     proc = subprocess.Popen(
-        workers_run(config, summary, until_idle_s=2.0),
+        workers_run(config, summary),
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -508,7 +508,8 @@ def test_workers_run_survives_broker_closing_its_connections(
     )
     summary_path = tmp_path / "summary.json"
     process = subprocess.Popen(
-        workers_run(config, summary_path),
+        # Long enough a wait that a reconnect never ends the run.
+        workers_run(config, summary_path, until_idle_s=3.0),
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -455,7 +455,8 @@ def test_server_restart_mid_run_loses_nothing(tmp_path: Path, durable_redis: Red
         maximum_batching_window_s=0.05,
     )
     worker = subprocess.Popen(
-        workers_run(config, tmp_path / "summary.json"),
+        # Entries are added after the restart, while it runs.
+        workers_run(config, tmp_path / "summary.json", until_idle_s=3.0),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

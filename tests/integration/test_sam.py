@@ -45,7 +45,7 @@ def run_template(
     summary = folder / "summary.json"
     command = [sys.executable, "-m", "workers", "run", template, "--overrides", "overrides.yaml"]
     done = subprocess.run(
-        [*command, "--until-idle", "2", "--summary-json", str(summary)],
+        [*command, "--until-idle", "1", "--summary-json", str(summary)],
         cwd=folder,
         env={**os.environ, **environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
