@@ -57,6 +57,7 @@ def break_engine_once(event: dict[str, Any], context: Any) -> None:
         def broken(records: Any) -> None:
             raise RuntimeError("injected: settling failed")
 
+        gc.unfreeze()  # the poller process froze what it built at start, the Poller with it
         for obj in gc.get_objects():
             if isinstance(obj, Poller):
                 obj.runner.settle = broken

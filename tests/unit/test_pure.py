@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import random
+import uuid
 
 import pika
 import pytest
@@ -14,6 +15,7 @@ from connectors.redis.shape import RedisMeta, RedisShape, format_stream_id, pars
 from workers.engine.backoff import Backoff
 from workers.engine.batcher import BatchLimits, LaneBuffer, runs_by_unit
 from workers.engine.checkpoint import CheckpointTracker
+from workers.engine.invoker import new_request_id
 from workers.engine.letters import Condition, build_letter
 from workers.engine.outcomes import ErrorInfo, InvalidResponse, PartialFailure, Success
 from workers.engine.policy import Policy
@@ -316,3 +318,13 @@ def test_records_read_back_from_events_match_what_built_them() -> None:
         (r.value, list(r.headers), r.timestamp_ms)
         for r in RabbitShape("h").records(RabbitShape("h").event(rmq))
     ] == [(r.value, list(r.headers), r.timestamp_ms) for r in rmq]
+
+
+def test_request_ids_are_distinct_version_4_uuids() -> None:
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    for text in ids[:50]:
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text
+        assert parsed.version == 4
+        assert parsed.variant == uuid.RFC_4122

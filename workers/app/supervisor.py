@@ -8,6 +8,7 @@ they have all stopped cleanly.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -59,6 +60,8 @@ MAX_EARLY_DEATHS = 5
 # interval, a batch thread woken by its handler's reply can wait that long for the busy loop
 # thread to give up the GIL; 0.5 ms measured 1.0-1.7x records/s in-process (bench/README.md).
 POLLER_SWITCH_INTERVAL_S = 0.0005
+# The collector's generation thresholds in a poller process (CPython's defaults: 700, 10, 10).
+POLLER_GC_THRESHOLDS = (50_000, 20, 100)
 # A poller whose supervisor is gone drains like on SIGTERM, but gives up after this long: nobody
 # is left to stop it harder.
 ORPHAN_DRAIN_S = 10.0
@@ -93,6 +96,11 @@ def poller_main(
         suspects=suspects,
         enabled=enabled,
     )
+
+    # Everything built so far lives as long as the process: out of the collector's sight, and
+    # young collections less often, since a poll makes hundreds of short-lived records.
+    gc.freeze()
+    gc.set_threshold(*POLLER_GC_THRESHOLDS)
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: draining", signum)

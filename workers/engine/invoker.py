@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import random
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -37,6 +39,16 @@ class FunctionSpec:
     def import_paths(self, cwd: str) -> tuple[str, ...]:
         """What goes first on sys.path, in order: the code paths, then the working directory."""
         return (*self.code_paths, cwd) if cwd not in self.code_paths else self.code_paths
+
+
+# Request ids from a generator seeded once, not uuid4's read of the OS's random source: that read
+# releases the GIL, and the loop thread of a busy poller keeps it for up to a switch interval.
+_IDS = random.Random()
+
+
+def new_request_id() -> str:
+    """A random (version 4) UUID, as Lambda's request ids are."""
+    return str(uuid.UUID(int=_IDS.getrandbits(128), version=4))
 
 
 @dataclass(frozen=True, slots=True)

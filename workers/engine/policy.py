@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import uuid
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
@@ -23,7 +22,13 @@ import orjson
 from workers.engine.backoff import Backoff
 from workers.engine.clock import Clock, iso_ms
 from workers.engine.flight import MAX_DEATHS, POLLER_DIED_ERROR_TYPE, Gate, InFlightFile, Suspects
-from workers.engine.invoker import InvocationRequest, Invoker, PackedEvent, PackingInvoker
+from workers.engine.invoker import (
+    InvocationRequest,
+    Invoker,
+    PackedEvent,
+    PackingInvoker,
+    new_request_id,
+)
 from workers.engine.letters import Condition, DeadLetters
 from workers.engine.outcomes import (
     Crash,
@@ -344,7 +349,7 @@ class BatchRunner:
 
     def _invoke(self, work: _Work) -> Outcome:
         request = InvocationRequest(
-            request_id=str(uuid.uuid4()), mapping_name=self.mapping, attempt=work.retries + 1
+            request_id=new_request_id(), mapping_name=self.mapping, attempt=work.retries + 1
         )
         is_retry = work.invocations > 0
         work.invocations += 1

@@ -4,6 +4,7 @@ serve invocations from the pipe, with the handler's output sent back as log mess
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import os
@@ -148,6 +149,9 @@ def child_main(conn: Connection, config: ChildConfig) -> None:
         channel.send(orjson.dumps([INIT_ERROR, error.error_type, error.message, error.stack_trace]))
         return
     init_ms = (time.perf_counter() - started) * 1000
+    # What the runtime and the handler's init built lives as long as the environment: the
+    # collector need not walk it again after each invocation's garbage.
+    gc.freeze()
     _limit_address_space(config.memory_mb)
     stdout.flush()
     stderr.flush()

@@ -9,6 +9,7 @@ import math
 import multiprocessing
 import os
 import select
+import struct
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -55,6 +56,16 @@ from workers.invoke.shared import (
 INIT_TIMEOUT_S = 10.0
 # After SIGKILL a process is gone within milliseconds unless stuck in the kernel (D state).
 _REAP_TIMEOUT_S = 5.0
+
+
+# multiprocessing.Connection's frame header for messages under 2 GiB.
+_LENGTH = struct.Struct("!i")
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _readable(fd: int) -> bool:
@@ -391,12 +402,15 @@ class ProcessInvoker:
         header = orjson.dumps(
             [request.request_id, request.mapping_name, request.attempt, deadline, unpacker]
         )
-        payload = b"".join((header, b"\n", encoded_event))
+        size = len(header) + 1 + len(encoded_event)
+        # multiprocessing's framing (a 4-byte length), in one write: send_bytes writes the
+        # length and a large payload apart, and every write hands the GIL to the loop thread.
+        frame = b"".join((_LENGTH.pack(size), header, b"\n", encoded_event))
         try:
-            env.conn.send_bytes(payload)
+            _write_all(env.conn_fd, frame)
         except OSError:
             return self._died(env, request)
-        del payload
+        del frame
         while True:
             message = env.receive(deadline)
             if message is False:
