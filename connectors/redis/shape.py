@@ -204,10 +204,11 @@ def unpack_event(payload: bytes) -> dict[str, Any]:
         items = by_stream.get(stream)
         if items is None:
             items = by_stream[stream] = []
-        items.extend(
-            {"stream": stream, "id": entry_id, "timestamp": ms, "fields": encoded_fields(entry)}
+        encode = encoded_fields
+        items += [
+            {"stream": stream, "id": entry_id, "timestamp": ms, "fields": encode(entry)}
             for entry_id, ms, entry in zip(ids, timestamps, fields, strict=True)
-        )
+        ]
     return {"eventSource": "redis:streams", "records": by_stream}
 
 
@@ -262,6 +263,16 @@ class RedisShape:
     def pack(self, records: Sequence[Record]) -> bytes:
         """The batch as columns per stream, in record order (see `unpack_event`); the fields of
         each entry as `encoded_fields` takes them."""
+        metas: list[RedisMeta] = [r.meta for r in records]
+        if metas:
+            first = metas[0].stream
+            if [m.stream for m in metas].count(first) == len(metas):
+                # One stream, as in every batch the poller makes: a column each.
+                flats = [m.flat for m in metas]
+                entries = flats if None not in flats else [m.flat or m.fields for m in metas]
+                ids = [m.entry_id for m in metas]
+                stamps = [r.timestamp_ms for r in records]
+                return marshal.dumps([(first, ids, stamps, entries)])
         groups: list[Column] = []
         columns: dict[str, Column] = {}
         stream: str | None = None

@@ -30,6 +30,16 @@ def one_partition() -> list[Record]:
     ]
 
 
+def one_partition_keyed_with_headers() -> list[Record]:
+    """Every record keyed (an empty key too), some with headers: the environment's fast path."""
+    meta = KafkaMeta("orders", 2)
+    return [
+        Record("orders-2", 1, b"a", b"k1", 1, [("h", b"\x00\xff"), ("h", b"")], meta=meta),
+        Record("orders-2", 2, b"", b"", 2, (), meta=meta),
+        Record("orders-2", 3, b"\xff", b"k3", 3, [("trace", b"abc")], meta=meta),
+    ]
+
+
 def mixed_timestamp_types() -> list[Record]:
     """One partition whose records change timestamp type midway (a topic reconfigured)."""
     create, append = KafkaMeta("orders", 1), KafkaMeta("orders", 1, "LOG_APPEND_TIME")
@@ -52,6 +62,22 @@ def redis_records() -> list[Record]:
     ]
 
 
+def redis_one_stream() -> list[Record]:
+    """One stream, fields as the source keeps them (flat) and by name, as the poller batches."""
+
+    def entry(entry_id: str, flat: list[bytes] | None, fields: dict[str, bytes] | None) -> Record:
+        ms = int(entry_id.split("-")[0])
+        meta = RedisMeta("s1", entry_id, fields, flat)
+        return Record("s1", ms, b"", timestamp_ms=ms, meta=meta)
+
+    return [
+        entry("1700000000000-0", [b"k", b"1", b"v", b'{"n": 1}'], None),
+        entry("1700000000001-0", [b"\xff", b"x", b"v", b"2", b"extra", b""], None),
+        entry("1700000000002-0", [], None),
+        entry("1700000000003-0", None, {"k": b"4", "v": b"\x00"}),
+    ]
+
+
 @pytest.mark.parametrize(
     ("shape", "records"),
     [
@@ -59,9 +85,19 @@ def redis_records() -> list[Record]:
         (KafkaShape("b:9092", "arn:aws:kafka:us-east-1:1:cluster/c/u"), kafka_records()),
         (KafkaShape("127.0.0.1:9092"), one_partition()),
         (KafkaShape("127.0.0.1:9092"), mixed_timestamp_types()),
+        (KafkaShape("127.0.0.1:9092"), one_partition_keyed_with_headers()),
         (RedisShape("127.0.0.1:6379/0"), redis_records()),
+        (RedisShape("127.0.0.1:6379/0"), redis_one_stream()),
     ],
-    ids=["kafka", "msk", "kafka-one-partition", "kafka-timestamp-types", "redis"],
+    ids=[
+        "kafka",
+        "msk",
+        "kafka-one-partition",
+        "kafka-timestamp-types",
+        "kafka-keyed-headers",
+        "redis",
+        "redis-one-stream",
+    ],
 )
 def test_the_environment_builds_the_event_the_shape_builds(
     shape: PackingShape, records: list[Record]
