@@ -32,6 +32,7 @@ from workers.engine.ports import (
     Capabilities,
     ConnectorConfigError,
     SourceBase,
+    prefetch_window,
     undecodable,
 )
 from workers.engine.records import Record
@@ -43,9 +44,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("connectors.kombu")
 
-# Prefetch sized from the engine's appetite when the mapping does not set one, as for RabbitMQ.
-MIN_PREFETCH = 100
-MAX_PREFETCH = 5000
 # Bytes the attributes add to a record in the event, beyond the record overhead.
 _ATTRIBUTES_BYTES = 400
 # The shortest wait handed to a transport: some read a timeout of 0 as "block".
@@ -77,8 +75,7 @@ def prefetch_for(mapping: EventSourceMapping) -> int:
     assert isinstance(src, cfg.KombuSource)
     if src.prefetch_count is not None:
         return src.prefetch_count
-    wanted = 2 * mapping.batch_size * mapping.parallelization_factor
-    return max(min(max(wanted, MIN_PREFETCH), MAX_PREFETCH), mapping.batch_size)
+    return prefetch_window(mapping.batch_size, mapping.parallelization_factor)
 
 
 def open_connection(src: cfg.KombuSource) -> Connection:

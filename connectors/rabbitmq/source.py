@@ -30,7 +30,13 @@ from connectors.rabbitmq.connection import (
 )
 from connectors.rabbitmq.shape import RabbitMeta, RabbitShape, basic_properties, record_headers
 from workers.engine.checkpoint import CheckpointTracker
-from workers.engine.ports import AssignmentListener, Capabilities, SourceBase, undecodable
+from workers.engine.ports import (
+    AssignmentListener,
+    Capabilities,
+    SourceBase,
+    prefetch_window,
+    undecodable,
+)
 from workers.engine.records import Record
 from workers.engine.redact import describe, redact_url
 from workers.engine.shapes import encoded_size
@@ -38,10 +44,6 @@ from workers.engine.shapes import encoded_size
 if TYPE_CHECKING:
     from workers.app.config import EventSourceMapping
 
-# Prefetch sized from the engine's appetite when the mapping does not set one: two rounds of
-# batches in flight keep the consumer busy while a round settles.
-MIN_PREFETCH = 100
-MAX_PREFETCH = 5000
 # Settled tags that do not extend the contiguous run from the lowest unacked tag are held back
 # this long (or until this share of the prefetch window is held), hoping that the run catches
 # up and one multiple-ack covers them; then they are acked one by one.
@@ -59,9 +61,7 @@ def prefetch_for(mapping: EventSourceMapping) -> int:
     assert isinstance(src, cfg.RabbitMQSource)
     if src.prefetch_count is not None:
         return src.prefetch_count
-    wanted = 2 * mapping.batch_size * mapping.parallelization_factor
-    # Never below one full batch, or a batch could only ever fill up by its window running out.
-    return max(min(max(wanted, MIN_PREFETCH), MAX_PREFETCH), mapping.batch_size)
+    return prefetch_window(mapping.batch_size, mapping.parallelization_factor)
 
 
 class RabbitMQSource(SourceBase):

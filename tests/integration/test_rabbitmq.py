@@ -300,7 +300,7 @@ class TestRabbitMQContract(SourceContract, AckContract):
 
     def test_acks_in_any_order_are_each_sent_once(self) -> None:
         name = self.fresh()
-        n = 200  # the prefetch window of a default mapping (2 x batch_size)
+        n = 400  # the prefetch window of a default mapping (4 x batch_size)
         self.rabbit.publish(name, [f"{i}".encode() for i in range(n)])
         source = self.make_source(name)
         source.open(RecordingListener())

@@ -19,7 +19,7 @@ from workers.engine.invoker import new_request_id
 from workers.engine.letters import Condition, build_letter
 from workers.engine.outcomes import ErrorInfo, InvalidResponse, PartialFailure, Success
 from workers.engine.policy import Policy
-from workers.engine.ports import EventShape
+from workers.engine.ports import EventShape, prefetch_window
 from workers.engine.records import Record
 from workers.engine.responses import interpret
 from workers.engine.shapes import encoded_size
@@ -328,3 +328,11 @@ def test_request_ids_are_distinct_version_4_uuids() -> None:
         assert str(parsed) == text
         assert parsed.version == 4
         assert parsed.variant == uuid.RFC_4122
+
+
+def test_the_default_prefetch_window_holds_four_rounds_of_batches_within_bounds() -> None:
+    assert prefetch_window(500, 1) == 2000
+    assert prefetch_window(100, 2) == 800
+    assert prefetch_window(10, 1) == 100  # at least 100
+    assert prefetch_window(500, 10) == 5000  # at most 5000
+    assert prefetch_window(10_000, 1) == 10_000  # but never below one batch

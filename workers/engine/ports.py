@@ -215,6 +215,21 @@ class LetterTooLarge(Exception):
         self.limit_bytes = limit_bytes
 
 
+# A broker that pushes messages up to a window of unacked ones (AMQP's prefetch): the window a
+# mapping gets when it does not set one. Four rounds of batches: one in flight, one waiting, and
+# two the broker may send meanwhile. With two, the broker stood idle while a round was invoked
+# (RabbitMQ, batches of 500: 23.5k records/s at 1,000 against 27.8k at 2,000).
+MIN_PREFETCH = 100
+MAX_PREFETCH = 5000
+
+
+def prefetch_window(batch_size: int, parallelization_factor: int) -> int:
+    """Four times `batch_size x parallelization_factor`, between 100 and 5000, and never below
+    one batch (or a batch could only fill up by its window running out)."""
+    wanted = 4 * batch_size * parallelization_factor
+    return max(min(max(wanted, MIN_PREFETCH), MAX_PREFETCH), batch_size)
+
+
 def undecodable(
     source: str, position: int, raw: bytes, exc: BaseException, **fields: Any
 ) -> Record:
