@@ -15,7 +15,12 @@ import sys
 import time
 from typing import Any
 
+from workers.engine.ports import prefetch_window
+
 BATCH = 500
+# The window esm-workers gives a queue mapping of this batch size by default (2,000): the same
+# for every reader of a queue, since it decides how much the broker can send ahead.
+PREFETCH = prefetch_window(BATCH, 1)
 TIMEOUT_S = 120.0
 
 
@@ -105,7 +110,7 @@ async def faststream_rabbitmq(spec: dict[str, Any]) -> Counter:
 
     counter = Counter(spec["records"])
     broker = RabbitBroker(
-        spec["url"], logger=None, default_channel=Channel(prefetch_count=2 * BATCH)
+        spec["url"], logger=None, default_channel=Channel(prefetch_count=PREFETCH)
     )
 
     @broker.subscriber(RabbitQueue(spec["queue"], declare=False), ack_policy=AckPolicy.ACK)

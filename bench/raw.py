@@ -16,7 +16,12 @@ from typing import Any
 
 import orjson
 
+from workers.engine.ports import prefetch_window
+
 BATCH = 500
+# The window esm-workers gives a queue mapping of this batch size by default (2,000): the same
+# for every reader of a queue, since it decides how much the broker can send ahead.
+PREFETCH = prefetch_window(BATCH, 1)
 TIMEOUT_S = 120.0
 
 
@@ -105,7 +110,7 @@ def raw_rabbitmq(spec: dict[str, Any]) -> dict[str, Any]:
     params.client_properties = {"connection_name": "esm-bench raw"}
     connection = pika.BlockingConnection(params)
     channel = connection.channel()
-    channel.basic_qos(prefetch_count=2 * BATCH)
+    channel.basic_qos(prefetch_count=PREFETCH)
     loads = orjson.loads
     state = {"count": 0, "first": 0.0}
 
@@ -158,9 +163,7 @@ def raw_kombu(spec: dict[str, Any]) -> dict[str, Any]:
         channel = connection.channel()
         # The queue exists (filled by the bench): declaring it with kombu's defaults would fail.
         queue = Queue(spec["queue"], no_declare=True)
-        consumer = Consumer(
-            channel, queues=[queue], on_message=on_message, prefetch_count=2 * BATCH
-        )
+        consumer = Consumer(channel, queues=[queue], on_message=on_message, prefetch_count=PREFETCH)
         consumer.consume()
         while state["count"] < n and time.monotonic() < deadline:
             with contextlib.suppress(TimeoutError):  # nothing arrived within 0.5 s

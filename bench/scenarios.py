@@ -168,8 +168,8 @@ class Suite:
         return {
             "kafka": "confluent-kafka consume(500) + orjson + async commit",
             "redis": "redis-py XREADGROUP COUNT 500 + orjson + XACK",
-            "rabbitmq": "pika basic_consume, prefetch 1000, orjson, multiple-ack per 500",
-            "kombu": "kombu Consumer on RabbitMQ, prefetch 1000, orjson, multiple-ack per 500",
+            "rabbitmq": "pika basic_consume, prefetch 2000, orjson, multiple-ack per 500",
+            "kombu": "kombu Consumer on RabbitMQ, prefetch 2000, orjson, multiple-ack per 500",
             "sqs": (
                 "boto3 ReceiveMessage (10, wait 1 s, all attributes) + orjson +"
                 " DeleteMessageBatch per receive; moto's server, not AWS"
@@ -180,7 +180,7 @@ class Suite:
         return {
             "kafka": "FastStream (aiokafka) batch=True, max_records 500, commit per batch",
             "redis": "FastStream StreamSub batch=True, max_records 500, XACK",
-            "rabbitmq": "FastStream (aio-pika) one message at a time, ack each, prefetch 1000",
+            "rabbitmq": "FastStream (aio-pika) one message at a time, ack each, prefetch 2000",
         }.get(self.broker, "")
 
     def _throughput_once(self, kind: str, ds: Dataset) -> tuple[float, dict[str, Any]]:
