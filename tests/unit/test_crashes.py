@@ -225,6 +225,21 @@ def test_in_flight_file_names_running_invocations_for_the_death_counts(tmp_path:
     assert read_in_flight(path) == []
 
 
+def test_in_flight_file_names_records_without_stable_positions_by_fingerprint(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "poller.inflight"
+    flight = InFlightFile(path, False, lambda r: f"q:{r.value.decode()}")
+    first = flight.begin([Record("q", 1, b"a"), Record("q", 2, '\u00e9"'.encode())])
+    second = flight.begin([Record("q", 3, b"c")])
+    assert read_in_flight(path) == [["id", "q:a"], ["id", 'q:\u00e9"'], ["id", "q:c"]]
+    flight.end(first)
+    assert read_in_flight(path) == [["id", "q:c"]]
+    flight.end(second)
+    assert read_in_flight(path) == []
+    flight.close()
+
+
 def test_an_identifier_of_digits_int_cannot_read_fails_the_batch_not_the_poller() -> None:
     broker = filled(2)
     responses = iter(

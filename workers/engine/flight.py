@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from workers.engine.records import Record
 
 log = logging.getLogger("workers.flight")
@@ -87,8 +89,12 @@ class InFlightFile:
         if self._fd < 0:
             return
         entries = [e for entry in self._running.values() for e in entry]
-        # json, not orjson: Redis positions (ms << 64 | seq) do not fit 64 bits.
-        data = json.dumps(entries, separators=(",", ":")).encode() + b"\n"
+        if self._stable:
+            # json, not orjson: Redis positions (ms << 64 | seq) do not fit 64 bits.
+            data = json.dumps(entries, separators=(",", ":")).encode() + b"\n"
+        else:
+            # A name per record, hundreds per batch: orjson takes 7 µs for 500, json 120.
+            data = orjson.dumps(entries) + b"\n"
         try:
             os.pwrite(self._fd, data, 0)
         except OSError as exc:  # a full disk must not stop the poller; deaths go uncounted
