@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import marshal
 import re
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -181,6 +182,28 @@ def _rmq_headers(props: dict[str, Any]) -> list[tuple[str, bytes]]:
     return record_headers(values)[0]
 
 
+def unpack_event(payload: bytes) -> dict[str, Any]:
+    """The event `RabbitShape.pack` packed, built where the handler runs."""
+    source_arn, keys, properties, redelivered, bodies, tags = marshal.loads(payload)
+    b2a = _b2a
+    items = [
+        {
+            "basicProperties": props,
+            "redelivered": again,
+            "data": b2a(body, newline=False).decode(),
+            "deliveryTag": tag,
+        }
+        for props, again, body, tag in zip(properties, redelivered, bodies, tags, strict=True)
+    ]
+    by_queue: dict[str, list[dict[str, Any]]] = {}
+    if keys and keys.count(keys[0]) == len(keys):
+        by_queue[keys[0]] = items  # one queue, as in every batch the poller makes
+    else:
+        for key, item in zip(keys, items, strict=True):
+            by_queue.setdefault(key, []).append(item)
+    return {"eventSource": "aws:rmq", "eventSourceArn": source_arn, "rmqMessagesByQueue": by_queue}
+
+
 @dataclass(frozen=True, slots=True)
 class RabbitMeta:
     queue: str
@@ -222,6 +245,23 @@ class RabbitShape:
             "eventSourceArn": self.source_arn,
             "rmqMessagesByQueue": by_queue,
         }
+
+    unpacker = "connectors.rabbitmq.shape:unpack_event"
+
+    def pack(self, records: Sequence[Record]) -> bytes:
+        """The batch as columns in record order (see `unpack_event`): the properties as their
+        JSON form, the bodies as they are."""
+        metas: list[RabbitMeta] = [r.meta for r in records]
+        return marshal.dumps(
+            (
+                self.source_arn,
+                [f"{m.queue}::{m.vhost}" for m in metas],
+                [m.properties for m in metas],
+                [r.redelivered for r in records],
+                [r.value for r in records],
+                [m.delivery_tag for m in metas],
+            )
+        )
 
     def records(self, event: dict[str, Any]) -> list[Record]:
         out = []

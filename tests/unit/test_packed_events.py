@@ -3,9 +3,14 @@ builds the event from them: the handler must get exactly the event the shape bui
 
 from __future__ import annotations
 
+import datetime
+from decimal import Decimal
+
+import pika
 import pytest
 
 from connectors.kafka.shape import KafkaMeta, KafkaShape
+from connectors.rabbitmq.shape import RabbitMeta, RabbitShape, basic_properties
 from connectors.redis.shape import RedisMeta, RedisShape
 from workers.engine.invoker import PackedEvent, unpack
 from workers.engine.ports import PackingShape
@@ -78,6 +83,23 @@ def redis_one_stream() -> list[Record]:
     ]
 
 
+def rabbitmq_records(queues: tuple[tuple[str, str], ...]) -> list[Record]:
+    """Deliveries with and without properties, nested and odd headers, redelivered or not."""
+    when = datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    headers = {"s": "é", "b": b"\xff", "n": 7, "f": Decimal("1.5"), "t": when, "d": {"x": [1, "y"]}}
+    props = [
+        pika.BasicProperties(),
+        pika.BasicProperties(content_type="application/json", message_id="m1", timestamp=1),
+        pika.BasicProperties(headers=headers, delivery_mode=2, priority=3, app_id="app"),
+    ]
+    out = []
+    for n, (queue, vhost) in enumerate(queues):
+        body = b'{"n": %d}' % n if n % 2 else b"\x00\xff binary"
+        meta = RabbitMeta(queue, vhost, n + 1, basic_properties(props[n % 3], len(body)))
+        out.append(Record(queue, n, body, redelivered=n == 1, meta=meta))
+    return out
+
+
 @pytest.mark.parametrize(
     ("shape", "records"),
     [
@@ -88,6 +110,8 @@ def redis_one_stream() -> list[Record]:
         (KafkaShape("127.0.0.1:9092"), one_partition_keyed_with_headers()),
         (RedisShape("127.0.0.1:6379/0"), redis_records()),
         (RedisShape("127.0.0.1:6379/0"), redis_one_stream()),
+        (RabbitShape("127.0.0.1:5672"), rabbitmq_records((("q", "/"),) * 4)),
+        (RabbitShape("127.0.0.1:5672"), rabbitmq_records((("a", "/"), ("b", "/"), ("a", "v")))),
     ],
     ids=[
         "kafka",
@@ -97,6 +121,8 @@ def redis_one_stream() -> list[Record]:
         "kafka-keyed-headers",
         "redis",
         "redis-one-stream",
+        "rabbitmq-one-queue",
+        "rabbitmq-queues",
     ],
 )
 def test_the_environment_builds_the_event_the_shape_builds(
@@ -106,9 +132,13 @@ def test_the_environment_builds_the_event_the_shape_builds(
     assert built == shape.event(records)  # type: ignore[attr-defined]
     # Unpacking twice gives two events that share nothing a handler could change.
     again = unpack(PackedEvent(shape.unpacker, shape.pack(records)))
-    first = next(iter(built["records"].values()))[0]
+    items = "rmqMessagesByQueue" if isinstance(shape, RabbitShape) else "records"
+    first = next(iter(built[items].values()))[0]
     first["changed"] = True
-    assert "changed" not in next(iter(again["records"].values()))[0]
+    assert "changed" not in next(iter(again[items].values()))[0]
+    if isinstance(shape, RabbitShape):
+        first["basicProperties"]["changed"] = True
+        assert "changed" not in next(iter(again[items].values()))[0]["basicProperties"]
 
 
 def test_a_batch_of_one_record_per_unit_keeps_record_order_within_each_unit() -> None:
