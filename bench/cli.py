@@ -27,7 +27,7 @@ DEFAULT_RECORDS = {
     "kombu": 20_000,
     "sqs": 500,
 }
-DEFAULT_BROKERS = ("kafka", "redis", "rabbitmq")
+DEFAULT_BROKERS = ("kafka", "redis", "rabbitmq", "sqs", "kombu")
 
 
 def build_parser() -> argparse.ArgumentParser:
