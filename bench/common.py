@@ -17,6 +17,8 @@ from typing import Any
 
 import orjson
 
+from workers.engine.ports import prefetch_window
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -27,6 +29,12 @@ MEASUREMENTS = ("raw", "engine", "faststream", "parallel", "latency", "bisect")
 OUT_ENV = "BENCH_OUT"
 
 VALUE_BYTES = 200
+
+# The raw loops' and peers' batch, as the engine's mappings in the bench use it.
+BATCH = 500
+# The window esm-workers gives a queue mapping of this batch size by default (2,000): the same
+# for every reader of a queue, since it decides how much the broker can send ahead.
+PREFETCH = prefetch_window(BATCH, 1)
 _PAD = "x" * VALUE_BYTES
 
 

@@ -15,12 +15,8 @@ import sys
 import time
 from typing import Any
 
-from workers.engine.ports import prefetch_window
+from bench.common import BATCH, PREFETCH
 
-BATCH = 500
-# The window esm-workers gives a queue mapping of this batch size by default (2,000): the same
-# for every reader of a queue, since it decides how much the broker can send ahead.
-PREFETCH = prefetch_window(BATCH, 1)
 TIMEOUT_S = 120.0
 
 
