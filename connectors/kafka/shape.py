@@ -88,24 +88,6 @@ def unpack_event(payload: bytes) -> dict[str, Any]:
         items = by_partition.get(unit)
         if items is None:
             items = by_partition[unit] = []
-        if None not in keys:
-            # Every record keyed, as most are: kafka_item's dict, without a call per record.
-            items += [
-                {
-                    "topic": topic,
-                    "partition": partition,
-                    "offset": offset,
-                    "timestamp": timestamp,
-                    "timestampType": ts_type,
-                    "key": _b2a(key, newline=False).decode(),
-                    "value": _b2a(value, newline=False).decode(),
-                    "headers": [{name: list(data)} for name, data in listed] if listed else [],
-                }
-                for offset, timestamp, key, value, listed in zip(
-                    offsets, timestamps, keys, values, headers, strict=True
-                )
-            ]
-            continue
         items.extend(
             map(
                 item,

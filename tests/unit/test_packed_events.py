@@ -36,7 +36,7 @@ def one_partition() -> list[Record]:
 
 
 def one_partition_keyed_with_headers() -> list[Record]:
-    """Every record keyed (an empty key too), some with headers: the environment's fast path."""
+    """Every record keyed (an empty key too), some with headers."""
     meta = KafkaMeta("orders", 2)
     return [
         Record("orders-2", 1, b"a", b"k1", 1, [("h", b"\x00\xff"), ("h", b"")], meta=meta),
