@@ -49,20 +49,11 @@ def spec(handler: str, **overrides: Any) -> FunctionSpec:
 
 
 @pytest.fixture
-def process_invoker() -> Iterator[Factory]:
-    created: list[ProcessInvoker] = []
-
+def process_invoker(process_invokers: Callable[[FunctionSpec], ProcessInvoker]) -> Factory:
     def make(function: str, **overrides: Any) -> ProcessInvoker:
-        # The handler resolves against the working directory, as it does for `workers run`.
-        with contextlib.chdir(ROOT):
-            invoker = ProcessInvoker(spec(f"{HANDLERS}:{function}", **overrides))
-        created.append(invoker)
-        return invoker
+        return process_invokers(spec(f"{HANDLERS}:{function}", **overrides))
 
-    yield make
-    for invoker in created:
-        invoker.close()
-    assert all(invoker.stats.environments == 0 for invoker in created)
+    return make
 
 
 @pytest.fixture

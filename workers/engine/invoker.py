@@ -79,6 +79,44 @@ class PackingInvoker(Protocol):
         ...
 
 
+@dataclass(slots=True, eq=False)
+class Staged:
+    """A lane's next batch, handed to the environment of the invocation in progress with it
+    (`StagingInvoker`): the environment starts it the moment that invocation ends, if that one
+    succeeded wholly (`workers.engine.responses.whole_success`), and drops it otherwise. Its
+    records then are invoked again in the usual way, after the current batch settled."""
+
+    event: PackedEvent
+    request: InvocationRequest
+    report_item_failures: bool
+    # Set by the invoker once the environment started it: `collect` waits for its result.
+    handle: Any = None
+
+
+@runtime_checkable
+class StagingInvoker(Protocol):
+    """A packing invoker that takes a lane's next batch along with the current one (`Staged`),
+    so that the environment goes from one to the next without waiting for the poller."""
+
+    def invoke_packed(
+        self, event: PackedEvent, request: InvocationRequest, then: Staged | None = None
+    ) -> InvokeResult:
+        """As `PackingInvoker.invoke_packed`; with `then`, sets its `handle` if it started."""
+        ...
+
+    def collect(self, running: Staged, then: Staged | None = None) -> InvokeResult:
+        """The result of a staged invocation that started (`running.handle` is set)."""
+        ...
+
+    def abandon(self, running: Staged) -> None:
+        """End a staged invocation that started and whose result nobody will collect."""
+        ...
+
+    def hold(self, held: bool = True) -> None:
+        """While held, environments drop staged batches rather than start them (any thread)."""
+        ...
+
+
 def unpack(event: PackedEvent) -> dict[str, Any]:
     """Build the event a `PackedEvent` stands for, in this process."""
     return _unpacker(event.unpacker)(event.payload)

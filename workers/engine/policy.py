@@ -13,12 +13,13 @@ import contextlib
 import logging
 import threading
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from workers.engine.ahead import Lookahead, stage
 from workers.engine.backoff import Backoff
 from workers.engine.clock import Clock, iso_ms
 from workers.engine.flight import MAX_DEATHS, POLLER_DIED_ERROR_TYPE, Gate, InFlightFile, Suspects
@@ -27,6 +28,8 @@ from workers.engine.invoker import (
     Invoker,
     PackedEvent,
     PackingInvoker,
+    Staged,
+    StagingInvoker,
     new_request_id,
 )
 from workers.engine.letters import Condition, DeadLetters
@@ -35,6 +38,7 @@ from workers.engine.outcomes import (
     ErrorInfo,
     FunctionError,
     InvalidResponse,
+    InvokeResult,
     Outcome,
     PartialFailure,
     RetryLater,
@@ -48,6 +52,14 @@ from workers.engine.responses import ignores_item_failures, interpret
 from workers.engine.stalls import Retrying, error_json
 from workers.engine.stats import MappingStats
 from workers.engine.valve import Valve
+from workers.engine.work import (
+    Work,
+    any_fault,
+    broker_delay,
+    hand_back,
+    hand_back_later,
+    max_attempts,
+)
 
 log = logging.getLogger("workers.policy")
 
@@ -70,61 +82,6 @@ class Policy:
 
     def exhausted(self, retries: int) -> bool:
         return 0 <= self.maximum_retry_attempts < retries
-
-
-class _Work:
-    """A run of records invoked together, with the retries they have used."""
-
-    __slots__ = (
-        "doomed",
-        "event_error",
-        "handed_back",
-        "invocations",
-        "last_error",
-        "records",
-        "retries",
-        "solo",
-        "tried",
-    )
-
-    def __init__(
-        self,
-        records: list[Record],
-        retries: int,
-        invocations: int,
-        tried: bool = False,
-        *,
-        solo: bool = False,
-        doomed: tuple[Condition, ErrorInfo] | None = None,
-    ) -> None:
-        self.records = records
-        self.retries = retries
-        self.invocations = invocations
-        # Invoked by this process: broker-side delivery counts alone never dead-letter a record,
-        # since a redelivery after a lost connection does not mean the handler failed.
-        self.tried = tried
-        self.last_error: ErrorInfo | None = None
-        # A record a poller died on: invoked with no other invocation running beside it.
-        self.solo = solo
-        # Dead-lettered without invoking: a record that cannot become an event, or one that
-        # pollers died on too often.
-        self.doomed = doomed
-        # Building or encoding the event raised: some record of the batch may be at fault.
-        self.event_error: Exception | None = None
-        # Keys of records handed back to the broker, and the delay they were given.
-        self.handed_back: dict[Hashable, float] = {}
-
-
-def _any_fault(records: Sequence[Record]) -> bool:
-    # A loop: a quarter of what any() over a generator costs.
-    for r in records:  # noqa: SIM110
-        if r.fault is not None:
-            return True
-    return False
-
-
-def _max_attempts(records: Sequence[Record]) -> int:
-    return max([r.attempts for r in records], default=0)
 
 
 class BatchRunner:
@@ -173,37 +130,53 @@ class BatchRunner:
         self.release = release
         # Only a poller that has suspects needs to keep their invocations apart.
         self._gate = Gate() if self.suspects is not None else None
+        # Environments in other processes take a lane's next batch along with the current one
+        # (workers.engine.ahead); not beside suspects, nor where the broker takes records back.
+        stages = packs and isinstance(invoker, StagingInvoker) and not (self._gate or release)
+        self.stager: StagingInvoker | None = invoker if stages else None  # type: ignore[assignment]
         self._warned_ignored = False
         self._warn_lock = threading.Lock()
 
-    def run(self, records: list[Record], stop: threading.Event) -> bool:
-        """Invoke until every record settled; False if `stop` cut it short (some left unsettled)."""
+    def run(
+        self,
+        records: list[Record],
+        stop: threading.Event,
+        ahead: Lookahead | None = None,
+        running: Staged | None = None,
+    ) -> bool:
+        """Invoke until every record settled; False if `stop` cut it short (some left unsettled).
+
+        `ahead` holds the lane's next batch, if this runner stages it (`stager`); `running` is
+        the invocation of `records` that an environment started on its own, to collect.
+        """
         queue = deque(self._plan(records))
+        if running is not None:
+            queue[0].staged = running  # staged records are plain: the plan is the one batch
         while queue:
             work = queue.popleft()
             try:
-                if not self._run_one(work, queue, stop):
+                if not self._run_one(work, queue, stop, ahead):
                     return False
             finally:
                 self.retrying.done(work)
             if work.handed_back and self.ordered:
-                self._hand_back_later(queue, work.handed_back)
+                hand_back_later(self.release, queue, work.handed_back)
         return True
 
-    def _plan(self, records: list[Record]) -> list[_Work]:
+    def _plan(self, records: list[Record]) -> list[Work]:
         """The batch as work in record order: records that cannot become an event and records
         pollers died on too often to be dead-lettered, suspects to run alone, the rest together."""
         suspects = self.suspects
-        if suspects is None and not _any_fault(records):
-            prior = _max_attempts(records)
-            return [_Work(records, retries=prior, invocations=prior)]
-        plan: list[_Work] = []
+        if suspects is None and not any_fault(records):
+            prior = max_attempts(records)
+            return [Work(records, retries=prior, invocations=prior)]
+        plan: list[Work] = []
         run: list[Record] = []
 
         def flush() -> None:
             if run:
-                prior = _max_attempts(run)
-                plan.append(_Work(list(run), retries=prior, invocations=prior))
+                prior = max_attempts(run)
+                plan.append(Work(list(run), retries=prior, invocations=prior))
                 run.clear()
 
         for r in records:
@@ -214,7 +187,7 @@ class BatchRunner:
             flush()
             if r.fault is not None:
                 doomed = (Condition.INVALID_RECORD, r.fault)
-                plan.append(_Work([r], r.attempts, 0, doomed=doomed))
+                plan.append(Work([r], r.attempts, 0, doomed=doomed))
             elif deaths >= MAX_DEATHS:
                 error = ErrorInfo(
                     POLLER_DIED_ERROR_TYPE,
@@ -222,7 +195,7 @@ class BatchRunner:
                     " it is not invoked again",
                 )
                 plan.append(
-                    _Work([r], deaths, deaths, doomed=(Condition.RETRY_ATTEMPTS_EXHAUSTED, error))
+                    Work([r], deaths, deaths, doomed=(Condition.RETRY_ATTEMPTS_EXHAUSTED, error))
                 )
             else:
                 log.warning(
@@ -233,16 +206,29 @@ class BatchRunner:
                     r.position,
                     deaths,
                 )
-                plan.append(_Work([r], r.attempts, r.attempts, solo=True))
+                plan.append(Work([r], r.attempts, r.attempts, solo=True))
         flush()
         return plan
 
-    def _run_one(self, work: _Work, queue: deque[_Work], stop: threading.Event) -> bool:
+    def hold(self, held: bool = True) -> None:
+        """Environments start no staged batch while held (the mapping stopping or disabled)."""
+        if self.stager is not None:
+            self.stager.hold(held)
+
+    def abandon(self, *staged: Staged | None) -> None:
+        """End invocations that environments started on their own and nobody will collect."""
+        for running in staged:
+            if running is not None and running.handle is not None and self.stager is not None:
+                self.stager.abandon(running)
+
+    def _run_one(
+        self, work: Work, queue: deque[Work], stop: threading.Event, ahead: Lookahead | None
+    ) -> bool:
         backoff = Backoff(
             base_s=self.policy.retry_backoff_base_s, cap_s=self.policy.retry_backoff_cap_s
         )
         while True:
-            if not self._drop_unsendable(work, stop):
+            if work.staged is None and not self._drop_unsendable(work, stop):
                 return False
             if not work.records:
                 return True
@@ -251,11 +237,12 @@ class BatchRunner:
                 return self._dead_letter_records(work, work.records, condition, error, stop)
             if work.tried and self.policy.exhausted(work.retries):
                 return self._dead_letter(work, work.records, work.last_error, stop)
-            ticket = self.valve.admit(stop)
+            ticket = self.valve.admit(stop) if work.staged is None else self.valve.started()
             if ticket is None:
                 return False
             try:
-                outcome = self._invoke(work)
+                # Only the batch's last work may have the next batch follow it.
+                outcome = self._invoke(work, None if queue else ahead)
             except BaseException:
                 self.valve.done(ticket, None)
                 raise
@@ -317,7 +304,7 @@ class BatchRunner:
                         half = len(work.records) // 2
                         # Halves run in order, the first before the second; no retry is used.
                         for part in (work.records[half:], work.records[:half]):
-                            queue.appendleft(_Work(part, work.retries, work.invocations))
+                            queue.appendleft(Work(part, work.retries, work.invocations))
                         self.stats.add(bisected=1)
                         return True
                     work.retries += 1
@@ -326,13 +313,19 @@ class BatchRunner:
             if self.release is not None:
                 # The broker waits out the backoff and counts the delivery: a restart neither
                 # cuts the wait short nor starts the record's retries over.
-                self._hand_back(work, work.records, self._broker_delay(work.retries - 1))
+                hand_back(
+                    self.release,
+                    self.ordered,
+                    work,
+                    work.records,
+                    broker_delay(self.policy, work.retries - 1),
+                )
                 return True
             self._retrying(work)
             if self.clock.wait(stop, backoff.next_delay()):
                 return False
 
-    def _retrying(self, work: _Work) -> None:
+    def _retrying(self, work: Work) -> None:
         """Say which records are waiting for a retry, and why (stuck detection shows it)."""
         if not work.records or work.last_error is None:
             return
@@ -347,9 +340,14 @@ class BatchRunner:
             error=work.last_error,
         )
 
-    def _invoke(self, work: _Work) -> Outcome:
-        request = InvocationRequest(
-            request_id=new_request_id(), mapping_name=self.mapping, attempt=work.retries + 1
+    def _invoke(self, work: Work, ahead: Lookahead | None) -> Outcome:
+        running, work.staged = work.staged, None
+        request = (
+            running.request
+            if running is not None
+            else InvocationRequest(
+                request_id=new_request_id(), mapping_name=self.mapping, attempt=work.retries + 1
+            )
         )
         is_retry = work.invocations > 0
         work.invocations += 1
@@ -364,6 +362,8 @@ class BatchRunner:
             try:
                 if self._packing is None:
                     result = self.invoker.invoke(self.shape.event(work.records), request)
+                elif self.stager is not None and (ahead or running) is not None:
+                    result = self._invoke_staging(work, request, running, ahead)
                 else:
                     packer, invoker = self._packing
                     packed = PackedEvent(packer.unpacker, packer.pack(work.records))
@@ -403,7 +403,36 @@ class BatchRunner:
             )
         return outcome
 
-    def _failed(self, work: _Work, outcome: Outcome) -> None:
+    def _invoke_staging(
+        self,
+        work: Work,
+        request: InvocationRequest,
+        running: Staged | None,
+        ahead: Lookahead | None,
+    ) -> InvokeResult:
+        """Invoke `work` (or collect it, `running`) with the lane's next batch staged behind it."""
+        assert self._packing is not None and self.stager is not None
+        packer = self._packing[0]
+        policy = self.policy
+        then = stage(
+            ahead.next() if ahead is not None else None,
+            packer,
+            mapping=self.mapping,
+            report_item_failures=policy.report_batch_item_failures,
+            maximum_batch_bytes=policy.maximum_batch_bytes,
+            maximum_record_age_s=policy.maximum_record_age_s,
+            clock=self.clock,
+        )
+        if running is not None:
+            result = self.stager.collect(running, then)
+        else:
+            packed = PackedEvent(packer.unpacker, packer.pack(work.records))
+            result = self.stager.invoke_packed(packed, request, then)
+        if then is not None and then.handle is not None and ahead is not None:
+            ahead.running = then
+        return result
+
+    def _failed(self, work: Work, outcome: Outcome) -> None:
         """Keep the mapping's last error for `/status`."""
         if isinstance(outcome, PartialFailure):
             error = ErrorInfo(PARTIAL_FAILURE_ERROR.error_type, _describe(outcome))
@@ -440,7 +469,7 @@ class BatchRunner:
             self.function,
         )
 
-    def _invalid_records(self, work: _Work) -> list[tuple[Record, Exception]]:
+    def _invalid_records(self, work: Work) -> list[tuple[Record, Exception]]:
         """Records of `work` whose own event cannot be built or encoded, and why."""
         invalid = []
         for r in work.records:
@@ -451,7 +480,7 @@ class BatchRunner:
         return invalid
 
     def _dead_letter_invalid(
-        self, work: _Work, invalid: list[tuple[Record, Exception]], stop: threading.Event
+        self, work: Work, invalid: list[tuple[Record, Exception]], stop: threading.Event
     ) -> bool:
         for r, exc in invalid:
             log.error(
@@ -470,7 +499,7 @@ class BatchRunner:
         work.event_error = None
         return True
 
-    def _drop_unsendable(self, work: _Work, stop: threading.Event) -> bool:
+    def _drop_unsendable(self, work: Work, stop: threading.Event) -> bool:
         """Dead-letter records too old or too large to invoke; False if stopping meanwhile."""
         max_bytes = self.policy.maximum_batch_bytes
         if not work.records:
@@ -503,14 +532,14 @@ class BatchRunner:
         return True
 
     def _dead_letter(
-        self, work: _Work, records: list[Record], error: ErrorInfo | None, stop: threading.Event
+        self, work: Work, records: list[Record], error: ErrorInfo | None, stop: threading.Event
     ) -> bool:
         condition = Condition.RETRY_ATTEMPTS_EXHAUSTED
         return self._dead_letter_records(work, records, condition, error, stop)
 
     def _dead_letter_records(
         self,
-        work: _Work,
+        work: Work,
         records: list[Record],
         condition: Condition,
         error: ErrorInfo | None,
@@ -520,7 +549,7 @@ class BatchRunner:
             # Never dropped: the broker's own dead-letter policy (an SQS queue's redrive policy)
             # decides, as it does for Lambda. Without one, the record comes back after the
             # backoff of a further retry, and is invoked again.
-            delay = self._broker_delay(work.retries)
+            delay = broker_delay(self.policy, work.retries)
             log.warning(
                 "mapping %s: %d record(s) (%s) handed back to the broker with no on-failure"
                 " destination, for its own dead-letter policy; delivered again in %.0fs: %s",
@@ -530,49 +559,12 @@ class BatchRunner:
                 delay,
                 ", ".join(f"{r.source}@{r.position}" for r in records[:10]),
             )
-            self._hand_back(work, records, delay)
+            hand_back(self.release, self.ordered, work, records, delay)
             return True
         if not self.dead_letters.send(records, condition, error, work.invocations, stop):
             return False
         self.settle(records)
         return True
-
-    def _broker_delay(self, failures: int) -> float:
-        """The backoff after `failures` earlier failures, for the broker to wait out."""
-        backoff = Backoff(
-            base_s=self.policy.retry_backoff_base_s,
-            cap_s=self.policy.retry_backoff_cap_s,
-            failures=max(0, failures),
-        )
-        return backoff.next_delay()
-
-    def _hand_back(self, work: _Work, records: Sequence[Record], delay_s: float) -> None:
-        """Give `records` back to the broker, to be delivered again after `delay_s`.
-
-        On an ordered source, the records of the same keys that `work` still holds go back with
-        them (and, through `run`, those later in the batch): none may reach the handler before
-        the records handed back have.
-        """
-        assert self.release is not None
-        out = list(records)
-        if self.ordered:
-            keys = {r.key for r in out}
-            given = {id(r) for r in out}
-            out += [r for r in work.records if r.key in keys and id(r) not in given]
-            work.records = [r for r in work.records if r.key not in keys]
-            work.handed_back.update(dict.fromkeys(keys, delay_s))
-        self.release(out, delay_s)
-
-    def _hand_back_later(self, queue: deque[_Work], keys: dict[Hashable, float]) -> None:
-        """Hand back the records of `keys` that the rest of an ordered batch holds."""
-        assert self.release is not None
-        for later in queue:
-            held = [r for r in later.records if r.key in keys]
-            if not held:
-                continue
-            later.records = [r for r in later.records if r.key not in keys]
-            for delay_s in {keys[r.key] for r in held}:
-                self.release([r for r in held if keys[r.key] == delay_s], delay_s)
 
     def _succeed(self, records: Sequence[Record]) -> None:
         if records:

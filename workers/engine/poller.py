@@ -20,13 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from workers.engine.ahead import Lookahead
 from workers.engine.backoff import Backoff
 from workers.engine.batcher import BatchLimits, Lane, runs_by_unit
 from workers.engine.checkpoint import AckTable, CheckpointTracker, SettleQueue
 from workers.engine.clock import SYSTEM_CLOCK, Clock
 from workers.engine.filters import split_matching
 from workers.engine.flight import InFlightFile, SuspectList, Suspects
-from workers.engine.invoker import Invoker
+from workers.engine.invoker import Invoker, Staged
 from workers.engine.letters import DeadLetters
 from workers.engine.policy import BatchRunner, Policy
 from workers.engine.ports import Destination, Source
@@ -254,6 +255,7 @@ class Poller:
         with self._lock:
             for event in self._unit_stops.values():
                 event.set()
+        self.runner.hold()
         self.valve.poke()
         self._wake.set()
 
@@ -262,6 +264,7 @@ class Poller:
         batch starts, the source's units are paused (or polled for nothing), batches running
         finish and later ones wait, unsettled records keep their position for the enable."""
         self.valve.set_enabled(enabled)
+        self.runner.hold(not enabled or self.stop_event.is_set())
         self._wake.set()
 
     @property
@@ -417,17 +420,25 @@ class Poller:
         self._wake.set()
         return batch
 
-    def _run_lane(self, lane: Lane, batch: list[Record]) -> None:
+    def _next(self, lane: Lane) -> list[Record] | None:
+        """The lane's next batch if it is ready and the lane may go on to it (its thread's)."""
+        now = self.clock.monotonic()
+        with self._lock:
+            due = lane.buffer.ready_in(self.settings.limits, now)
+            go = due == 0.0 and not lane.stop.is_set() and self.valve.is_open()
+            return self._take(lane) if go and not self._starved else None
+
+    def _run_lane(self, lane: Lane, batch: list[Record] | None) -> None:
         """Run batches of one lane back to back while more are ready, then free the lane."""
+        # The next batch is taken while the current one runs where the runner stages it.
+        ahead = Lookahead(lambda: self._next(lane)) if self.runner.stager else None
+        running: Staged | None = None
         try:
             while batch:
-                if not self.runner.run(batch, lane.stop):
+                if not self.runner.run(batch, lane.stop, ahead, running):
                     break
-                now = self.clock.monotonic()
-                with self._lock:
-                    due = lane.buffer.ready_in(self.settings.limits, now)
-                    go = due == 0.0 and not lane.stop.is_set() and self.valve.is_open()
-                    batch = self._take(lane) if go and not self._starved else []
+                batch, running = ahead.pop() if ahead is not None else (None, None)
+                batch = batch or self._next(lane)
         except BaseException as exc:
             log.exception("mapping %s: batch runner failed", self.settings.mapping)
             if self.in_flight is not None and batch:
@@ -436,6 +447,8 @@ class Poller:
             self._failure = exc
             self.stop()
         finally:
+            # A staged invocation that started and that no run collected ends here.
+            self.runner.abandon(running, ahead.running if ahead is not None else None)
             with self._lock:
                 lane.busy = False
                 self._in_flight -= 1

@@ -20,13 +20,11 @@ def interpret(
     `itemIdentifier` names a record of this batch (an unknown, empty or malformed identifier).
     https://docs.aws.amazon.com/lambda/latest/dg/services-sqs-errorhandling.html
     """
-    if not report_item_failures or response is None:
+    if whole_success(response, report_item_failures):
         return Success(response)
     if not isinstance(response, dict):
         return _invalid(f"expected an object with batchItemFailures, got {type(response).__name__}")
     items = response.get("batchItemFailures")
-    if items is None or items == []:
-        return Success(response)
     if not isinstance(items, list):
         return _invalid("batchItemFailures must be a list")
     by_key = {shape.item_key(r): r for r in records}
@@ -39,6 +37,18 @@ def interpret(
             return _invalid(f"batchItemFailures names no record of this batch: {item!r:.200}")
         failed.add(record.ident)
     return PartialFailure(frozenset(failed))
+
+
+def whole_success(response: Any, report_item_failures: bool) -> bool:
+    """True if a handler's return value says every record of its batch succeeded: `interpret`
+    gives Success for exactly these (an environment that starts the next batch on its own, see
+    `workers.engine.invoker.Staged`, decides with this too)."""
+    if not report_item_failures or response is None:
+        return True
+    if not isinstance(response, dict):
+        return False
+    items = response.get("batchItemFailures")
+    return items is None or items == []
 
 
 def ignores_item_failures(response: Any, report_item_failures: bool) -> bool:

@@ -105,6 +105,12 @@ class Valve:
                 with self._lock:
                     self._waiting -= 1
 
+    def started(self) -> int:
+        """The ticket of an invocation that started without waiting here: a staged batch,
+        which its environment began on its own (`workers.engine.ahead`)."""
+        with self._lock:
+            return self._generation
+
     def done(self, ticket: int, outcome: Outcome | None) -> float | None:
         """How an admitted invocation ended (None: it did not run); the pause it started, if
         it was throttled and opened the breaker."""

@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from workers.engine.invoker import PackedEvent, unpack
 from workers.engine.outcomes import ErrorInfo
+from workers.engine.responses import whole_success
 from workers.invoke.context import LambdaContext
 from workers.invoke.lifeline import die_with_parent
 from workers.invoke.loading import InitFailure, error_info, load_handler
@@ -29,15 +30,20 @@ from workers.invoke.shared import (
     ENCODE_OPTIONS,
     ERROR,
     INIT_ERROR,
+    INVOKE,
     LOG,
     MARSHAL,
     OK,
     OOM,
     READY,
+    STAGED,
     AsyncRunner,
     call_handler,
     marshal_message,
 )
+
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,7 @@ class _PipeWriter(io.TextIOBase):
             self._channel.log(pending)
 
 
-def child_main(conn: Connection, config: ChildConfig) -> None:
+def child_main(conn: Connection, config: ChildConfig, holding: Synchronized[int]) -> None:
     # Ctrl-C reaches the whole process group, but the worker drains in-flight invocations on
     # SIGINT: the environments must outlive it. SIGTERM keeps its default so stray ones can go.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -156,7 +162,7 @@ def child_main(conn: Connection, config: ChildConfig) -> None:
     stdout.flush()
     stderr.flush()
     channel.send(orjson.dumps([READY, init_ms]))
-    _serve(channel, handler, config, (stdout, stderr))
+    _serve(channel, handler, config, (stdout, stderr), holding)
 
 
 def _serve(
@@ -164,18 +170,36 @@ def _serve(
     handler: Callable[..., Any],
     config: ChildConfig,
     outputs: tuple[_PipeWriter, _PipeWriter],
+    holding: Synchronized[int],
 ) -> None:
     runner = AsyncRunner()
+    data: bytes | None = None
     while True:
         try:
-            try:
-                data = channel.conn.recv_bytes()
-            except (EOFError, OSError):
-                return  # the worker closed the pipe or died
-            reply = _invoke_once(channel, handler, config, runner, data)
+            if data is None:
+                try:
+                    data = channel.conn.recv_bytes()
+                except (EOFError, OSError):
+                    return  # the worker closed the pipe or died
+                if _header(data)[5] != INVOKE:
+                    data = None  # a staged batch nothing went on to: never expected here
+                    continue
+            follows = _header(data)[7]
+            tag, value = _invoke_once(channel, handler, config, runner, data)
             del data
             for output in outputs:
                 output.flush()
+            # What the worker sent behind this invocation: a staged batch, or word of none.
+            data = _follower(channel) if follows else None
+            go_on = (
+                data is not None
+                and tag == OK
+                and not holding.value  # the mapping stopping or disabled: nothing new starts
+                and whole_success(value, _header(data)[6])
+            )
+            reply, go_on = _reply(tag, value, go_on)
+            if not go_on:
+                data = None  # its records are invoked again in the usual way
             channel.send(reply)
         except MemoryError:
             # Past RLIMIT_AS the interpreter's state is unknown: report it, and exit so that the
@@ -188,15 +212,32 @@ def _serve(
                 os._exit(1)
 
 
+def _header(data: bytes) -> list[Any]:
+    """[request id, mapping, attempt, timeout (s), unpacker, kind, report item failures,
+    whether a frame follows this invocation's] (see `ProcessInvoker._frame`)"""
+    header: list[Any] = orjson.loads(memoryview(data)[: data.index(b"\n")])
+    return header
+
+
+def _follower(channel: _Channel) -> bytes | None:
+    """The staged batch the worker sent behind the invocation that ended, if it sent one."""
+    try:
+        data = channel.conn.recv_bytes()
+    except (EOFError, OSError):
+        return None  # the worker is gone; the reply goes nowhere either
+    return data if _header(data)[5] == STAGED else None
+
+
 def _invoke_once(
     channel: _Channel,
     handler: Callable[..., Any],
     config: ChildConfig,
     runner: AsyncRunner,
     data: bytes,
-) -> bytes:
+) -> tuple[str, Any]:
     newline = data.index(b"\n")
-    request_id, mapping_name, attempt, deadline, unpacker = orjson.loads(data[:newline])
+    request_id, mapping_name, attempt, timeout_s, unpacker = orjson.loads(data[:newline])[:5]
+    deadline = time.monotonic() + timeout_s
     channel.request_id = request_id
     try:
         event = (
@@ -206,9 +247,7 @@ def _invoke_once(
         )
     except Exception as exc:  # the event could not be built: the batch fails, never the child
         built = error_info(exc)
-        return orjson.dumps(
-            [ERROR, "Runtime.EventBuildError", _printable(built.message), built.stack_trace]
-        )
+        return ERROR, ErrorInfo("Runtime.EventBuildError", built.message, built.stack_trace)
     context = LambdaContext(
         function_name=config.function_name,
         memory_limit_in_mb=config.memory_mb,
@@ -218,20 +257,27 @@ def _invoke_once(
         mapping_name=mapping_name,
         attempt=attempt,
     )
-    tag, value = call_handler(handler, event, context, runner)
+    return call_handler(handler, event, context, runner)
+
+
+def _reply(tag: str, value: Any, go_on: bool) -> tuple[bytes, bool]:
+    """The reply to the worker, and whether the staged batch may still start (not if the
+    response cannot be encoded: the worker sees an invalid response)."""
     if tag == OK:
         try:
-            return orjson.dumps([OK, value], option=ENCODE_OPTIONS)
+            return orjson.dumps([OK, value, go_on], option=ENCODE_OPTIONS), go_on
         except orjson.JSONEncodeError as exc:
-            return orjson.dumps([MARSHAL, marshal_message(exc)])
+            return orjson.dumps([MARSHAL, marshal_message(exc)]), False
     error: ErrorInfo = value
     reply = [tag, error.error_type, error.message, error.stack_trace]
     try:
-        return orjson.dumps(reply)
+        return orjson.dumps(reply), False
     except orjson.JSONEncodeError:
         # An error description with lone surrogates: keep it readable rather than lose it.
         stack = [_printable(line) for line in error.stack_trace]
-        return orjson.dumps([tag, _printable(error.error_type), _printable(error.message), stack])
+        return orjson.dumps(
+            [tag, _printable(error.error_type), _printable(error.message), stack]
+        ), False
 
 
 def _limit_malloc_arenas() -> None:

@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import atexit
 import logging
-import math
 import multiprocessing
 import os
-import select
-import struct
 import threading
 import time
-from multiprocessing.connection import Connection
 from multiprocessing.context import ForkServerContext, SpawnContext
-from multiprocessing.process import BaseProcess
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 
-from workers.engine.invoker import FunctionSpec, InvocationRequest, PackedEvent
+from workers.engine.invoker import FunctionSpec, InvocationRequest, PackedEvent, Staged
 from workers.engine.outcomes import (
     Crash,
     ErrorInfo,
@@ -33,17 +28,21 @@ from workers.engine.outcomes import (
 )
 from workers.invoke.child import ChildConfig, child_main
 from workers.invoke.context import new_log_stream_name
+from workers.invoke.environment import LENGTH, LONG_LENGTH, Environment
 from workers.invoke.loading import function_environment
 from workers.invoke.scope import ProcessScope
 from workers.invoke.shared import (
     ERROR,
     INIT_ERROR,
+    INVOKE,
     LOG,
     MARSHAL,
+    NOTHING_STAGED,
     OK,
     OOM,
     READY,
     RETRY,
+    STAGED,
     THROTTLED,
     Stats,
     exit_error,
@@ -52,95 +51,11 @@ from workers.invoke.shared import (
     timeout_error,
 )
 
+if TYPE_CHECKING:
+    from multiprocessing.sharedctypes import Synchronized
+
 # Lambda gives the init phase 10 s of its own; a longer function timeout raises that allowance.
 INIT_TIMEOUT_S = 10.0
-# After SIGKILL a process is gone within milliseconds unless stuck in the kernel (D state).
-_REAP_TIMEOUT_S = 5.0
-
-
-# multiprocessing.Connection's frame header for messages under 2 GiB.
-_LENGTH = struct.Struct("!i")
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _readable(fd: int) -> bool:
-    return bool(select.select([fd], [], [], 0)[0])
-
-
-class _Environment:
-    """One child process and the worker's end of its pipe.
-
-    The thread that checked it out (or is starting it) owns it; `close()` of the invoker may
-    kill and reap it from another thread, but only the owner releases its descriptors.
-    """
-
-    __slots__ = ("_lock", "_poller", "_released", "conn", "conn_fd", "exitcode", "pid", "process")
-
-    def __init__(self, process: BaseProcess, conn: Connection) -> None:
-        self.process = process
-        self.pid = process.pid
-        self.conn = conn
-        self.conn_fd = conn.fileno()
-        self.exitcode: int | None = None
-        # One poll set over the pipe and the process sentinel, built once: a reply and a death
-        # both wake the waiting thread at once.
-        self._poller = select.poll()
-        self._poller.register(self.conn_fd, select.POLLIN)
-        self._poller.register(process.sentinel, select.POLLIN)
-        self._lock = threading.Lock()
-        self._released = False
-
-    def receive(self, deadline: float) -> list[Any] | Literal[False] | None:
-        """The next message; None if the process died; False once the deadline has passed."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            ready = self._poller.poll(math.ceil(remaining * 1000))
-            if not ready:
-                continue
-            # The pipe before the sentinel: what the child sent before it died still counts.
-            if not any(fd == self.conn_fd for fd, _ in ready):
-                return None
-            try:
-                message = orjson.loads(self.conn.recv_bytes())
-            except (EOFError, OSError, orjson.JSONDecodeError):
-                return None
-            return message if isinstance(message, list) and message else None
-
-    def alive(self) -> bool:
-        return not _readable(self.process.sentinel)
-
-    def kill(self) -> None:
-        with self._lock:
-            if self.exitcode is None and not self._released and self.alive():
-                self.process.kill()
-
-    def reap(self) -> int | None:
-        """Kill if needed and wait for the process; safe from any thread, any number of times."""
-        with self._lock:
-            if self.exitcode is None and not self._released:
-                if self.alive():
-                    self.process.kill()
-                self.process.join(_REAP_TIMEOUT_S)
-                self.exitcode = self.process.exitcode
-            return self.exitcode
-
-    def release(self) -> None:
-        """Reap, then close the pipe and the process handle (by the owner only)."""
-        self.reap()
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
-            self.conn.close()
-            if self.exitcode is not None:
-                self.process.close()
 
 
 StartMethod = Literal["forkserver", "spawn"]
@@ -194,9 +109,13 @@ class ProcessInvoker:
         self._parent_environ = (scope or ProcessScope.current()).unlayered()
         self._init_timeout_s = max(INIT_TIMEOUT_S, spec.timeout_s)
         self._cond = threading.Condition()
-        self._idle: list[_Environment] = []  # a stack: the most recently used is the warmest
-        self._live: set[_Environment] = set()
+        self._idle: list[Environment] = []  # a stack: the most recently used is the warmest
+        self._live: set[Environment] = set()
         self._slots_used = 0  # environments alive or starting
+        self._waiting = 0  # threads waiting in `_checkout` for an environment
+        # Set while the mapping stops or is disabled: environments then start no staged batch
+        # (`hold`). In memory they share: an environment decides the moment an invocation ends.
+        self._holding: Synchronized[int] = self._context.Value("b", 0, lock=False)
         self._closed = False
         # Closed at exit before multiprocessing's own exit handler (registered earlier, so run
         # later), which would otherwise wait forever for children waiting on their pipe.
@@ -205,24 +124,62 @@ class ProcessInvoker:
     def invoke(self, event: dict[str, Any], request: InvocationRequest) -> InvokeResult:
         # Encoded before checkout: an event that cannot be encoded fails here, costing no
         # environment, and no environment sits idle while a large event is encoded.
-        return self._invoke(None, orjson.dumps(event), request)
+        return self._invoke(None, orjson.dumps(event), request, None)
 
-    def invoke_packed(self, event: PackedEvent, request: InvocationRequest) -> InvokeResult:
+    def invoke_packed(
+        self, event: PackedEvent, request: InvocationRequest, then: Staged | None = None
+    ) -> InvokeResult:
         # Sent as it is, with the name of what builds the event in the environment.
-        return self._invoke(event.unpacker, event.payload, request)
+        return self._invoke(event.unpacker, event.payload, request, then)
+
+    def collect(self, running: Staged, then: Staged | None = None) -> InvokeResult:
+        env: Environment = running.handle
+        running.handle = None
+        result: InvokeResult | None = None
+        if self._waiting:
+            then = None  # another lane waits for an environment: this one goes back after
+        try:
+            deadline = time.monotonic() + self.spec.timeout_s
+            # The environment waits for this at the end of `running` (see `_frame`).
+            result = self._send(env, self._staged_frame(then), running.request, deadline)
+            if result is None:
+                result = self._finish(env, running.request, deadline, then)
+        finally:
+            if then is None or then.handle is None:
+                self._checkin(env, result)
+        self._count(result)
+        return result
+
+    def hold(self, held: bool = True) -> None:
+        self._holding.value = int(held)
+
+    def abandon(self, running: Staged) -> None:
+        env: Environment | None = running.handle
+        running.handle = None
+        if env is not None:
+            env.kill()
+            self._checkin(env, None)
 
     def _invoke(
-        self, unpacker: str | None, encoded_event: bytes, request: InvocationRequest
+        self,
+        unpacker: str | None,
+        encoded_event: bytes,
+        request: InvocationRequest,
+        then: Staged | None,
     ) -> InvokeResult:
         env = self._checkout(request)
-        if not isinstance(env, _Environment):
+        if not isinstance(env, Environment):
             self._count(env)
             return env
         result: InvokeResult | None = None
+        if self._waiting:
+            then = None  # another lane waits for an environment: this one goes back after
         try:
-            result = self._run(env, unpacker, encoded_event, request)
+            result = self._run(env, unpacker, encoded_event, request, then)
         finally:
-            self._checkin(env, result)
+            # An environment that went on to the staged batch stays with its lane.
+            if then is None or then.handle is None:
+                self._checkin(env, result)
         self._count(result)
         return result
 
@@ -231,6 +188,7 @@ class ProcessInvoker:
             if self._closed:
                 return
             self._closed = True
+            self._holding.value = 1
             idle, self._idle = self._idle, []
             busy = [env for env in self._live if env not in idle]
             self._cond.notify_all()
@@ -247,20 +205,24 @@ class ProcessInvoker:
 
     # -- checkout / checkin --------------------------------------------------------------
 
-    def _checkout(self, request: InvocationRequest) -> _Environment | InvokeResult:
+    def _checkout(self, request: InvocationRequest) -> Environment | InvokeResult:
         while True:
             with self._cond:
                 while True:
                     if self._closed:
                         return Crash(shutdown_error(request.request_id))
                     if self._idle:
-                        env: _Environment | None = self._idle.pop()
+                        env: Environment | None = self._idle.pop()
                         break
                     if self._slots_used < self.spec.concurrency:
                         self._slots_used += 1
                         env = None
                         break
-                    self._cond.wait()
+                    self._waiting += 1
+                    try:
+                        self._cond.wait()
+                    finally:
+                        self._waiting -= 1
             if env is None:
                 return self._start(request)
             if env.alive():
@@ -274,7 +236,7 @@ class ProcessInvoker:
             )
             self._release(env)
 
-    def _checkin(self, env: _Environment, result: InvokeResult | None) -> None:
+    def _checkin(self, env: Environment, result: InvokeResult | None) -> None:
         # After a timeout, a crash or an unexpected error the environment is gone or suspect.
         keep = isinstance(
             result, Success | FunctionError | RetryLater | Throttling | InvalidResponse
@@ -294,7 +256,7 @@ class ProcessInvoker:
             elif isinstance(result, Crash):
                 self.stats.crashes += 1
 
-    def _release(self, env: _Environment) -> None:
+    def _release(self, env: Environment) -> None:
         env.release()
         with self._cond:
             if env in self._live:
@@ -305,7 +267,7 @@ class ProcessInvoker:
 
     # -- starting an environment (a cold start) -----------------------------------------
 
-    def _start(self, request: InvocationRequest) -> _Environment | InvokeResult:
+    def _start(self, request: InvocationRequest) -> Environment | InvokeResult:
         """Start a child in the slot reserved by the caller; on failure the slot is released."""
         started = time.perf_counter()
         log_stream_name = new_log_stream_name()
@@ -329,7 +291,7 @@ class ProcessInvoker:
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(
             target=child_main,
-            args=(child_conn, config),
+            args=(child_conn, config, self._holding),
             name=f"esm-env:{self.spec.name}",
             # Not daemonic, so that handlers may start processes of their own.
             daemon=False,
@@ -345,7 +307,7 @@ class ProcessInvoker:
             return Crash(exit_error(request.request_id, f"Runtime failed to start: {exc}"))
         finally:
             child_conn.close()
-        env = _Environment(process, parent_conn)
+        env = Environment(process, parent_conn)
         with self._cond:
             self._live.add(env)
             self.stats.environments = len(self._live)
@@ -389,46 +351,96 @@ class ProcessInvoker:
 
     # -- one invocation ------------------------------------------------------------------
 
+    def _frame(
+        self,
+        request: InvocationRequest | None,
+        unpacker: str | None,
+        encoded_event: bytes,
+        *,
+        staged: Staged | None = None,
+        follows: bool = False,
+    ) -> bytes:
+        # A header line, then the event as it is: JSON, or what `unpacker` builds it from.
+        # `follows`: the worker sends a staged batch or word that none comes (a frame with no
+        # request) right behind this invocation, and the environment waits for it at its end.
+        if request is None:
+            header = orjson.dumps([None, None, 0, 0, None, NOTHING_STAGED, False, False])
+        else:
+            kind = INVOKE if staged is None else STAGED
+            items = staged is not None and staged.report_item_failures
+            header = orjson.dumps(
+                [
+                    request.request_id,
+                    request.mapping_name,
+                    request.attempt,
+                    self.spec.timeout_s,
+                    unpacker,
+                    kind,
+                    items,
+                    follows,
+                ]
+            )
+        size = len(header) + 1 + len(encoded_event)
+        # multiprocessing's framing in one write: send_bytes writes the length and a large
+        # payload apart, and every write hands the GIL to the loop thread.
+        length = (
+            LENGTH.pack(size) if size <= 0x7FFFFFFF else LENGTH.pack(-1) + LONG_LENGTH.pack(size)
+        )
+        return b"".join((length, header, b"\n", encoded_event))
+
+    def _staged_frame(self, then: Staged | None) -> bytes:
+        """What goes to an environment behind an invocation: `then`, or word that none comes."""
+        if then is None:
+            return self._frame(None, None, b"")
+        event = then.event
+        return self._frame(then.request, event.unpacker, event.payload, staged=then, follows=True)
+
     def _run(
         self,
-        env: _Environment,
+        env: Environment,
         unpacker: str | None,
         encoded_event: bytes,
         request: InvocationRequest,
+        then: Staged | None,
     ) -> InvokeResult:
-        timeout_s = self.spec.timeout_s
-        deadline = time.monotonic() + timeout_s
-        # A header line, then the event as it is: JSON, or what `unpacker` builds it from.
-        header = orjson.dumps(
-            [request.request_id, request.mapping_name, request.attempt, deadline, unpacker]
+        deadline = time.monotonic() + self.spec.timeout_s
+        data = self._frame(request, unpacker, encoded_event, follows=then is not None)
+        if then is not None:
+            # One write for both: the staged batch is there before the invocation can end.
+            data += self._staged_frame(then)
+        return self._send(env, data, request, deadline) or self._finish(
+            env, request, deadline, then
         )
-        size = len(header) + 1 + len(encoded_event)
-        # multiprocessing's framing (a 4-byte length), in one write: send_bytes writes the
-        # length and a large payload apart, and every write hands the GIL to the loop thread.
-        frame = b"".join((_LENGTH.pack(size), header, b"\n", encoded_event))
-        try:
-            _write_all(env.conn_fd, frame)
-        except OSError:
-            return self._died(env, request)
-        del frame
+
+    def _send(
+        self, env: Environment, data: bytes, request: InvocationRequest, deadline: float
+    ) -> InvokeResult | None:
+        """None once `data` is written; else the result of `request`, which `env` runs."""
+        sent = env.send(data, deadline)
+        if sent is True:
+            return None
+        return self._timed_out(env, request) if sent is False else self._died(env, request)
+
+    def _finish(
+        self,
+        env: Environment,
+        request: InvocationRequest,
+        deadline: float,
+        then: Staged | None,
+    ) -> InvokeResult:
+        """Wait for the result of `request`, which `env` is running."""
         while True:
             message = env.receive(deadline)
             if message is False:
-                env.reap()
-                self._log.info(
-                    "%s: request %s timed out after %.2f s; environment pid %s killed",
-                    self.spec.name,
-                    request.request_id,
-                    timeout_s,
-                    env.pid,
-                )
-                return Timeout(timeout_error(timeout_s))
+                return self._timed_out(env, request)
             if message is None:
                 return self._died(env, request)
             tag = message[0]
             if tag == LOG:
                 self._log_output(message)
             elif tag == OK:
+                if then is not None and len(message) > 2 and message[2]:
+                    then.handle = env  # the environment went on to it
                 return Success(response=message[1])
             elif tag == ERROR:
                 return FunctionError(ErrorInfo(message[1], message[2], list(message[3])))
@@ -458,7 +470,18 @@ class ProcessInvoker:
                 env.reap()
                 return Crash(exit_error(request.request_id, f"unexpected message {tag!r}"))
 
-    def _died(self, env: _Environment, request: InvocationRequest) -> Crash:
+    def _timed_out(self, env: Environment, request: InvocationRequest) -> Timeout:
+        env.reap()
+        self._log.info(
+            "%s: request %s timed out after %.2f s; environment pid %s killed",
+            self.spec.name,
+            request.request_id,
+            self.spec.timeout_s,
+            env.pid,
+        )
+        return Timeout(timeout_error(self.spec.timeout_s))
+
+    def _died(self, env: Environment, request: InvocationRequest) -> Crash:
         exitcode = env.reap()
         with self._cond:
             closed = self._closed

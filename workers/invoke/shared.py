@@ -27,6 +27,11 @@ RETRY = "retry"
 THROTTLED = "throttled"
 MARSHAL = "marshal"
 OOM = "oom"
+# What a frame from the worker to an environment carries (its header's sixth field): an
+# invocation, a lane's next batch staged behind it, or word that no staged batch comes.
+INVOKE = 0
+STAGED = 1
+NOTHING_STAGED = 2
 
 ENCODE_OPTIONS = orjson.OPT_NON_STR_KEYS
 
