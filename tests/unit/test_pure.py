@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import random
+import threading
 import uuid
 
 import pika
@@ -336,3 +337,15 @@ def test_the_default_prefetch_window_holds_four_rounds_of_batches_within_bounds(
     assert prefetch_window(10, 1) == 100  # at least 100
     assert prefetch_window(500, 10) == 5000  # at most 5000
     assert prefetch_window(10_000, 1) == 10_000  # but never below one batch
+
+
+def test_a_replay_runs_off_the_main_thread_and_its_result_or_error_comes_back() -> None:
+    from workers.app.cli import _off_the_main_thread
+
+    assert _off_the_main_thread(lambda: threading.current_thread().name) == "replay"
+
+    def fail() -> None:
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        _off_the_main_thread(fail)

@@ -6,9 +6,11 @@ import argparse
 import logging
 import os
 import sys
+import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 
@@ -17,6 +19,8 @@ from workers.app.control import add_parser as add_mappings_parser
 from workers.app.loader import CONFIG_HELP, Loaded, add_template_options, load
 from workers.app.rewind import add_parser as add_rewind_parser
 from workers.engine.redact import describe
+
+T = TypeVar("T")
 
 log = logging.getLogger("workers")
 
@@ -502,6 +506,31 @@ def cmd_dlq_show(args: argparse.Namespace) -> int:
     return 1
 
 
+def _off_the_main_thread(run: Callable[[], T]) -> T:
+    """`run()` on a thread of its own while this one waits for it.
+
+    Signal handlers run on the main thread, between two of its bytecodes: one that sets an
+    event (a stop) must not interrupt that thread inside the same event's `wait`, which holds
+    the event's lock for a moment, or `set` waits for that lock forever.
+    """
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            outcome.append(run())
+        except BaseException as exc:
+            failure.append(exc)
+
+    worker = threading.Thread(target=target, name="replay")
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if failure:
+        raise failure[0]
+    return outcome[0]
+
+
 def cmd_dlq_replay(args: argparse.Namespace) -> int:
     import signal
 
@@ -550,7 +579,7 @@ def cmd_dlq_replay(args: argparse.Namespace) -> int:
     try:
         if bar is not None:
             bar.start()
-        summary = replayer.run(dry_run=args.dry_run)
+        summary = _off_the_main_thread(lambda: replayer.run(dry_run=args.dry_run))
     finally:
         if bar is not None:
             bar.stop()
