@@ -422,22 +422,21 @@ class Poller:
 
     def _next(self, lane: Lane) -> list[Record] | None:
         """The lane's next batch if it is ready and the lane may go on to it (its thread's)."""
-        now = self.clock.monotonic()
         with self._lock:
-            due = lane.buffer.ready_in(self.settings.limits, now)
+            due = lane.buffer.ready_in(self.settings.limits, self.clock.monotonic())
             go = due == 0.0 and not lane.stop.is_set() and self.valve.is_open()
             return self._take(lane) if go and not self._starved else None
 
     def _run_lane(self, lane: Lane, batch: list[Record] | None) -> None:
-        """Run batches of one lane back to back while more are ready, then free the lane."""
-        # The next batch is taken while the current one runs where the runner stages it.
-        ahead = Lookahead(lambda: self._next(lane)) if self.runner.stager else None
+        """Run batches of one lane back to back while more are ready, then free the lane. Where
+        the runner stages batches, it takes the next one from `ahead` while the current runs."""
+        ahead = Lookahead(lambda: self._next(lane))
         running: Staged | None = None
         try:
             while batch:
                 if not self.runner.run(batch, lane.stop, ahead, running):
                     break
-                batch, running = ahead.pop() if ahead is not None else (None, None)
+                batch, running = ahead.pop()
                 batch = batch or self._next(lane)
         except BaseException as exc:
             log.exception("mapping %s: batch runner failed", self.settings.mapping)
@@ -447,8 +446,7 @@ class Poller:
             self._failure = exc
             self.stop()
         finally:
-            # A staged invocation that started and that no run collected ends here.
-            self.runner.abandon(running, ahead.running if ahead is not None else None)
+            self.runner.abandon(running, ahead.running)  # staged, started, not collected
             with self._lock:
                 lane.busy = False
                 self._in_flight -= 1

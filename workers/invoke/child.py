@@ -173,33 +173,33 @@ def _serve(
     holding: Synchronized[int],
 ) -> None:
     runner = AsyncRunner()
-    data: bytes | None = None
+    frame: _Frame | None = None
     while True:
         try:
-            if data is None:
+            if frame is None:
                 try:
-                    data = channel.conn.recv_bytes()
+                    frame = _Frame(channel.conn.recv_bytes())
                 except (EOFError, OSError):
                     return  # the worker closed the pipe or died
-                if _header(data)[5] != INVOKE:
-                    data = None  # a staged batch nothing went on to: never expected here
+                if frame.header[5] != INVOKE:
+                    frame = None  # a staged batch nothing went on to: never expected here
                     continue
-            follows = _header(data)[7]
-            tag, value = _invoke_once(channel, handler, config, runner, data)
-            del data
+            follows = frame.header[7]
+            tag, value = _invoke_once(channel, handler, config, runner, frame)
+            del frame
             for output in outputs:
                 output.flush()
             # What the worker sent behind this invocation: a staged batch, or word of none.
-            data = _follower(channel) if follows else None
+            frame = _follower(channel) if follows else None
             go_on = (
-                data is not None
+                frame is not None
                 and tag == OK
                 and not holding.value  # the mapping stopping or disabled: nothing new starts
-                and whole_success(value, _header(data)[6])
+                and whole_success(value, frame.header[6])
             )
             reply, go_on = _reply(tag, value, go_on)
             if not go_on:
-                data = None  # its records are invoked again in the usual way
+                frame = None  # its records are invoked again in the usual way
             channel.send(reply)
         except MemoryError:
             # Past RLIMIT_AS the interpreter's state is unknown: report it, and exit so that the
@@ -212,20 +212,28 @@ def _serve(
                 os._exit(1)
 
 
-def _header(data: bytes) -> list[Any]:
-    """[request id, mapping, attempt, timeout (s), unpacker, kind, report item failures,
-    whether a frame follows this invocation's] (see `ProcessInvoker._frame`)"""
-    header: list[Any] = orjson.loads(memoryview(data)[: data.index(b"\n")])
-    return header
+class _Frame:
+    """A frame from the worker: its header, read once, and the event after it.
+
+    The header: [request id, mapping, attempt, timeout (s), unpacker, kind, report item
+    failures, whether a frame follows this invocation's] (see `ProcessInvoker._frame`).
+    """
+
+    __slots__ = ("data", "header", "newline")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.newline = data.index(b"\n")
+        self.header: list[Any] = orjson.loads(memoryview(data)[: self.newline])
 
 
-def _follower(channel: _Channel) -> bytes | None:
+def _follower(channel: _Channel) -> _Frame | None:
     """The staged batch the worker sent behind the invocation that ended, if it sent one."""
     try:
-        data = channel.conn.recv_bytes()
+        frame = _Frame(channel.conn.recv_bytes())
     except (EOFError, OSError):
         return None  # the worker is gone; the reply goes nowhere either
-    return data if _header(data)[5] == STAGED else None
+    return frame if frame.header[5] == STAGED else None
 
 
 def _invoke_once(
@@ -233,10 +241,10 @@ def _invoke_once(
     handler: Callable[..., Any],
     config: ChildConfig,
     runner: AsyncRunner,
-    data: bytes,
+    frame: _Frame,
 ) -> tuple[str, Any]:
-    newline = data.index(b"\n")
-    request_id, mapping_name, attempt, timeout_s, unpacker = orjson.loads(data[:newline])[:5]
+    data, newline = frame.data, frame.newline
+    request_id, mapping_name, attempt, timeout_s, unpacker = frame.header[:5]
     deadline = time.monotonic() + timeout_s
     channel.request_id = request_id
     try:

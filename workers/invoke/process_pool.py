@@ -141,7 +141,8 @@ class ProcessInvoker:
         try:
             deadline = time.monotonic() + self.spec.timeout_s
             # The environment waits for this at the end of `running` (see `_frame`).
-            result = self._send(env, self._staged_frame(then), running.request, deadline)
+            frame = b"".join(self._staged_frame(then))
+            result = self._send(env, frame, running.request, deadline)
             if result is None:
                 result = self._finish(env, running.request, deadline, then)
         finally:
@@ -359,7 +360,7 @@ class ProcessInvoker:
         *,
         staged: Staged | None = None,
         follows: bool = False,
-    ) -> bytes:
+    ) -> list[bytes]:
         # A header line, then the event as it is: JSON, or what `unpacker` builds it from.
         # `follows`: the worker sends a staged batch or word that none comes (a frame with no
         # request) right behind this invocation, and the environment waits for it at its end.
@@ -381,14 +382,15 @@ class ProcessInvoker:
                 ]
             )
         size = len(header) + 1 + len(encoded_event)
-        # multiprocessing's framing in one write: send_bytes writes the length and a large
-        # payload apart, and every write hands the GIL to the loop thread.
+        # multiprocessing's framing, its parts joined by the caller for one write: send_bytes
+        # writes the length and a large payload apart, and every write hands the GIL to the
+        # loop thread.
         length = (
             LENGTH.pack(size) if size <= 0x7FFFFFFF else LENGTH.pack(-1) + LONG_LENGTH.pack(size)
         )
-        return b"".join((length, header, b"\n", encoded_event))
+        return [length, header, b"\n", encoded_event]
 
-    def _staged_frame(self, then: Staged | None) -> bytes:
+    def _staged_frame(self, then: Staged | None) -> list[bytes]:
         """What goes to an environment behind an invocation: `then`, or word that none comes."""
         if then is None:
             return self._frame(None, None, b"")
@@ -404,11 +406,11 @@ class ProcessInvoker:
         then: Staged | None,
     ) -> InvokeResult:
         deadline = time.monotonic() + self.spec.timeout_s
-        data = self._frame(request, unpacker, encoded_event, follows=then is not None)
+        parts = self._frame(request, unpacker, encoded_event, follows=then is not None)
         if then is not None:
             # One write for both: the staged batch is there before the invocation can end.
-            data += self._staged_frame(then)
-        return self._send(env, data, request, deadline) or self._finish(
+            parts += self._staged_frame(then)
+        return self._send(env, b"".join(parts), request, deadline) or self._finish(
             env, request, deadline, then
         )
 
