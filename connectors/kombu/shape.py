@@ -181,7 +181,8 @@ def _copy_attributes(attributes: Mapping[str, dict[str, Any]]) -> dict[str, dict
     }
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, like RabbitMeta: one is built per message.
+@dataclass(slots=True)
 class KombuMeta:
     queue: str
     # Unique per delivery: the record's `messageId` and its `itemIdentifier`.

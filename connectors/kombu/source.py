@@ -352,16 +352,18 @@ class KombuSource(SourceBase):
             message_attributes=attrs,
         )
         extra = _ATTRIBUTES_BYTES + sum(len(k) + len(str(v)) for k, v in attrs.items())
+        # Positional: keyword arguments cost a dataclass __init__ twice as much.
         return Record(
-            source=self.queue,
-            position=position,
-            value=body,
-            timestamp_ms=sent_ms,
-            headers=record_headers(attrs),
-            attempts=attempts,
-            redelivered=redelivered,
-            size=encoded_size(body, extra=extra),
-            meta=meta,
+            self.queue,
+            position,
+            body,
+            None,
+            sent_ms,
+            record_headers(attrs),
+            attempts,
+            redelivered,
+            encoded_size(body, extra=extra),
+            meta,
         )
 
     def _undecodable(self, position: int, tag: Any, raw: Any, exc: Exception) -> Record:
@@ -392,11 +394,14 @@ class KombuSource(SourceBase):
         body and the properties a publisher sets. CRC-32s: this runs for every record invoked."""
         meta = record.meta
         attrs = meta.attributes if isinstance(meta, KombuMeta) else {}
-        stamp = "|".join(
-            attrs.get(k, "") for k in ("publisherMessageId", "timestamp", "correlationId")
+        stamp = (
+            attrs.get("publisherMessageId", ""),
+            attrs.get("timestamp", ""),
+            attrs.get("correlationId", ""),
         )
+        marks = _NO_STAMP if stamp == ("", "", "") else _stamp(stamp)
         body = record.value
-        return f"{record.source}:{len(body)}:{zlib.crc32(body):08x}{zlib.crc32(stamp.encode()):08x}"
+        return f"{record.source}:{len(body)}:{zlib.crc32(body):08x}{marks}"
 
     # --- acks ------------------------------------------------------------------------------------
 
@@ -445,6 +450,15 @@ class KombuSource(SourceBase):
     def _refresh_ready(self) -> None:
         self._ready = self._queue_size(self._channel)
         self._ready_at = time.monotonic()
+
+
+def _stamp(parts: tuple[str, str, str]) -> str:
+    """The fingerprint's part from the properties a publisher sets, as eight hex digits."""
+    return f"{zlib.crc32('|'.join(parts).encode()):08x}"
+
+
+# Most messages set none of them.
+_NO_STAMP = _stamp(("", "", ""))
 
 
 def _close_quietly(connection: Connection | None) -> None:

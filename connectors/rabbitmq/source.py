@@ -52,6 +52,15 @@ ACK_HOLD_SHARE = 0.5
 # The one unit of `_tags`: the channel's delivery tags.
 _TAGS = "tags"
 
+
+def _stamp(message_id: Any, timestamp: Any, correlation_id: Any) -> str:
+    """The fingerprint's part from the properties a publisher sets, as eight hex digits."""
+    return f"{zlib.crc32(f'{message_id}|{timestamp}|{correlation_id}'.encode()):08x}"
+
+
+# Most messages set none of them.
+_NO_STAMP = _stamp(None, None, None)
+
 # Bytes the basicProperties object adds to a record in the event, beyond the record overhead.
 _PROPERTIES_BYTES = 300
 
@@ -265,18 +274,20 @@ class RabbitMQSource(SourceBase):
                     engine_headers, size = record_headers(headers)
                     extra += size
                 ts = props.timestamp
+                # Positional: keyword arguments cost a dataclass __init__ twice as much.
                 out.append(
                     Record(
-                        source=queue,
-                        position=position,
-                        value=body,
+                        queue,
+                        position,
+                        body,
+                        None,
                         # AMQP timestamps are whole seconds; without one, the time it reached us.
-                        timestamp_ms=ts * 1000 if isinstance(ts, int) and ts > 0 else now_ms,
-                        headers=engine_headers,
-                        attempts=attempts,
-                        redelivered=bool(method.redelivered),
-                        size=encoded_size(body, extra=extra),
-                        meta=RabbitMeta(queue, vhost, tag, basic_properties(props, len(body))),
+                        ts * 1000 if isinstance(ts, int) and ts > 0 else now_ms,
+                        engine_headers,
+                        attempts,
+                        bool(method.redelivered),
+                        encoded_size(body, extra=extra),
+                        RabbitMeta(queue, vhost, tag, basic_properties(props, len(body))),
                     )
                 )
             except Exception as exc:  # no message may stop the queue: it becomes a letter
@@ -312,9 +323,10 @@ class RabbitMQSource(SourceBase):
         CRC-32s rather than a cryptographic hash: this runs for every record invoked."""
         meta = record.meta
         props = meta.properties if isinstance(meta, RabbitMeta) else {}
-        stamp = f"{props.get('messageId')}|{props.get('timestamp')}|{props.get('correlationId')}"
+        stamp = (props.get("messageId"), props.get("timestamp"), props.get("correlationId"))
+        marks = _NO_STAMP if stamp == (None, None, None) else _stamp(*stamp)
         body = record.value
-        return f"{record.source}:{len(body)}:{zlib.crc32(body):08x}{zlib.crc32(stamp.encode()):08x}"
+        return f"{record.source}:{len(body)}:{zlib.crc32(body):08x}{marks}"
 
     # --- acks ------------------------------------------------------------------------------------
 
