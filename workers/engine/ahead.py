@@ -17,6 +17,7 @@ from workers.engine.clock import Clock
 from workers.engine.invoker import InvocationRequest, PackedEvent, Staged, new_request_id
 from workers.engine.ports import PackingShape
 from workers.engine.records import Record
+from workers.engine.work import any_fault, max_attempts, too_large, too_old
 
 
 class Lookahead:
@@ -54,17 +55,12 @@ def stage(
 ) -> Staged | None:
     """`records` packed for an environment to start after the current invocation, or None if
     the runner must look at them first."""
-    if not records:
+    if not records or any_fault(records) or max_attempts(records):
         return None
-    for r in records:
-        if r.fault is not None or r.attempts:
-            return None
-    if max([r.size for r in records]) > maximum_batch_bytes:
+    if too_large(records, maximum_batch_bytes):
         return None
-    if maximum_record_age_s >= 0:
-        oldest_ok = clock.wall_ms() - int(maximum_record_age_s * 1000)
-        if min([r.timestamp_ms or oldest_ok for r in records]) < oldest_ok:
-            return None
+    if too_old(records, maximum_record_age_s, clock.wall_ms()):
+        return None
     event = PackedEvent(shape.unpacker, shape.pack(records))
     request = InvocationRequest(request_id=new_request_id(), mapping_name=mapping, attempt=1)
     return Staged(event, request, report_item_failures)

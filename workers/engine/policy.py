@@ -59,6 +59,9 @@ from workers.engine.work import (
     hand_back,
     hand_back_later,
     max_attempts,
+    too_large,
+    too_old,
+    without,
 )
 
 log = logging.getLogger("workers.policy")
@@ -501,34 +504,18 @@ class BatchRunner:
 
     def _drop_unsendable(self, work: Work, stop: threading.Event) -> bool:
         """Dead-letter records too old or too large to invoke; False if stopping meanwhile."""
-        max_bytes = self.policy.maximum_batch_bytes
-        if not work.records:
-            return True
-        # Checked on the batch's largest and oldest first: most batches have neither.
-        too_big = (
-            [r for r in work.records if r.size > max_bytes]
-            if max([r.size for r in work.records]) > max_bytes
-            else None
-        )
+        too_big = too_large(work.records, self.policy.maximum_batch_bytes)
         if too_big:
-            if not self._dead_letter_records(
-                work, too_big, Condition.MAXIMUM_PAYLOAD_SIZE_EXCEEDED, None, stop
-            ):
+            condition = Condition.MAXIMUM_PAYLOAD_SIZE_EXCEEDED
+            if not self._dead_letter_records(work, too_big, condition, None, stop):
                 return False
-            work.records = [r for r in work.records if r.size <= max_bytes]
-        max_age_s = self.policy.maximum_record_age_s
-        if max_age_s >= 0:
-            oldest_ok = self.clock.wall_ms() - int(max_age_s * 1000)
-            old = (
-                [r for r in work.records if 0 < r.timestamp_ms < oldest_ok]
-                if work.records and min([r.timestamp_ms for r in work.records]) < oldest_ok
-                else None
-            )
-            if old:
-                condition = Condition.RECORD_AGE_EXCEEDED
-                if not self._dead_letter_records(work, old, condition, work.last_error, stop):
-                    return False
-                work.records = [r for r in work.records if not 0 < r.timestamp_ms < oldest_ok]
+            work.records = without(work.records, too_big)
+        old = too_old(work.records, self.policy.maximum_record_age_s, self.clock.wall_ms())
+        if old:
+            condition = Condition.RECORD_AGE_EXCEEDED
+            if not self._dead_letter_records(work, old, condition, work.last_error, stop):
+                return False
+            work.records = without(work.records, old)
         return True
 
     def _dead_letter(

@@ -76,6 +76,33 @@ def max_attempts(records: Sequence[Record]) -> int:
     return max([r.attempts for r in records], default=0)
 
 
+def without(records: Sequence[Record], dropped: Sequence[Record]) -> list[Record]:
+    """`records` less `dropped`, in order (records are equal only to themselves)."""
+    gone = set(dropped)
+    return [r for r in records if r not in gone]
+
+
+# Checked on the batch's largest and oldest record first: most batches have none to pick out.
+
+
+def too_large(records: Sequence[Record], maximum_batch_bytes: int) -> list[Record]:
+    """The records that alone exceed what one invocation may carry."""
+    if max([r.size for r in records], default=0) <= maximum_batch_bytes:
+        return []
+    return [r for r in records if r.size > maximum_batch_bytes]
+
+
+def too_old(records: Sequence[Record], maximum_record_age_s: float, now_ms: int) -> list[Record]:
+    """The records older than `maximum_record_age_s` (-1: no limit); a timestamp of 0 is
+    unknown and never too old."""
+    if maximum_record_age_s < 0 or not records:
+        return []
+    oldest_ok = now_ms - int(maximum_record_age_s * 1000)
+    if min([r.timestamp_ms or oldest_ok for r in records]) >= oldest_ok:
+        return []
+    return [r for r in records if 0 < r.timestamp_ms < oldest_ok]
+
+
 def broker_delay(policy: Policy, failures: int) -> float:
     """The backoff after `failures` earlier failures, for the broker to wait out."""
     backoff = Backoff(

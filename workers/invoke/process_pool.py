@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.context import ForkServerContext, SpawnContext
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -135,21 +136,15 @@ class ProcessInvoker:
     def collect(self, running: Staged, then: Staged | None = None) -> InvokeResult:
         env: Environment = running.handle
         running.handle = None
-        result: InvokeResult | None = None
-        if self._waiting:
-            then = None  # another lane waits for an environment: this one goes back after
-        try:
+
+        def finish(then: Staged | None) -> InvokeResult:
             deadline = time.monotonic() + self.spec.timeout_s
             # The environment waits for this at the end of `running` (see `_frame`).
             frame = b"".join(self._staged_frame(then))
-            result = self._send(env, frame, running.request, deadline)
-            if result is None:
-                result = self._finish(env, running.request, deadline, then)
-        finally:
-            if then is None or then.handle is None:
-                self._checkin(env, result)
-        self._count(result)
-        return result
+            sent = self._send(env, frame, running.request, deadline)
+            return sent if sent is not None else self._finish(env, running.request, deadline, then)
+
+        return self._with(env, then, finish)
 
     def hold(self, held: bool = True) -> None:
         self._holding.value = int(held)
@@ -172,11 +167,19 @@ class ProcessInvoker:
         if not isinstance(env, Environment):
             self._count(env)
             return env
-        result: InvokeResult | None = None
+        return self._with(
+            env, then, lambda then: self._run(env, unpacker, encoded_event, request, then)
+        )
+
+    def _with(
+        self, env: Environment, then: Staged | None, go: Callable[[Staged | None], InvokeResult]
+    ) -> InvokeResult:
+        """`go(then)` on `env`, which then goes back to the pool unless it went on to `then`."""
         if self._waiting:
             then = None  # another lane waits for an environment: this one goes back after
+        result: InvokeResult | None = None
         try:
-            result = self._run(env, unpacker, encoded_event, request, then)
+            result = go(then)
         finally:
             # An environment that went on to the staged batch stays with its lane.
             if then is None or then.handle is None:
