@@ -27,6 +27,7 @@ from connectors.kombu.shape import (
     message_attributes,
     record_headers,
 )
+from workers.engine.acks import AckCoalescer, settled_tags
 from workers.engine.ports import (
     AssignmentListener,
     Capabilities,
@@ -164,6 +165,9 @@ class KombuSource(SourceBase):
         self._pending: deque[Any] = deque()
         # Position -> delivery tag of this channel's records not yet settled.
         self._live: dict[int, Any] = {}
+        # On AMQP, delivery tags acked in as few frames as they can be; kombu's virtual
+        # transports ack one message at a time (their basic_ack ignores `multiple`).
+        self._acks = AckCoalescer(self.prefetch_count)
         self._ready = 0
         self._ready_at = float("-inf")
         self.dropped_acks = 0  # settled records of a lost channel (delivered again)
@@ -235,6 +239,7 @@ class KombuSource(SourceBase):
     def _drop(self, reason: BaseException | None) -> None:
         """Forget the connection: its unacked messages are delivered again."""
         self._live.clear()
+        self._acks.reset()
         self._pending.clear()
         channel = self._channel
         connection, self._connection, self._channel = self._connection, None, None
@@ -257,12 +262,19 @@ class KombuSource(SourceBase):
                 self._listener.on_revoked([self.queue])
 
     def close(self) -> None:
+        if self._channel is not None:
+            try:
+                self._flush_acks(final=True)
+            except Exception as exc:
+                log.warning("mapping %s: final acks not sent: %s", self.mapping, describe(exc))
         self._assigned = False  # a closing poller needs no revoke
         self._drop(None)
 
     # --- consuming -------------------------------------------------------------------------------
 
     def _on_message(self, raw: Any) -> None:
+        if not self._virtual:
+            self._acks.delivered(raw.delivery_tag)
         self._pending.append(raw)
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
@@ -271,6 +283,7 @@ class KombuSource(SourceBase):
         connection = self._connection
         assert connection is not None
         try:
+            self._flush_acks()  # acks held back long enough
             if not self._pending or max_records == 0:
                 # Nothing to hand out: wait here, so an idle or full engine does not spin.
                 self._drain(connection, timeout_s)
@@ -406,6 +419,17 @@ class KombuSource(SourceBase):
     # --- acks ------------------------------------------------------------------------------------
 
     def ack(self, records: Sequence[Record]) -> None:
+        if not self._virtual:
+            tags, gone = settled_tags(self._live, [r.position for r in records])
+            self.dropped_acks += gone
+            if tags:
+                self._acks.settled(tags)
+                try:
+                    self._flush_acks()
+                except self.retryable_errors as exc:
+                    self._drop(exc)
+                    raise
+            return
         channel = self._channel
         live = self._live
         try:
@@ -419,6 +443,10 @@ class KombuSource(SourceBase):
         except self.retryable_errors as exc:
             self._drop(exc)
             raise
+
+    def _flush_acks(self, final: bool = False) -> None:
+        if self._channel is not None:
+            self._acks.flush(self._channel.basic_ack, final)
 
     # --- state -----------------------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from connectors.rabbitmq.connection import (
     queue_error,
 )
 from connectors.rabbitmq.shape import RabbitMeta, RabbitShape, basic_properties, record_headers
-from workers.engine.checkpoint import CheckpointTracker
+from workers.engine.acks import AckCoalescer, settled_tags
 from workers.engine.ports import (
     AssignmentListener,
     Capabilities,
@@ -43,14 +43,6 @@ from workers.engine.shapes import encoded_size
 
 if TYPE_CHECKING:
     from workers.app.config import EventSourceMapping
-
-# Settled tags that do not extend the contiguous run from the lowest unacked tag are held back
-# this long (or until this share of the prefetch window is held), hoping that the run catches
-# up and one multiple-ack covers them; then they are acked one by one.
-ACK_HOLD_S = 0.5
-ACK_HOLD_SHARE = 0.5
-# The one unit of `_tags`: the channel's delivery tags.
-_TAGS = "tags"
 
 
 def _stamp(message_id: Any, timestamp: Any, correlation_id: Any) -> str:
@@ -78,8 +70,8 @@ class RabbitMQSource(SourceBase):
 
     pika's BlockingConnection belongs to the poller's loop thread, the only thread the engine
     calls a source from. Settled delivery tags are acked with one multiple-ack for the
-    contiguous run from the lowest unacked tag (the engine's `CheckpointTracker` finds it), and
-    one by one once held long enough.
+    contiguous run from the lowest unacked tag, and one by one once held long enough (the
+    engine's `AckCoalescer`).
     """
 
     capabilities = Capabilities(
@@ -113,12 +105,8 @@ class RabbitMQSource(SourceBase):
         self._positions = itertools.count(1)
         # Deliveries received but not yet handed to the engine (loop thread only).
         self._pending: deque[tuple[Any, pika.spec.BasicProperties, bytes]] = deque()
-        # Delivery tags of this channel: the contiguous run of settled tags from the lowest is
-        # acked with one multiple-ack up to `_acked_upto`; settled tags above it are `_held`.
-        self._tags = CheckpointTracker()
-        self._acked_upto = 0
-        self._held: set[int] = set()
-        self._held_since: float | None = None
+        # Delivery tags of this channel, acked in as few frames as they can be.
+        self._acks = AckCoalescer(self.prefetch_count)
         self._ready = 0  # messages ready in the queue at the last look
         self._ready_at = float("-inf")
         # Position -> delivery tag of this channel's records not yet settled.
@@ -176,10 +164,7 @@ class RabbitMQSource(SourceBase):
         """Forget the channel: its unacked deliveries go back to the queue on the broker."""
         self._live.clear()
         self._pending.clear()
-        self._tags = CheckpointTracker()
-        self._acked_upto = 0
-        self._held.clear()
-        self._held_since = None
+        self._acks.reset()
         connection, self._connection, self._channel = self._connection, None, None
         close_quietly(connection)
         if reason is not None:
@@ -210,7 +195,7 @@ class RabbitMQSource(SourceBase):
         body: bytes,
     ) -> None:
         self._pending.append((method, properties, body))
-        self._tags.track(_TAGS, method.delivery_tag)
+        self._acks.delivered(method.delivery_tag)
 
     def _on_cancel(self, frame: Any) -> None:
         self._cancelled = True
@@ -331,18 +316,10 @@ class RabbitMQSource(SourceBase):
     # --- acks ------------------------------------------------------------------------------------
 
     def ack(self, records: Sequence[Record]) -> None:
-        live = self._live
-        tags = []
-        for r in records:
-            tag = live.pop(r.position, None)
-            if tag is None:
-                # Its channel is gone (the broker redelivers it) or it was acked before.
-                self.dropped_acks += 1
-            else:
-                tags.append(tag)
+        tags, gone = settled_tags(self._live, [r.position for r in records])
+        self.dropped_acks += gone
         if tags:
-            self._tags.settle(_TAGS, tags)
-            self._held.update(tags)
+            self._acks.settled(tags)
             self._flush_acks()
 
     def wake(self) -> None:
@@ -356,39 +333,8 @@ class RabbitMQSource(SourceBase):
             connection.add_callback_threadsafe(_nothing)
 
     def _flush_acks(self, final: bool = False) -> None:
-        """One multiple-ack for the contiguous run of settled tags from the lowest unacked one;
-        single acks for the rest once held long enough."""
-        channel = self._channel
-        if channel is None or not self._held:
-            return
-        upto = self._tags.advance().get(_TAGS, 0) - 1  # every tag below the first unsettled one
-        if upto > self._acked_upto:
-            self._acked_upto = upto
-            covered = [tag for tag in self._held if tag <= upto]
-            if covered:
-                # The highest tag not acked alone before: a multiple-ack naming a tag that is no
-                # longer outstanding closes the channel (PRECONDITION_FAILED).
-                # https://www.rabbitmq.com/docs/confirms#consumer-acks-multiple-parameter
-                channel.basic_ack(max(covered), multiple=True)
-                self._held = {tag for tag in self._held if tag > upto}
-        held = self._held
-        if not held:
-            self._held_since = None
-            return
-        now = time.monotonic()
-        if self._held_since is None:
-            self._held_since = now
-        if (
-            final
-            or now - self._held_since >= ACK_HOLD_S
-            or len(held) >= self.prefetch_count * ACK_HOLD_SHARE
-        ):
-            # Acked alone; they stay settled in `_tags`, so that the run can pass them, and a
-            # later multiple-ack names a tag above them (it acks only outstanding tags).
-            for tag in sorted(held):
-                channel.basic_ack(tag)
-            held.clear()
-            self._held_since = None
+        if self._channel is not None:
+            self._acks.flush(self._channel.basic_ack, final)
 
     # --- state -----------------------------------------------------------------------------------
 
