@@ -419,27 +419,19 @@ class KombuSource(SourceBase):
     # --- acks ------------------------------------------------------------------------------------
 
     def ack(self, records: Sequence[Record]) -> None:
-        if not self._virtual:
-            tags, gone = settled_tags(self._live, [r.position for r in records])
-            self.dropped_acks += gone
-            if tags:
-                self._acks.settled(tags)
-                try:
-                    self._flush_acks()
-                except self.retryable_errors as exc:
-                    self._drop(exc)
-                    raise
+        tags, gone = settled_tags(self._live, [r.position for r in records])
+        self.dropped_acks += gone  # their connection is gone (they come again) or acked before
+        if not tags:
             return
-        channel = self._channel
-        live = self._live
         try:
-            for r in records:
-                tag = live.pop(r.position, None)
-                if tag is None or channel is None:
-                    # Its connection is gone (the message comes again) or it was acked before.
-                    self.dropped_acks += 1
-                    continue
-                channel.basic_ack(tag)
+            if not self._virtual:
+                self._acks.settled(tags)
+                self._flush_acks()
+            elif self._channel is None:
+                self.dropped_acks += len(tags)
+            else:
+                for tag in tags:
+                    self._channel.basic_ack(tag)
         except self.retryable_errors as exc:
             self._drop(exc)
             raise

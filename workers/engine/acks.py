@@ -38,16 +38,13 @@ class AckCoalescer:
         self._most_held = window * hold_share
         self._hold_s = hold_s
         self._clock = clock
+        self.reset()
+
+    def reset(self) -> None:
         self._tags = CheckpointTracker()
         self._acked_upto = 0  # every tag at or below it is acked
         self._held: set[int] = set()  # settled, above the run, not acked yet
         self._held_since: float | None = None
-
-    def reset(self) -> None:
-        self._tags = CheckpointTracker()
-        self._acked_upto = 0
-        self._held = set()
-        self._held_since = None
 
     def delivered(self, tag: int) -> None:
         """A tag the broker delivered, in delivery order."""
