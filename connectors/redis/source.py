@@ -9,7 +9,6 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from connectors.redis import config as cfg
@@ -26,6 +25,7 @@ from connectors.redis.client import (
     source_streams,
 )
 from connectors.redis.entries import EntryConverter, RawEntry, as_sent, stream_replies
+from connectors.redis.overlap import Acks, ReadAhead
 from connectors.redis.shape import RedisMeta, RedisShape, timestamp_start_id
 from workers.engine.ports import AssignmentListener, Capabilities, SourceBase
 from workers.engine.records import Record
@@ -84,8 +84,10 @@ class RedisSource(SourceBase):
         # Entries handed to the engine and not yet acked: stream -> id -> when last delivered or
         # touched (monotonic). Reads skip them, so a re-read never hands out a duplicate.
         self._in_flight: dict[str, dict[str, float]] = {s: {} for s in self.streams}
-        # Settled entries whose XACK failed (connection lost); the loop retries them.
-        self._unacked: dict[str, set[str]] = {}
+        # XACKs in flight, and those to send again after a lost connection.
+        self._acks = Acks(self.mapping, self.group, self._in_flight)
+        # The next XREADGROUP, sent while the records of the last one are made.
+        self._ahead = ReadAhead(self.mapping, self.group, self.consumer, self._in_flight)
         # Streams whose own pending entries are still being re-read, and the cursor of each.
         self._history: dict[str, str] = {}
         self._claim_cursor: dict[str, str] = {}
@@ -126,10 +128,11 @@ class RedisSource(SourceBase):
         if client is None:
             return
         try:
-            self._flush_unacked(client)
+            self._acks.flush(client)
+            self._ahead.give_back(client)
             leave_group(client, self.streams, self.group, self.consumer)
         except RedisError as exc:
-            left = sum(len(ids) for ids in self._unacked.values())
+            left = self._acks.left()
             log.warning(
                 "mapping %s: %d settled entries could not be acked (%s); they will be delivered"
                 " again",
@@ -137,6 +140,7 @@ class RedisSource(SourceBase):
                 left,
                 describe(exc),
             )
+        self._acks.close()
         client.close()
 
     def _redis(self) -> redis.Redis:
@@ -195,9 +199,11 @@ class RedisSource(SourceBase):
             # entries acked just before may be pending again, so re-read our own.
             self._ensure_groups()
             self._history = dict.fromkeys(self.streams, "0-0")
+            self._ahead.drop()
+            self._acks.lost()
             self._reset = False
-        if self._unacked:
-            self._flush_unacked(client)
+        if self._acks.unacked:
+            self._acks.flush(client)
         now = time.monotonic()
         if now >= self._next_touch:
             self._touch(client, now)
@@ -248,12 +254,31 @@ class RedisSource(SourceBase):
     def _read_new(
         self, client: redis.Redis, streams: list[str], budget: int, timeout_s: float
     ) -> list[Record]:
+        """New entries: those read ahead first, else one XREADGROUP (blocking up to the poll's
+        timeout). A full reply, all of it wanted now, sends the next read ahead (overlap.py)
+        before its records are made."""
+        ahead = self._ahead
+        if ahead.sent:
+            count = ahead.count
+            got = ahead.take()
+            if not ahead.ready and ahead.more_waiting(got, count, streams, budget):
+                ahead.send(client, *self._spread(streams, budget))
+            ahead.ready += self._converted(got)
+        if ahead.ready:
+            out = ahead.hand_out(streams, budget)
+            if out:
+                return out
         streams, count = self._spread(streams, budget)
         # BLOCK 0 would wait forever: a non-positive timeout does not block at all.
         block = min(MAX_BLOCK_MS, max(1, int(timeout_s * 1000))) if timeout_s > 0 else None
         reply: Any = client.xreadgroup(
             self.group, self.consumer, dict.fromkeys(streams, ">"), count=count, block=block
         )
+        if ahead.more_waiting(reply, count, streams, budget):
+            ahead.send(client, streams, count)
+        return self._converted(reply)
+
+    def _converted(self, reply: Any) -> list[Record]:
         now = time.monotonic()
         out: list[Record] = []
         for raw_stream, entries in reply or ():
@@ -444,7 +469,8 @@ class RedisSource(SourceBase):
     # --- checkpointing ---------------------------------------------------------------------------
 
     def ack(self, records: Sequence[Record]) -> None:
-        """XACK, one pipelined round trip; on a lost connection the loop retries the acks."""
+        """XACK, one write: the reply is read before the next XACK (overlap.Acks); on a lost
+        connection the loop acks these entries again after reconnecting."""
         by_stream: dict[str, list[str]] = {}
         stream: str | None = None
         ids: list[str] = []
@@ -454,59 +480,7 @@ class RedisSource(SourceBase):
                 stream = meta.stream
                 ids = by_stream.setdefault(stream, [])
             ids.append(meta.entry_id)
-        client = self._client
-        try:
-            if client is None:
-                raise RedisConnectionError("source closed")
-            self._xack(client, by_stream)
-        except RETRYABLE_ERRORS as exc:
-            for stream, ids in by_stream.items():
-                self._unacked.setdefault(stream, set()).update(ids)
-            log.warning(
-                "mapping %s: acking %d entries failed (%s); retrying after reconnecting",
-                self.mapping,
-                len(records),
-                describe(exc),
-            )
-            return
-        self._forget(by_stream)
-
-    def _xack(self, client: redis.Redis, by_stream: Mapping[str, Collection[str]]) -> None:
-        commands = [(s, chunk) for s, ids in by_stream.items() for chunk in chunks(list(ids))]
-        if len(commands) == 1:
-            # One command needs no pipeline's bookkeeping: the common case, one stream's batch.
-            client.xack(commands[0][0], self.group, *commands[0][1])
-            return
-        pipe = client.pipeline(transaction=False)
-        for stream, chunk in commands:
-            pipe.xack(stream, self.group, *chunk)
-        pipe.execute()
-
-    def _forget(self, by_stream: Mapping[str, Collection[str]]) -> None:
-        for stream, ids in by_stream.items():
-            held = self._in_flight.get(stream)
-            if held is not None:
-                pop = held.pop
-                for entry_id in ids:
-                    pop(entry_id, None)
-
-    def _flush_unacked(self, client: redis.Redis) -> None:
-        pending = {s: set(ids) for s, ids in self._unacked.items() if ids}
-        if not pending:
-            return
-        self._xack(client, pending)
-        for stream, ids in pending.items():
-            left = self._unacked.get(stream, set()) - ids
-            if left:
-                self._unacked[stream] = left
-            else:
-                self._unacked.pop(stream, None)
-        self._forget(pending)
-        log.info(
-            "mapping %s: acked %d entries held back by a lost connection",
-            self.mapping,
-            sum(len(ids) for ids in pending.values()),
-        )
+        self._acks.send(self._client, by_stream)
 
     # --- flow control and state ------------------------------------------------------------------
 
@@ -529,7 +503,13 @@ class RedisSource(SourceBase):
         """
         if self._client is None or self._reset or self._history or self._paused:
             return False
-        if self._unacked:
+        if self._ahead.holding:
+            return False
+        try:
+            self._acks.confirm()
+        except RETRYABLE_ERRORS:
+            return False
+        if self._acks.unacked:
             return False
         now = time.monotonic()
         if now - self._drained_at >= DRAINED_TTL_S:
