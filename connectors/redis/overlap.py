@@ -48,11 +48,6 @@ class Acks:
         # Settled entries whose XACK may not have reached the server; sent again by `flush`.
         self.unacked: dict[str, set[str]] = {}
 
-    @property
-    def outstanding(self) -> bool:
-        """Some XACK's reply is unread, or some entry is still to be acked again."""
-        return bool(self._sent or self.unacked)
-
     def send(self, client: redis.Redis | None, by_stream: Mapping[str, list[str]]) -> None:
         """XACK these entries: one write, no wait. On a lost connection they are kept for
         `flush`, which the loop calls after reconnecting."""
@@ -208,15 +203,22 @@ class ReadAhead:
         )
 
     def send(self, client: redis.Redis, streams: list[str], count: int) -> None:
-        conn: Connection = client.connection_pool.get_connection()
+        """Sends the read; one that cannot be sent is skipped (the loop's next command meets the
+        lost connection), so the records of the reply before are still handed out."""
+        try:
+            conn: Connection = client.connection_pool.get_connection()
+        except RETRYABLE_ERRORS as exc:
+            log.debug("mapping %s: no read ahead: %s", self.mapping, describe(exc))
+            return
         try:
             conn.send_command(
                 "XREADGROUP", "GROUP", self.group, self.consumer, "COUNT", count, "STREAMS",
                 *streams, *([">"] * len(streams)),
             )  # fmt: skip
-        except BaseException:
+        except RETRYABLE_ERRORS as exc:
             _release(client, conn, broken=True)
-            raise
+            log.debug("mapping %s: no read ahead: %s", self.mapping, describe(exc))
+            return
         self._client, self._conn = client, conn
         self.count = count
 
