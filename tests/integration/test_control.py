@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,23 +104,9 @@ class Instance:
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def streams(client: redis.Redis) -> Iterator[Callable[[str], str]]:
-    made: list[str] = []
-
-    def name(prefix: str) -> str:
-        made.append(brokers.unique_name(f"control-{prefix}"))
-        return made[-1]
-
-    yield name
-    if made:
-        client.delete(*made)
+def streams(names: Callable[[str], str]) -> Callable[[str], str]:
+    """Unique stream names, deleted after the test (the shared `names`)."""
+    return names
 
 
 def redis_config(

@@ -25,13 +25,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.redis]
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def stream(client: redis.Redis) -> Iterator[str]:
     name = brokers.unique_name("redis-crash")
     yield name

@@ -5,7 +5,7 @@ Each good record is handled, the hostile one handled or dead-lettered, and the r
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -104,13 +104,6 @@ def test_kafka_record_past_year_9999_is_dead_lettered_and_the_partition_moves_on
 
 
 # --- Redis ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
 
 
 @pytest.mark.redis

@@ -146,27 +146,6 @@ def handled(log: Path) -> list[tuple[str, str, str]]:
     return out
 
 
-@pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
-@pytest.fixture
-def names(client: redis.Redis) -> Iterator[Callable[[str], str]]:
-    """Unique stream names for this test, deleted afterwards."""
-    made: list[str] = []
-
-    def name(prefix: str) -> str:
-        made.append(brokers.unique_name(f"redis-{prefix}"))
-        return made[-1]
-
-    yield name
-    if made:
-        client.delete(*made)
-
-
 class RedisServer:
     """A redis-server process of our own on a free port, to restart or reconfigure freely."""
 

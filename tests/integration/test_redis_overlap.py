@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from contextlib import closing
 from typing import Any
 
 import pytest
@@ -18,24 +19,20 @@ from connectors.redis.source import RedisSource
 from tests import brokers
 from tests.contract import poll_n
 from tests.faults.proxy import TcpProxy
-from tests.integration.test_redis import opened, pending_count, produce
+from tests.integration.test_redis import opened, pending_count, produce, wait_for
 from workers.engine.records import Record
 
 pytestmark = [pytest.mark.integration, pytest.mark.redis]
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
+def stream(names: Callable[[str], str]) -> str:
+    return names("ahead")
 
 
 @pytest.fixture
-def stream(client: redis.Redis) -> Iterator[str]:
-    name = brokers.unique_name("redis-ahead")
-    yield name
-    client.delete(name)
+def group() -> str:
+    return brokers.unique_name("redis-ahead")
 
 
 def delivered(client: redis.Redis, stream: str, group: str) -> dict[str, int]:
@@ -44,33 +41,29 @@ def delivered(client: redis.Redis, stream: str, group: str) -> dict[str, int]:
     return {row["message_id"].decode(): row["times_delivered"] for row in rows}
 
 
-def wait_for(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def ids_of(records: list[Record]) -> list[str]:
     return [r.meta.entry_id for r in records]
 
 
-def settle(source: RedisSource) -> None:
-    """Poll until the source says it is caught up (which reads every XACK's reply)."""
+def ack_all(
+    source: RedisSource, records: list[Record], client: redis.Redis, stream: str, group: str
+) -> None:
+    """Ack `records`, poll until the source says it is caught up (which reads every XACK's
+    reply), and see that nothing is pending any more."""
+    source.ack(records)
     for _ in range(50):
         if source.caught_up():
-            return
+            break
         source.poll(100, 0.05)
-    raise AssertionError("the source never caught up")
+    assert source.caught_up(), "the source never caught up"
+    assert pending_count(client, stream, group) == 0
 
 
 def test_reads_ahead_and_hands_out_every_entry_once_in_order(
-    redis_url: str, client: redis.Redis, stream: str
+    redis_url: str, client: redis.Redis, stream: str, group: str
 ) -> None:
     ids = produce(client, stream, [{"n": i} for i in range(1000)])
-    group = brokers.unique_name("redis-ahead")
-    source = opened(redis_url, group, [stream])
-    try:
+    with closing(opened(redis_url, group, [stream])) as source:
         got = source.poll(100, 1.0)
         assert ids_of(got) == ids[:100]
         # A full reply sent the next read before returning: 100 more are delivered to us.
@@ -89,17 +82,13 @@ def test_reads_ahead_and_hands_out_every_entry_once_in_order(
             source.ack(batch)
             got += batch
         assert ids_of(got) == ids
-        settle(source)
-        assert pending_count(client, stream, group) == 0
-    finally:
-        source.close()
+        ack_all(source, [], client, stream, group)
 
 
 def test_entries_read_ahead_and_never_handed_out_go_back_as_first_deliveries(
-    redis_url: str, client: redis.Redis, stream: str
+    redis_url: str, client: redis.Redis, stream: str, group: str
 ) -> None:
     ids = produce(client, stream, [{"n": i} for i in range(300)])
-    group = brokers.unique_name("redis-ahead")
     source = opened(redis_url, group, [stream], consumer_name="c")
     first = source.poll(100, 1.0)  # sends the read of the next 100
     second = source.poll(40, 1.0)  # 40 of them; 60 wait in the source
@@ -109,32 +98,26 @@ def test_entries_read_ahead_and_never_handed_out_go_back_as_first_deliveries(
     # The 60 never handed out stay pending, uncounted: their next delivery is their first.
     assert delivered(client, stream, group) == dict.fromkeys(ids[140:200], 0)
 
-    source = opened(redis_url, group, [stream], consumer_name="c")
-    try:
+    with closing(opened(redis_url, group, [stream], consumer_name="c")) as source:
         rest = poll_n(source, 160, 10)
         assert ids_of(rest) == ids[140:]
         assert all(r.attempts == 0 and not r.redelivered for r in rest)
-        source.ack(rest)
-        settle(source)
-        assert pending_count(client, stream, group) == 0
-    finally:
-        source.close()
+        ack_all(source, rest, client, stream, group)
 
 
 def test_acks_and_a_read_ahead_cut_off_are_recovered_without_duplicates(
-    redis_url: str, client: redis.Redis, stream: str
+    redis_url: str, client: redis.Redis, stream: str, group: str
 ) -> None:
     ids = produce(client, stream, [{"n": i} for i in range(40)])
-    group = brokers.unique_name("redis-ahead")
-    upstream = redis.Redis.from_url(redis_url).connection_pool.connection_kwargs
+    upstream = client.connection_pool.connection_kwargs
     proxy = TcpProxy((upstream["host"], upstream["port"]))
-    source = opened(f"redis://127.0.0.1:{proxy.port}/0", group, [stream])
-    try:
+    through_proxy = f"redis://127.0.0.1:{proxy.port}/0"
+    with closing(proxy), closing(opened(through_proxy, group, [stream])) as source:
         first = source.poll(10, 1.0)  # and the next 10 read ahead
         assert ids_of(first) == ids[:10]
-        wait_for(lambda: len(delivered(client, stream, group)) == 20)
+        wait_for(lambda: len(delivered(client, stream, group)) == 20, 10, "the read ahead")
         source.ack(first[:5])
-        wait_for(lambda: len(delivered(client, stream, group)) == 15)
+        wait_for(lambda: len(delivered(client, stream, group)) == 15, 10, "the first XACK")
         time.sleep(0.1)  # the XACK's reply on its way back through the proxy
         proxy.freeze()
         source.ack(first[5:])  # written, not waited for: it never reaches the server
@@ -150,22 +133,15 @@ def test_acks_and_a_read_ahead_cut_off_are_recovered_without_duplicates(
         # back: the entries being processed are in flight, the others were never read.
         assert ids_of(rest) == ids[20:]
         assert set(delivered(client, stream, group)) == set(ids[10:])
-        source.ack(second + rest)
-        settle(source)
-        assert pending_count(client, stream, group) == 0
-    finally:
-        source.close()
-        proxy.close()
+        ack_all(source, second + rest, client, stream, group)
 
 
 def test_a_full_reply_of_one_stream_reads_ahead_without_starving_another(
-    redis_url: str, client: redis.Redis, names: Callable[[str], str]
+    redis_url: str, client: redis.Redis, names: Callable[[str], str], group: str
 ) -> None:
     busy, quiet = names("busy"), names("quiet")
     many = produce(client, busy, [{"n": i} for i in range(400)])
-    group = brokers.unique_name("redis-ahead")
-    source = opened(redis_url, group, [busy, quiet])
-    try:
+    with closing(opened(redis_url, group, [busy, quiet])) as source:
         got = source.poll(200, 1.0)
         one = produce(client, quiet, [{"n": "late"}])
         while len(got) < 401:
@@ -174,20 +150,5 @@ def test_a_full_reply_of_one_stream_reads_ahead_without_starving_another(
             got += batch
         assert [r.meta.entry_id for r in got if r.source == busy] == many
         assert [r.meta.entry_id for r in got if r.source == quiet] == one
-        source.ack(got)
-        settle(source)
-    finally:
-        source.close()
-
-
-@pytest.fixture
-def names(client: redis.Redis) -> Iterator[Callable[[str], str]]:
-    made: list[str] = []
-
-    def name(prefix: str) -> str:
-        made.append(brokers.unique_name(f"redis-{prefix}"))
-        return made[-1]
-
-    yield name
-    if made:
-        client.delete(*made)
+        ack_all(source, got, client, busy, group)
+        assert pending_count(client, quiet, group) == 0

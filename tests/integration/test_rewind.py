@@ -216,13 +216,6 @@ def test_kafka_rewind_is_refused_while_the_mapping_runs(
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[redis.Redis]:
-    c = redis.Redis.from_url(redis_url)
-    yield c
-    c.close()
-
-
-@pytest.fixture
 def stream(client: redis.Redis) -> Iterator[str]:
     name = brokers.unique_name("redis-rewind")
     # Entry i has id (BASE_MS + i s)-0.
