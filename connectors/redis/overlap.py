@@ -109,12 +109,7 @@ class Acks:
         for stream, ids in commands:
             pipe.xack(stream, self.group, *ids)
         pipe.execute()
-        for stream, ids in pending.items():
-            left = self.unacked.get(stream, set()) - set(ids)
-            if left:
-                self.unacked[stream] = left
-            else:
-                self.unacked.pop(stream, None)
+        self.unacked.clear()  # nothing adds to it meanwhile: the loop thread alone acks
         self._forget(commands)
         log.info(
             "mapping %s: acked %d entries held back by a lost connection",
@@ -134,12 +129,9 @@ class Acks:
         return sum(len(ids) for _, ids in self._sent) + sum(map(len, self.unacked.values()))
 
     def close(self) -> None:
-        """Gives the connection back; call after `flush` (unread replies are given up)."""
-        self._keep(self._sent)
-        self._sent = []
-        if self._conn is not None and self._client is not None:
-            _release(self._client, self._conn, broken=bool(self.unacked))
-        self._conn = self._client = None
+        """Gives the connection back; call after `flush` (a reply still unread is given up, as
+        after a lost connection)."""
+        self.lost()
 
     def _keep(self, commands: Collection[tuple[str, list[str]]]) -> None:
         for stream, ids in commands:
