@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests import brokers
+from tests.faults.private import PrivateRabbit
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +33,16 @@ def own_kafka_broker() -> Iterator[brokers.Tansu]:
         yield broker
     finally:
         broker.close()
+
+
+@pytest.fixture
+def private_rabbit() -> Iterator[PrivateRabbit]:
+    """A RabbitMQ node for this test alone (tests/faults/private.py), free to be stopped and
+    killed: the shared RabbitMQ serves the other worker's tests meanwhile."""
+    node = PrivateRabbit()
+    node.start()
+    yield node
+    node.close()
 
 
 @pytest.fixture(scope="session")

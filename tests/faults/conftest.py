@@ -13,7 +13,7 @@ import pytest
 
 from tests import brokers
 from tests.faults.load import KafkaSender, RabbitSender, RedisSender, Sender, SQSSender
-from tests.faults.private import PrivateRabbit, PrivateRedis, ProxiedTansu
+from tests.faults.private import PrivateRedis, ProxiedTansu
 
 
 class Rig:
@@ -249,14 +249,6 @@ def private_redis() -> Iterator[PrivateRedis]:
     server.start()
     yield server
     server.close()
-
-
-@pytest.fixture
-def private_rabbit() -> Iterator[PrivateRabbit]:
-    node = PrivateRabbit()
-    node.start()
-    yield node
-    node.close()
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -142,10 +142,13 @@ def rabbitmqctl(*args: str, timeout_s: float = 30.0) -> str:
     return result.stdout
 
 
-def queue_counts(name: str) -> tuple[int, int]:
-    """(messages_ready, messages_unacknowledged) as `rabbitmqctl list_queues` reports them."""
+def queue_counts(
+    name: str, ctl: Callable[..., str] | None = None, vhost: str = VHOST
+) -> tuple[int, int]:
+    """(messages_ready, messages_unacknowledged) as `rabbitmqctl list_queues` reports them, from
+    the shared node or through `ctl` (a private node's `rabbitmqctl`)."""
     columns = ("name", "messages_ready", "messages_unacknowledged")
-    out = rabbitmqctl("list_queues", "-p", VHOST, "--no-table-headers", *columns)
+    out = (ctl or rabbitmqctl)("list_queues", "-p", vhost, "--no-table-headers", *columns)
     for line in out.splitlines():
         parts = line.split("\t")
         if parts[0] == name:
@@ -574,18 +577,12 @@ def test_partial_batch_response_retries_only_the_reported_messages(
     assert rabbit.ready(name) == 0
 
 
-def test_workers_run_survives_a_broker_restart(tmp_path: Path) -> None:
+def test_workers_run_survives_a_broker_restart(
+    private_rabbit: PrivateRabbit, tmp_path: Path
+) -> None:
     """stop_app/start_app: the poller backs off while the broker is down, then reconnects. On a
     RabbitMQ node of the test's own: stopping the shared one would cut every other test."""
-    node = PrivateRabbit()
-    node.start()
-    try:
-        restart_mid_run(node, tmp_path)
-    finally:
-        node.close()
-
-
-def restart_mid_run(node: PrivateRabbit, tmp_path: Path) -> None:
+    node = private_rabbit
     rabbit = Rabbit(node.url)
     name = unique_name("rmq-restart")
     rabbit.declare(name)
@@ -633,9 +630,8 @@ def restart_mid_run(node: PrivateRabbit, tmp_path: Path) -> None:
     assert "reconnected to" in stderr, stderr[-3000:]
     assert_no_password(stderr)
     assert set(handled(out)) == set(values)
-    columns = ("name", "messages_ready", "messages_unacknowledged")
-    listed = node.ctl("list_queues", "--no-table-headers", *columns)
-    assert f"{name}\t0\t0" in listed.splitlines(), listed  # none ready, none unacked
+    assert rabbit.ready(name) == 0
+    assert queue_counts(name, node.ctl, vhost="/") == (0, 0)  # the node's default vhost
 
 
 def test_validate_connect_probes_the_queue(rabbit: Rabbit, tmp_path: Path) -> None:
